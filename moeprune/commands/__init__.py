@@ -1,0 +1,3 @@
+"""CLI commands, one module per area; importing a module registers its commands on `moeprune.cli.cli`."""
+
+from moeprune.commands import surgery  # noqa: F401
