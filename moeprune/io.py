@@ -1,0 +1,123 @@
+"""Loading models and tokenizers, and writing output folders atomically."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+from moeprune.errors import MoePruneError
+
+__all__ = [
+    "DEMO_MODEL_DIR",
+    "resolve_model_dir",
+    "load_model",
+    "load_tokenizer",
+    "atomic_output_dir",
+    "TOKENIZER_FILES",
+]
+
+DEMO_MODEL_DIR = Path(__file__).resolve().parent / "assets" / "demo-moe"
+
+# Files that make up a tokenizer in a Hugging Face model folder (copied verbatim to outputs).
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "vocab.txt",
+    "merges.txt",
+    "tokenizer.model",
+    "spiece.model",
+    "chat_template.jinja",
+    "chat_template.json",
+)
+
+
+def resolve_model_dir(spec: str | os.PathLike) -> Path:
+    """Turn a user's model argument into a folder holding `config.json`.
+
+    `demo` names the small MoE shipped inside the package.
+    """
+    if str(spec) == "demo":
+        path = DEMO_MODEL_DIR
+    else:
+        path = Path(spec).expanduser()
+    if not path.exists():
+        raise MoePruneError(f"model folder {path} does not exist (pass a local model folder, or 'demo')")
+    if not path.is_dir():
+        raise MoePruneError(f"model path {path} is a file; pass the folder that holds config.json")
+    if not (path / "config.json").is_file():
+        raise MoePruneError(f"{path} has no config.json; pass a Hugging Face model folder (or 'demo')")
+    return path.resolve()
+
+
+def load_model(spec: str | os.PathLike, *, dtype: str = "float32", device: str | None = None,
+               trust_remote_code: bool = False):
+    """Load a causal LM from a local folder with stock transformers (never from a hub)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    path = resolve_model_dir(spec)
+    torch_dtype = getattr(torch, dtype) if dtype != "auto" else "auto"
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=torch_dtype, trust_remote_code=trust_remote_code, local_files_only=True
+        )
+    except (ValueError, KeyError, OSError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise MoePruneError(f"cannot load a causal LM from {path}: {first}") from exc
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    model.to(device)
+    model.eval()
+    return model
+
+
+def load_tokenizer(spec: str | os.PathLike, *, trust_remote_code: bool = False):
+    """Load the tokenizer stored beside a model; a clear error if there is none."""
+    from transformers import AutoTokenizer
+
+    path = resolve_model_dir(spec)
+    if not any((path / name).exists() for name in TOKENIZER_FILES):
+        raise MoePruneError(f"{path} has no tokenizer files (expected e.g. tokenizer.json)")
+    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code, local_files_only=True)
+    return tok
+
+
+@contextlib.contextmanager
+def atomic_output_dir(out: str | os.PathLike, *, inputs: tuple[str | os.PathLike, ...] = (),
+                      overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary folder beside `out`; on success rename it to `out`.
+
+    Refuses when `out` is one of `inputs` (or inside one), or when `out` exists and is not empty
+    (unless `overwrite`). On failure the temporary folder is removed and `out` is left untouched.
+    """
+    out = Path(out).expanduser().resolve()
+    for src in inputs:
+        src = Path(src).expanduser().resolve()
+        if out == src or src in out.parents:
+            raise MoePruneError(f"output folder {out} is the input folder {src} (or inside it); choose another -o")
+    if out.exists():
+        if not out.is_dir():
+            raise MoePruneError(f"output path {out} is a file; choose a folder with -o")
+        if any(out.iterdir()) and not overwrite:
+            raise MoePruneError(f"output folder {out} is not empty; choose a new folder or pass --overwrite")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = None
+    if out.exists():
+        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        os.rename(out, old)
+    os.rename(tmp, out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
