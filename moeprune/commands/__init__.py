@@ -1,3 +1,4 @@
 """CLI commands, one module per area; importing a module registers its commands on `moeprune.cli.cli`."""
 
 from moeprune.commands import surgery  # noqa: F401
+from moeprune.commands import eval_cmd  # noqa: F401

@@ -1,0 +1,94 @@
+"""`moeprune eval`: score a model folder on evaluation tasks and write a JSON report."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+
+from moeprune import __version__
+from moeprune.cli import cli
+from moeprune.errors import MoePruneError
+
+__all__ = ["eval_command", "format_table", "write_report"]
+
+
+def _split_tasks(value: str) -> list[str]:
+    return [t.strip() for t in value.split(",") if t.strip()]
+
+
+def format_table(results: dict[str, dict[str, Any]]) -> str:
+    """A plain-text table: task, metric, score (with its direction), n, seconds."""
+    header = ("task", "metric", "score", "n", "seconds")
+    rows = [
+        (name, r["metric"], f"{r['score']:.4f} {'↑' if r['higher_is_better'] else '↓'}", str(r["n"]),
+         f"{r['seconds']:.1f}")
+        for name, r in results.items()
+    ]
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
+    line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
+    return "\n".join([line(header), line(["-" * w for w in widths]), *(line(r) for r in rows)])
+
+
+def write_report(path: Path, report: dict[str, Any]) -> None:
+    """Write ``report`` as JSON via a temporary file and a rename, so readers never see half a file."""
+    path = path.expanduser().resolve()
+    if path.is_dir():
+        raise MoePruneError(f"report path {path} is a folder; pass a file name such as report.json")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            json.dump(report, fh, indent=2, allow_nan=True)
+            fh.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+@cli.command("eval")
+@click.argument("model_dir")
+@click.option("--tasks", "tasks", required=True,
+              help="Comma-separated task names, task .yaml/.jsonl paths, or lm_eval:<task>.")
+@click.option("--limit", type=click.IntRange(min=1), default=None, help="Score only the first N rows of each task.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
+@click.option("-o", "--output", type=click.Path(path_type=Path), default=None, help="Write the JSON report here.")
+@click.option("--dtype", default="float32", show_default=True, help="torch dtype to load the model in, or 'auto'.")
+@click.option("--device", default=None, help="cuda, cpu, ... (default: cuda when available).")
+@click.option("--samples/--no-samples", default=False, show_default=True,
+              help="Include per-row prompts, completions and scores in the report.")
+@click.option("--progress/--no-progress", default=True, show_default=True)
+def eval_command(model_dir: str, tasks: str, limit: int | None, batch_size: int, output: Path | None,
+                 dtype: str, device: str | None, samples: bool, progress: bool) -> None:
+    """Evaluate MODEL_DIR (a Hugging Face model folder, or 'demo') on --tasks.
+
+    Example: moeprune eval demo --tasks demo_arith,demo_prose --limit 50 -o report.json
+    """
+    from moeprune.evaluate import evaluate, resolve_tasks
+    from moeprune.io import load_model, load_tokenizer, resolve_model_dir
+
+    start = time.perf_counter()
+    model_path = resolve_model_dir(model_dir)
+    resolved = resolve_tasks(_split_tasks(tasks))  # fail on a bad task before loading the model
+    model = load_model(model_path, dtype=dtype, device=device)
+    tokenizer = load_tokenizer(model_path)
+    results = evaluate(model, tokenizer, resolved, limit=limit, batch_size=batch_size, progress=progress,
+                       samples=samples)
+    report = {
+        "model": str(model_path),
+        "tasks": results,
+        "total_seconds": round(time.perf_counter() - start, 3),
+        "settings": {"limit": limit, "batch_size": batch_size, "dtype": dtype, "device": str(model.device)},
+        "moeprune_version": __version__,
+    }
+    click.echo(format_table(results))
+    click.echo(f"total: {report['total_seconds']:.1f}s")
+    if output is not None:
+        write_report(output, report)
+        click.echo(f"report written to {output}")
