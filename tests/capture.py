@@ -42,3 +42,41 @@ def capture_routing(adapter: MoEAdapter, input_ids: torch.Tensor) -> dict[int, d
 
 def dense_gates(weights: torch.Tensor, idx: torch.Tensor, num_experts: int) -> torch.Tensor:
     return torch.zeros(idx.shape[0], num_experts).scatter(1, idx.long(), weights.float())
+
+
+class routed_to_kept:
+    """Context manager: route `adapter.model` with the dropped experts' router logits set to -inf."""
+
+    def __init__(self, adapter: MoEAdapter, plan: dict[int, list[int]]):
+        self.adapter, self.plan = adapter, plan
+        self.handles = []
+
+    def _route(self, layer, hidden):
+        keep_mask = torch.zeros(layer.num_experts, dtype=torch.bool)
+        keep_mask[torch.tensor(self.plan[layer.index])] = True
+        return self.adapter.route(layer, self.adapter.router_logits(layer, hidden), keep_mask)
+
+    def __enter__(self):
+        for layer in self.adapter.layers:
+            state = {}
+
+            def pre(_m, args, kwargs, state=state):
+                h = args[0] if args else kwargs["hidden_states"]
+                state["hidden"] = h.reshape(-1, h.shape[-1])
+
+            self.handles.append(layer.block.register_forward_pre_hook(pre, with_kwargs=True))
+            if self.adapter.spec.experts_call == "indexed":
+                def exp_pre(_m, args, kwargs, layer=layer, state=state):
+                    w, idx = self._route(layer, state["hidden"])
+                    return (args[0], idx, w.to(args[0].dtype)), {}
+                self.handles.append(layer.experts.register_forward_pre_hook(exp_pre, with_kwargs=True))
+            else:
+                def router_hook(_m, _args, out, layer=layer, state=state):
+                    w, idx = self._route(layer, state["hidden"])
+                    return dense_gates(w, idx, layer.num_experts).to(out[0].dtype), out[1]
+                self.handles.append(layer.router.register_forward_hook(router_hook))
+        return self
+
+    def __exit__(self, *exc):
+        for h in self.handles:
+            h.remove()

@@ -61,12 +61,7 @@ TINY: dict[str, dict] = {
 
 
 def tiny_config(model_type: str):
-    cfg = CONFIG_MAPPING[model_type]()
-    keys = cfg.to_dict()
-    for key, value in {**_COMMON, **TINY[model_type]}.items():
-        if key in keys or key in TINY[model_type] or hasattr(cfg, key):
-            setattr(cfg, key, value)
-    return cfg
+    return CONFIG_MAPPING[model_type](**{**_COMMON, **TINY[model_type]})
 
 
 def tiny_model(model_type: str, seed: int = 0):

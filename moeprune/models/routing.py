@@ -6,7 +6,7 @@ import torch
 
 from moeprune.models.spec import GateSpec
 
-__all__ = ["route_logits", "resolve_flag"]
+__all__ = ["route_logits", "resolve_flag", "group_routing_active"]
 
 
 def resolve_flag(value: bool | str, config) -> bool:
@@ -36,7 +36,7 @@ def _group_mask(choice: torch.Tensor, gate: GateSpec, config) -> torch.Tensor:
     return mask.unsqueeze(-1).expand(t, n_group, e // n_group).reshape(t, e)
 
 
-def _group_active(gate: GateSpec, config) -> bool:
+def group_routing_active(gate: GateSpec, config) -> bool:
     if gate.group is None:
         return False
     if gate.group_when is None:
@@ -47,7 +47,13 @@ def _group_active(gate: GateSpec, config) -> bool:
 
 def route_logits(logits: torch.Tensor, *, gate: GateSpec, config, top_k: int,
                  correction_bias: torch.Tensor | None = None, keep_mask: torch.Tensor | None = None):
-    """Apply the gate rule to float logits (T, E); returns (weights (T, k), indices (T, k))."""
+    """Apply the gate rule to float logits (T, E); returns (weights (T, k), indices (T, k)).
+
+    `keep_mask` (E,) sets the logits of dropped experts to -inf before anything else. For every rule
+    in the table this equals the routing of the pruned model exactly: a softmax over logits with some
+    set to -inf is the softmax over the rest, sigmoid scores are per expert, and choice biases and
+    group scores only ever see the kept experts.
+    """
     score_fn = getattr(config, gate.score_key, gate.score) if gate.score_key else gate.score
     logits = logits.float()
     neg_inf = torch.finfo(logits.dtype).min
@@ -61,7 +67,7 @@ def route_logits(logits: torch.Tensor, *, gate: GateSpec, config, top_k: int,
         choice = scores if correction_bias is None else scores + correction_bias.float().reshape(-1)
         if keep_mask is not None:
             choice = choice.masked_fill(~keep_mask, float("-inf"))
-        if _group_active(gate, config):
+        if group_routing_active(gate, config):
             allowed = _group_mask(choice, gate, config)
             # DeepSeek-V2 zeroes scores outside the chosen groups; the V3 family uses -inf.
             choice = choice.masked_fill(~allowed, 0.0 if gate.group == "max" else float("-inf"))
@@ -74,3 +80,4 @@ def route_logits(logits: torch.Tensor, *, gate: GateSpec, config, top_k: int,
     if gate.scaling_key:
         weights = weights * float(getattr(config, gate.scaling_key))
     return weights, idx
+

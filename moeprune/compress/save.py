@@ -1,0 +1,37 @@
+"""Write a compressed model as a stock Hugging Face checkpoint, atomically."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from torch import nn
+
+from moeprune import __version__
+from moeprune.io import TOKENIZER_FILES, atomic_output_dir
+
+__all__ = ["save_compressed", "PROVENANCE_FILE"]
+
+PROVENANCE_FILE = "moeprune.json"
+
+
+def save_compressed(model: nn.Module, out_dir: str | Path, *, source_dir: str | Path | None = None,
+                    provenance: dict | None = None, overwrite: bool = False,
+                    max_shard_size: str = "5GB") -> Path:
+    """Save `model` with `save_pretrained` (hub per-expert format) into `out_dir`, atomically.
+
+    Tokenizer files and the generation config are copied from `source_dir` when present there (the
+    source folder is only read). `provenance` is written as `moeprune.json` beside the weights.
+    """
+    inputs = (source_dir,) if source_dir is not None else ()
+    with atomic_output_dir(out_dir, inputs=inputs, overwrite=overwrite) as tmp:
+        model.save_pretrained(tmp, max_shard_size=max_shard_size)
+        if source_dir is not None:
+            src = Path(source_dir)
+            for name in (*TOKENIZER_FILES, "generation_config.json"):
+                if (src / name).is_file() and not (tmp / name).exists():
+                    shutil.copy2(src / name, tmp / name)
+        record = {"moeprune_version": __version__, **(provenance or {})}
+        (tmp / PROVENANCE_FILE).write_text(json.dumps(record, indent=2, sort_keys=False) + "\n")
+    return Path(out_dir).expanduser().resolve()
