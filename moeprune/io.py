@@ -16,7 +16,10 @@ __all__ = [
     "resolve_model_dir",
     "load_model",
     "load_tokenizer",
+    "load_config",
+    "meta_model",
     "atomic_output_dir",
+    "check_output_dir",
     "TOKENIZER_FILES",
 ]
 
@@ -78,6 +81,31 @@ def load_model(spec: str | os.PathLike, *, dtype: str = "float32", device: str |
     return model
 
 
+def load_config(spec: str | os.PathLike, *, trust_remote_code: bool = False):
+    """Read a model folder's config with a one-line error naming the file."""
+    from transformers import AutoConfig
+
+    path = resolve_model_dir(spec)
+    try:
+        return AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)
+    except (ValueError, KeyError, OSError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise MoePruneError(f"{path / 'config.json'}: cannot read the config ({first})") from exc
+
+
+def meta_model(spec: str | os.PathLike):
+    """The model built from its config on the meta device: every module and shape, no weights, no memory."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    config = load_config(spec)
+    from moeprune.models import get_arch_spec
+
+    get_arch_spec(config)  # one-line error for unsupported and non-MoE models
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)
+
+
 def load_tokenizer(spec: str | os.PathLike, *, trust_remote_code: bool = False):
     """Load the tokenizer stored beside a model; a clear error if there is none."""
     from transformers import AutoTokenizer
@@ -89,14 +117,9 @@ def load_tokenizer(spec: str | os.PathLike, *, trust_remote_code: bool = False):
     return tok
 
 
-@contextlib.contextmanager
-def atomic_output_dir(out: str | os.PathLike, *, inputs: tuple[str | os.PathLike, ...] = (),
-                      overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary folder beside `out`; on success rename it to `out`.
-
-    Refuses when `out` is one of `inputs` (or inside one), or when `out` exists and is not empty
-    (unless `overwrite`). On failure the temporary folder is removed and `out` is left untouched.
-    """
+def check_output_dir(out: str | os.PathLike, *, inputs: tuple[str | os.PathLike, ...] = (),
+                     overwrite: bool = False) -> Path:
+    """Refuse an output folder that is an input (or inside one), a file, or not empty (unless `overwrite`)."""
     out = Path(out).expanduser().resolve()
     for src in inputs:
         src = Path(src).expanduser().resolve()
@@ -107,6 +130,18 @@ def atomic_output_dir(out: str | os.PathLike, *, inputs: tuple[str | os.PathLike
             raise MoePruneError(f"output path {out} is a file; choose a folder with -o")
         if any(out.iterdir()) and not overwrite:
             raise MoePruneError(f"output folder {out} is not empty; choose a new folder or pass --overwrite")
+    return out
+
+
+@contextlib.contextmanager
+def atomic_output_dir(out: str | os.PathLike, *, inputs: tuple[str | os.PathLike, ...] = (),
+                      overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary folder beside `out`; on success rename it to `out`.
+
+    The checks of `check_output_dir` apply. On failure the temporary folder is removed and `out` is
+    left untouched.
+    """
+    out = check_output_dir(out, inputs=inputs, overwrite=overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:

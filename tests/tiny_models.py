@@ -77,3 +77,26 @@ def tiny_model(model_type: str, seed: int = 0):
             elif name.endswith(("gate.weight", "router.weight", "router.gate.weight")) and p.dim() == 2:
                 p.normal_(0, 0.5)
     return model
+
+
+def tiny_tokenizer():
+    """A character-level tokenizer built offline (one token per printable ASCII character)."""
+    import string
+
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<s>", "</s>", "<unk>"]
+    vocab = {tok: i for i, tok in enumerate(specials + list(string.printable))}
+    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    core.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=core, unk_token="<unk>", pad_token="<pad>", bos_token="<s>",
+                                   eos_token="</s>", model_max_length=256)
+
+
+def save_tiny(path, model_type: str = "mixtral", seed: int = 0):
+    """Save a tiny model with a tokenizer (vocab 128 covers the character tokenizer)."""
+    tiny_model(model_type, seed).save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    return path
