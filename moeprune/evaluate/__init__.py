@@ -10,14 +10,14 @@ See ``docs/evaluation.md`` for the task format, the scorers and the sandbox.
 """
 
 from moeprune.evaluate.backend import Backend, HFBackend, truncate_at_stop
-from moeprune.evaluate.config import GenerationConfig, TaskConfig, load_task_config
+from moeprune.evaluate.config import GenerationSettings, TaskConfig, load_task_config
 from moeprune.evaluate.runner import LM_EVAL_PREFIX, evaluate, resolve_tasks, run_task
 from moeprune.evaluate.scorers import FILTERS, SCORERS, ScoreResult, Scorer
 from moeprune.evaluate.tasks import TASKS, Task, resolve_task
 
 __all__ = [
     "Backend", "HFBackend", "truncate_at_stop",
-    "GenerationConfig", "TaskConfig", "load_task_config",
+    "GenerationSettings", "TaskConfig", "load_task_config",
     "LM_EVAL_PREFIX", "evaluate", "resolve_tasks", "run_task",
     "FILTERS", "SCORERS", "ScoreResult", "Scorer",
     "TASKS", "Task", "resolve_task",

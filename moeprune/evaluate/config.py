@@ -28,12 +28,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from moeprune.errors import MoePruneError
 
-__all__ = ["GenerationConfig", "ScorerSpec", "TaskConfig", "load_task_config", "resolve_data_path"]
+__all__ = ["GenerationSettings", "ScorerSpec", "TaskConfig", "load_task_config", "resolve_data_path"]
 
 _MAX_INCLUDE_DEPTH = 8
 
 
-class GenerationConfig(BaseModel):
+class GenerationSettings(BaseModel):
     """Greedy-decoding settings: how many tokens to generate and where to cut the completion."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -76,7 +76,7 @@ class TaskConfig(BaseModel):
     scorer: ScorerSpec
     filters: tuple[str, ...] = ()
     prompt_prefix: str = ""
-    generation: GenerationConfig = GenerationConfig()
+    generation: GenerationSettings = GenerationSettings()
     source: str = Field(default="", description="the YAML file this config came from (set by the loader)")
 
     @field_validator("scorer", mode="before")

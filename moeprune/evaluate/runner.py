@@ -84,9 +84,10 @@ def run_task(backend: Backend, task: Task, *, limit: int | None = None, samples:
     return result
 
 
-def evaluate(model, tokenizer, tasks: Sequence[str | Task], *, limit: int | None = None, batch_size: int = 16,
+def evaluate(model, tokenizer, tasks: Sequence[str | Task] | str, *, limit: int | None = None, batch_size: int = 16,
              progress: bool = True, samples: bool = False) -> dict[str, dict[str, Any]]:
-    """Score ``model`` on ``tasks`` (names, YAML/JSONL paths, loaded Tasks, or ``lm_eval:<task>``).
+    """Score ``model`` on ``tasks`` (names, YAML/JSONL paths, loaded Tasks, or ``lm_eval:<task>``;
+    a single comma-separated string is split).
 
     Args:
         model: a loaded transformers causal LM (in eval mode, on its device).
@@ -102,6 +103,8 @@ def evaluate(model, tokenizer, tasks: Sequence[str | Task], *, limit: int | None
     """
     if limit is not None and limit < 1:
         raise MoePruneError(f"--limit must be >= 1, got {limit}")
+    if isinstance(tasks, str):  # "a,b" as on the command line
+        tasks = tasks.split(",")
     resolved = resolve_tasks(tasks)
     backend = HFBackend(model, tokenizer, batch_size=batch_size, progress=progress)
     results: dict[str, dict[str, Any]] = {}

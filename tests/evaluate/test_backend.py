@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from moeprune.evaluate.backend import HFBackend, truncate_at_stop
+from moeprune.evaluate.backend import HFBackend, _StopOnStrings, truncate_at_stop
 
 PROMPTS = ["Q: 1+1=?\nA: ", "hello", "def f(x):\n    return", "x", "{\"name\": \"Pia\", "]
 
@@ -47,6 +47,16 @@ def test_stop_strings_cut_completions_and_end_generation_early(tiny_model, tiny_
     for full, cut in zip(free, stopped):
         assert cut == truncate_at_stop(full, stops)
         assert not any(s in cut for s in stops)
+
+
+def test_stop_criterion_marks_rows_done_once_their_new_text_has_a_stop(tiny_tokenizer):
+    prompt = tiny_tokenizer(["ab", "cd"])["input_ids"]  # two tokens each
+    new = tiny_tokenizer(["x\ny", "xyz"], add_special_tokens=False)["input_ids"]
+    ids = torch.tensor([p + n for p, n in zip(prompt, new)])  # (2, 5)
+    done = _StopOnStrings(tiny_tokenizer, ["\n"], prompt_len=2)(ids, None)
+    assert done.tolist() == [True, False]
+    # the prompt itself never counts
+    assert _StopOnStrings(tiny_tokenizer, ["a"], prompt_len=2)(ids, None).tolist() == [False, False]
 
 
 def test_generate_calls_model_with_greedy_settings(tiny_model, tiny_tokenizer, monkeypatch):

@@ -29,6 +29,22 @@ def test_missing_lm_eval_is_a_one_line_install_hint():
         run_lm_eval(None, None, ["arc_easy"])
 
 
-def test_lm_eval_runs_on_a_loaded_model(tiny_model, tiny_tokenizer, tmp_path):
-    pytest.importorskip("lm_eval")
-    pytest.skip("needs an lm-eval task whose data is available offline")
+def test_lm_eval_wraps_the_loaded_model(tiny_model, tiny_tokenizer, monkeypatch):
+    lm_eval = pytest.importorskip("lm_eval")
+    import lm_eval.models.huggingface as hf
+
+    seen = {}
+
+    class FakeHFLM:
+        def __init__(self, *, pretrained, tokenizer, batch_size):
+            seen.update(pretrained=pretrained, tokenizer=tokenizer, batch_size=batch_size)
+
+    def fake_simple_evaluate(*, model, tasks, limit):
+        seen.update(model=model, tasks=tasks, limit=limit)
+        return {"results": {"t": {"alias": "t", "exact_match,none": 1.0}}, "n-samples": {"t": {"effective": 2}}}
+
+    monkeypatch.setattr(hf, "HFLM", FakeHFLM)
+    monkeypatch.setattr(lm_eval, "simple_evaluate", fake_simple_evaluate)
+    out = run_lm_eval(tiny_model, tiny_tokenizer, ["t"], limit=2, batch_size=4)
+    assert seen["pretrained"] is tiny_model and seen["tasks"] == ["t"] and seen["limit"] == 2
+    assert out["t"]["score"] == 1.0 and out["t"]["n"] == 2
