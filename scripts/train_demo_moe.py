@@ -1,0 +1,369 @@
+#!/usr/bin/env python
+"""Train the shipped demo Mixture-of-Experts model from scratch.
+
+Stock `transformers` Mixtral classes (MixtralConfig + MixtralForCausalLM), a small byte-level
+BPE tokenizer whose pre-tokenizer splits digits individually, and domain-mixed training on
+the corpus written by scripts/build_corpus.py.
+
+    python scripts/build_corpus.py
+    python scripts/train_demo_moe.py --minutes 45 --out runs/demo-moe
+
+The final model (weights saved in bfloat16) lands in <out>/final; intermediate checkpoints in
+<out>/ckpt. The log (<out>/train.log) holds loss, learning rate, tokens/s, per-domain expert
+usage and periodic greedy held-out accuracy; <out>/summary.json holds the final numbers.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import re
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+DOMAINS = ["arith", "code", "prose", "json", "program"]
+GENERATIVE = ["arith", "json", "program"]
+# generative domains are upweighted so that they get learned
+DEFAULT_MIX = {"arith": 0.32, "code": 0.14, "prose": 0.12, "json": 0.14, "program": 0.28}
+SPECIALS = ["<s>", "</s>", "<pad>"]
+
+
+# --------------------------------------------------------------------------- tokenizer
+
+
+def read_texts(path: Path, limit: int | None = None) -> list[str]:
+    out = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            out.append(json.loads(line)["text"])
+            if limit is not None and len(out) >= limit:
+                break
+    return out
+
+
+def train_tokenizer(corpus: Path, vocab_size: int, out_dir: Path):
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        # a space right after ':' is always its own token, so prompts that end in ': '
+        # (e.g. "A: ", "# output: ") tokenize exactly as they do inside training text
+        pre_tokenizers.Split(Regex(r": "), behavior="merged_with_previous"),
+        pre_tokenizers.Digits(individual_digits=True),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+    ])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIALS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  min_frequency=2, show_progress=False)
+
+    def it():
+        for d in DOMAINS:
+            lim = 30000 if d in GENERATIVE else None
+            for t in read_texts(corpus / d / "train.jsonl", lim):
+                yield t
+
+    tok.train_from_iterator(it(), trainer=trainer)
+    bos = tok.token_to_id("<s>")
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos)])
+    hf = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
+                                 pad_token="<pad>", model_max_length=512)
+    hf.save_pretrained(out_dir)
+    return hf
+
+
+# --------------------------------------------------------------------------- data
+
+
+class DomainStream:
+    """All training documents of one domain as one token array, with document starts."""
+
+    def __init__(self, tok, texts: list[str]):
+        enc = tok(texts, add_special_tokens=False)["input_ids"]
+        bos, eos = tok.bos_token_id, tok.eos_token_id
+        lens = np.array([len(e) + 2 for e in enc], dtype=np.int64)
+        self.starts = np.concatenate([[0], np.cumsum(lens)[:-1]])
+        arr = np.empty(int(lens.sum()), dtype=np.int32)
+        for s, e in zip(self.starts, enc):
+            arr[s] = bos
+            arr[s + 1:s + 1 + len(e)] = e
+            arr[s + 1 + len(e)] = eos
+        self.tokens = arr
+        # only documents starting early enough to fill a window
+        self.n_tokens = len(arr)
+
+    def sample(self, rng: np.random.Generator, length: int) -> np.ndarray:
+        last_ok = np.searchsorted(self.starts, self.n_tokens - length, side="right")
+        i = int(rng.integers(0, max(1, last_ok)))
+        s = int(self.starts[i])
+        return self.tokens[s:s + length]
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+def _first_line(s: str) -> str:
+    return s.split("\n", 1)[0]
+
+
+def extract_number(s: str) -> str | None:
+    line = _first_line(s)
+    m = re.search(r"####\s*(-?\d+)", line)
+    if m:
+        return m.group(1)
+    nums = re.findall(r"-?\d+", line)
+    return nums[-1] if nums else None
+
+
+def score(domain: str, generated: str, answer: str) -> bool:
+    if domain == "arith":
+        return extract_number(generated) == answer.strip()
+    if domain == "json":
+        return " ".join(_first_line(generated).split()) == " ".join(answer.split())
+    return _first_line(generated).strip() == answer.strip()
+
+
+@torch.no_grad()
+def greedy_eval(model, tok, rows_by_domain: dict, device: str, batch_size: int = 50,
+                max_new_tokens: dict | None = None) -> dict:
+    """Greedy decoding on held-out prompts; returns exact-match accuracy per domain."""
+    max_new_tokens = max_new_tokens or {"arith": 64, "json": 40, "program": 24}
+    was_training, was_router = model.training, model.config.output_router_logits
+    model.eval()
+    model.config.output_router_logits = False  # aux loss in generate() breaks with padding
+    tok.padding_side = "left"
+    nl = tok("\n", add_special_tokens=False)["input_ids"]
+    stop = [tok.eos_token_id] + ([nl[0]] if len(nl) == 1 else [])
+    res = {}
+    for d, rows in rows_by_domain.items():
+        correct = 0
+        samples = []
+        for i in range(0, len(rows), batch_size):
+            chunk = rows[i:i + batch_size]
+            enc = tok([r["prompt"] for r in chunk], return_tensors="pt", padding=True).to(device)
+            out = model.generate(**enc, max_new_tokens=max_new_tokens[d], do_sample=False,
+                                 eos_token_id=stop, pad_token_id=tok.pad_token_id)
+            gen = tok.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+            for r, g in zip(chunk, gen):
+                ok = score(d, g, r["answer"])
+                correct += ok
+                if len(samples) < 3:
+                    samples.append({"prompt": r["prompt"], "gen": _first_line(g), "answer": r["answer"]})
+        res[d] = {"acc": correct / max(1, len(rows)), "n": len(rows), "samples": samples}
+    model.train(was_training)
+    model.config.output_router_logits = was_router
+    return res
+
+
+def load_eval_rows(assets: Path, n: int | None = None) -> dict:
+    out = {}
+    for d in GENERATIVE:
+        rows = [json.loads(l) for l in open(assets / "eval" / f"{d}.jsonl", encoding="utf-8")]
+        out[d] = rows[:n] if n else rows
+    return out
+
+
+# --------------------------------------------------------------------------- main
+
+
+def build_model(tok, args):
+    from transformers import MixtralConfig, MixtralForCausalLM
+    cfg = MixtralConfig(
+        vocab_size=len(tok), hidden_size=args.hidden, intermediate_size=args.inter,
+        num_hidden_layers=args.layers, num_attention_heads=args.heads,
+        num_key_value_heads=args.kv_heads, max_position_embeddings=args.seq_len * 2,
+        num_local_experts=args.experts, num_experts_per_tok=2, output_router_logits=True,
+        router_aux_loss_coef=args.aux_coef, tie_word_embeddings=True,
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id, rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+    )
+    return MixtralForCausalLM(cfg)
+
+
+def save_model(model, tok, path: Path):
+    import copy
+    from transformers import GenerationConfig
+    m = copy.deepcopy(model).to("cpu", dtype=torch.bfloat16)
+    m.config.output_router_logits = False  # inference default; set True to read router logits
+    m.generation_config = GenerationConfig(
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id, do_sample=False, max_new_tokens=64)
+    m.save_pretrained(path)
+    tok.save_pretrained(path)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--corpus", default="data/corpus")
+    ap.add_argument("--assets", default="moeprune/assets/demo-corpus")
+    ap.add_argument("--out", default="runs/demo-moe")
+    ap.add_argument("--minutes", type=float, default=45.0, help="wall-clock training budget")
+    ap.add_argument("--max-steps", type=int, default=0, help="stop after this many steps (0: time only)")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--vocab", type=int, default=3072)
+    ap.add_argument("--hidden", type=int, default=256)
+    ap.add_argument("--inter", type=int, default=224)
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--heads", type=int, default=8)
+    ap.add_argument("--kv-heads", type=int, default=4)
+    ap.add_argument("--experts", type=int, default=8)
+    ap.add_argument("--aux-coef", type=float, default=0.02)
+    ap.add_argument("--seq-len", type=int, default=256)
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--min-lr-frac", type=float, default=0.05)
+    ap.add_argument("--warmup", type=int, default=100)
+    ap.add_argument("--log-every", type=int, default=25)
+    ap.add_argument("--eval-every-min", type=float, default=8.0)
+    ap.add_argument("--eval-n", type=int, default=100)
+    ap.add_argument("--assumed-tok-s", type=float, default=0.0,
+                    help="tokens/s used to size the cosine schedule; 0: measure over the first steps")
+    args = ap.parse_args()
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    random.seed(args.seed)
+    rng = np.random.default_rng(args.seed)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    logf = open(out / "train.log", "a", encoding="utf-8")
+
+    def log(msg: str):
+        line = f"[{time.strftime('%H:%M:%S')}] {msg}"
+        print(line, flush=True)
+        logf.write(line + "\n")
+        logf.flush()
+
+    log(f"args: {vars(args)}")
+    t0 = time.time()
+    corpus, assets = Path(args.corpus), Path(args.assets)
+    tok = train_tokenizer(corpus, args.vocab, out / "tokenizer")
+    log(f"tokenizer: vocab {len(tok)} trained in {time.time() - t0:.1f}s; "
+        f"'Q: 123+45=?' -> {tok.tokenize('Q: 123+45=?')}")
+
+    streams = {}
+    for d in DOMAINS:
+        t1 = time.time()
+        streams[d] = DomainStream(tok, read_texts(corpus / d / "train.jsonl"))
+        log(f"domain {d}: {streams[d].n_tokens} train tokens, {len(streams[d].starts)} docs "
+            f"({time.time() - t1:.1f}s)")
+
+    model = build_model(tok, args).to(args.device)
+    n_params = sum(p.numel() for p in model.parameters())
+    log(f"model: {n_params / 1e6:.2f}M params; config {model.config.to_diff_dict()}")
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.05},
+                             {"params": no_decay, "weight_decay": 0.0}],
+                            lr=args.lr, betas=(0.9, 0.95), eps=1e-8)
+    eval_rows = load_eval_rows(assets, args.eval_n)
+    mix_names = list(args_mix := DEFAULT_MIX)
+    mix_p = np.array([args_mix[d] for d in mix_names])
+    mix_p = mix_p / mix_p.sum()
+
+    budget_s = args.minutes * 60
+    tokens_per_step = args.batch * args.seq_len
+    total_steps = args.max_steps or 10 ** 9
+    t_start = time.time()
+    step, tokens_seen = 0, 0
+    ema_loss, last_eval = None, time.time()
+    usage = {d: np.zeros((args.layers, args.experts)) for d in DOMAINS}
+    dom_loss = {d: [] for d in DOMAINS}
+    history = []
+    model.train()
+    while True:
+        elapsed = time.time() - t_start
+        if elapsed > budget_s or step >= total_steps:
+            break
+        # size the cosine schedule from measured throughput after 20 steps
+        if step == 20 and not args.max_steps:
+            rate = step / elapsed if not args.assumed_tok_s else args.assumed_tok_s / tokens_per_step
+            total_steps = int(step + rate * (budget_s - elapsed) * 0.97)
+            log(f"measured {rate * tokens_per_step:.0f} tok/s -> schedule total_steps={total_steps}")
+        sched_total = total_steps if total_steps < 10 ** 9 else 2000
+        if step < args.warmup:
+            lr = args.lr * (step + 1) / args.warmup
+        else:
+            prog = min(1.0, (step - args.warmup) / max(1, sched_total - args.warmup))
+            lr = args.lr * (args.min_lr_frac + (1 - args.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * prog)))
+        for g in opt.param_groups:
+            g["lr"] = lr
+
+        doms = rng.choice(len(mix_names), size=args.batch, p=mix_p)
+        rows = [streams[mix_names[i]].sample(rng, args.seq_len) for i in doms]
+        x = np.full((args.batch, args.seq_len), tok.pad_token_id, dtype=np.int64)
+        for j, r in enumerate(rows):
+            x[j, :len(r)] = r
+        ids = torch.from_numpy(x).to(args.device)
+        labels = ids.clone()
+        labels[labels == tok.pad_token_id] = -100
+        outp = model(input_ids=ids, labels=labels, output_router_logits=True)
+        loss = outp.loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        step += 1
+        tokens_seen += tokens_per_step
+        aux = float(outp.aux_loss.detach())
+        lm = loss.item() - args.aux_coef * aux
+        ema_loss = lm if ema_loss is None else 0.95 * ema_loss + 0.05 * lm
+
+        if step % args.log_every == 0:
+            with torch.no_grad():
+                # per-domain expert usage (top-2 of router softmax) and per-domain loss
+                logits = outp.logits.float()
+                tl = torch.nn.functional.cross_entropy(
+                    logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
+                    reduction="none", ignore_index=-100).view(args.batch, -1).mean(1)
+                for j, di in enumerate(doms):
+                    dom_loss[mix_names[di]].append(tl[j].item())
+                for li, rl in enumerate(outp.router_logits):
+                    top = rl.float().softmax(-1).topk(2, dim=-1).indices.view(args.batch, -1, 2)
+                    for j, di in enumerate(doms):
+                        usage[mix_names[di]][li] += np.bincount(top[j].reshape(-1).cpu().numpy(),
+                                                                minlength=args.experts)
+            el = time.time() - t_start
+            dl = " ".join(f"{d}={np.mean(v[-20:]):.2f}" for d, v in dom_loss.items() if v)
+            log(f"step {step}/{total_steps if total_steps < 10**9 else '?'} loss {lm:.3f} "
+                f"ema {ema_loss:.3f} aux {aux:.3f} lr {lr:.2e} "
+                f"tok {tokens_seen} {tokens_seen / el:.0f} tok/s {el / 60:.1f}min | {dl}")
+            history.append({"step": step, "tokens": tokens_seen, "loss": lm, "ema": ema_loss,
+                            "minutes": el / 60})
+        if step % (args.log_every * 8) == 0:
+            for d in DOMAINS:
+                u = usage[d][-1]
+                if u.sum():
+                    log(f"usage last-layer {d}: " + " ".join(f"{v / u.sum():.2f}" for v in u))
+            usage = {d: np.zeros((args.layers, args.experts)) for d in DOMAINS}
+        if time.time() - last_eval > args.eval_every_min * 60:
+            ev = greedy_eval(model, tok, eval_rows, args.device)
+            log(f"eval@{step}: " + " ".join(f"{d}={v['acc']:.2f}" for d, v in ev.items())
+                + " | " + json.dumps({d: v["samples"][0] for d, v in ev.items()}))
+            save_model(model, tok, out / "ckpt")
+            last_eval = time.time()
+
+    wall = time.time() - t_start
+    save_model(model, tok, out / "final")
+    ev = greedy_eval(model, tok, load_eval_rows(assets), args.device)
+    summary = {"params": n_params, "steps": step, "tokens": tokens_seen, "wall_s": wall,
+               "final_loss_ema": ema_loss, "final_loss": history[-1]["loss"] if history else None,
+               "domain_loss": {d: float(np.mean(v[-20:])) for d, v in dom_loss.items() if v},
+               "mix": DEFAULT_MIX, "args": vars(args),
+               "heldout_greedy": {d: {"acc": v["acc"], "n": v["n"]} for d, v in ev.items()},
+               "history": history}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    log(f"done: {step} steps, {tokens_seen} tokens, {wall / 60:.1f} min, ema loss {ema_loss:.3f}; "
+        f"held-out greedy: " + " ".join(f"{d}={v['acc']:.3f}" for d, v in ev.items()))
+
+
+if __name__ == "__main__":
+    main()
