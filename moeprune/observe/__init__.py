@@ -1,0 +1,7 @@
+"""Collectors: router and expert statistics from one calibration pass."""
+
+from moeprune.observe.collector import Collector
+from moeprune.observe.run import observe
+from moeprune.observe.stats import OPTIONAL_STATS, LayerStats, Observations, model_fingerprint
+
+__all__ = ["Collector", "LayerStats", "OPTIONAL_STATS", "Observations", "model_fingerprint", "observe"]

@@ -1,0 +1,188 @@
+"""Collect router/expert statistics in one streaming pass over calibration batches.
+
+Indexed experts (every family except Llama-4) are observed by swapping the experts module's
+`forward` for one that computes each expert only on the tokens routed to it, as the model does,
+records the statistics from those very outputs (no recomputation), and returns the same gated sum.
+Llama-4's dense-prescaled experts are observed with hooks that recompute the routed experts.
+Padding tokens (attention_mask == 0) never enter the statistics.
+"""
+
+from __future__ import annotations
+
+import types
+from collections.abc import Iterable
+
+import torch
+
+from moeprune.errors import MoePruneError
+from moeprune.models import MoEAdapter, MoELayer
+from moeprune.observe.stats import OPTIONAL_STATS, LayerStats
+
+__all__ = ["Collector"]
+
+
+class _LayerObserver:
+    """Accumulates one layer's statistics from (token inputs, expert outputs, gates)."""
+
+    def __init__(self, adapter: MoEAdapter, layer: MoELayer, collect: frozenset[str], all_means_tokens: int | None):
+        self.adapter, self.layer, self.collect = adapter, layer, collect
+        self.all_means_tokens = all_means_tokens
+        hidden = adapter.config.hidden_size
+        e = layer.num_experts
+        self.stats = LayerStats(num_experts=e, hidden_size=hidden)
+        if "routed_means" in collect:
+            self.stats.out_sum = torch.zeros(e, hidden, dtype=torch.float64)
+        if "all_means" in collect:
+            self.stats.all_out_sum = torch.zeros(e, hidden, dtype=torch.float64)
+        if "router_gram" in collect:
+            self.stats.logit_gram = torch.zeros(e, e, dtype=torch.float64)
+            self.stats.logit_sum = torch.zeros(e, dtype=torch.float64)
+
+    # ---------------------------------------------------------------- per-pair statistics
+    def add_pairs(self, expert_ids: torch.Tensor, gates: torch.Tensor, outputs: torch.Tensor,
+                  valid: torch.Tensor | None) -> None:
+        """expert_ids (S,), gates (S,), outputs (S, H) = f_j(x) before gating, valid (S,) bool."""
+        if valid is not None:
+            expert_ids, gates, outputs = expert_ids[valid], gates[valid], outputs[valid]
+        if expert_ids.numel() == 0:
+            return
+        s = self.stats
+        e = s.num_experts
+        ids = expert_ids.cpu()
+        out64 = outputs.detach().double().cpu()
+        g = gates.detach().double().cpu()
+        norms = out64.norm(dim=-1)  # (S,)
+        s.count += torch.bincount(ids, minlength=e).double()
+        s.gate_sum.index_add_(0, ids, g)
+        s.norm_sum.index_add_(0, ids, norms)
+        s.reap_sum.index_add_(0, ids, g * norms)
+        s.max_abs.scatter_reduce_(0, ids, out64.abs().amax(dim=-1), reduce="amax")
+        if s.out_sum is not None:
+            s.out_sum.index_add_(0, ids, out64)
+
+    def add_tokens(self, hidden: torch.Tensor, valid: torch.Tensor | None) -> None:
+        """Token-level statistics that do not depend on routing: router gram and all-token means."""
+        if not self.collect & {"router_gram", "all_means"}:
+            return
+        x = hidden if valid is None else hidden[valid]
+        s = self.stats
+        if s.logit_gram is not None:
+            z = self.adapter.router_logits(self.layer, x).double().cpu()
+            s.logit_gram += z.T @ z
+            s.logit_sum += z.sum(0)
+            s.logit_count += z.shape[0]
+        if s.all_out_sum is not None:
+            if self.all_means_tokens is not None and x.shape[0] > self.all_means_tokens:
+                step = x.shape[0] / self.all_means_tokens
+                x = x[(torch.arange(self.all_means_tokens) * step).long()]
+            for j in range(s.num_experts):
+                s.all_out_sum[j] += self.adapter.expert_forward(self.layer, j, x).double().sum(0).cpu()
+            s.all_count += x.shape[0]
+
+
+def _observed_experts_forward(observer: _LayerObserver, collector: "Collector"):
+    adapter, layer = observer.adapter, observer.layer
+
+    def forward(self, hidden_states, top_k_index, top_k_weights):
+        t, k = top_k_index.shape
+        flat_e = top_k_index.reshape(-1)
+        flat_w = top_k_weights.reshape(-1)
+        order = torch.argsort(flat_e, stable=True)
+        token = order // k  # (S,) token of each (token, expert) pair, grouped by expert
+        counts = torch.bincount(flat_e, minlength=layer.num_experts).tolist()
+        out_pairs = hidden_states.new_empty(order.shape[0], hidden_states.shape[-1])
+        start = 0
+        for j, c in enumerate(counts):
+            if c:
+                out_pairs[start:start + c] = adapter.expert_forward(layer, j, hidden_states[token[start:start + c]])
+                start += c
+        gates = flat_w[order]
+        final = torch.zeros_like(hidden_states)
+        final.index_add_(0, token, (out_pairs * gates.unsqueeze(-1)).to(final.dtype))
+        valid = collector.token_mask
+        with torch.no_grad():
+            observer.add_pairs(flat_e[order], gates, out_pairs, None if valid is None else valid[token])
+            observer.add_tokens(hidden_states, valid)
+        return final
+
+    return forward
+
+
+class Collector:
+    """Attach to a model, run calibration batches, read the statistics.
+
+    Args:
+        model: a causal LM of a supported architecture (left unchanged after `detach`).
+        collect: optional statistics on top of the core ones: "routed_means", "all_means", "router_gram".
+        all_means_tokens: cap on tokens per batch for "all_means" (None = every token).
+    """
+
+    def __init__(self, model, *, collect: Iterable[str] = (), all_means_tokens: int | None = None):
+        collect = frozenset(collect)
+        unknown = collect - set(OPTIONAL_STATS)
+        if unknown:
+            raise MoePruneError(f"unknown statistic(s) {sorted(unknown)}; available: {', '.join(OPTIONAL_STATS)}")
+        self.adapter = MoEAdapter(model)
+        self.collect = collect
+        self.observers = {layer.index: _LayerObserver(self.adapter, layer, collect, all_means_tokens)
+                          for layer in self.adapter.layers}
+        self.token_mask: torch.Tensor | None = None
+        self._handles: list = []
+        self._patched: list = []
+
+    # ---------------------------------------------------------------- lifecycle
+    def attach(self) -> "Collector":
+        for layer in self.adapter.layers:
+            observer = self.observers[layer.index]
+            if self.adapter.spec.experts_call == "indexed":
+                fn = _observed_experts_forward(observer, self)
+                layer.experts.forward = types.MethodType(fn, layer.experts)
+                self._patched.append(layer.experts)
+            else:
+                self._hook_dense(layer, observer)
+        return self
+
+    def detach(self) -> None:
+        for module in self._patched:
+            del module.forward  # back to the class's forward
+        for handle in self._handles:
+            handle.remove()
+        self._patched, self._handles = [], []
+
+    def __enter__(self) -> "Collector":
+        return self.attach()
+
+    def __exit__(self, *exc) -> None:
+        self.detach()
+
+    def stats(self) -> dict[int, LayerStats]:
+        return {i: obs.stats for i, obs in self.observers.items()}
+
+    # ---------------------------------------------------------------- dense-prescaled experts
+    def _hook_dense(self, layer: MoELayer, observer: _LayerObserver) -> None:
+        state: dict = {}
+
+        def pre(_m, args, kwargs):
+            h = args[0] if args else kwargs["hidden_states"]
+            state["hidden"] = h.reshape(-1, h.shape[-1])
+
+        def router_hook(_m, _args, out):
+            state["scores"] = out[0]
+
+        def post(_m, _args, _out):
+            x, scores = state.pop("hidden"), state.pop("scores")
+            token, expert = torch.nonzero(scores > 0, as_tuple=True)
+            if token.numel() == 0:
+                return
+            order = torch.argsort(expert, stable=True)
+            token, expert = token[order], expert[order]
+            outs = torch.cat([self.adapter.expert_forward(layer, int(j), x[token[expert == j]])
+                              for j in torch.unique(expert)])
+            valid = None if self.token_mask is None else self.token_mask[token]
+            with torch.no_grad():
+                observer.add_pairs(expert, scores[token, expert], outs, valid)
+                observer.add_tokens(x, self.token_mask)
+
+        self._handles += [layer.block.register_forward_pre_hook(pre, with_kwargs=True),
+                          layer.router.register_forward_hook(router_hook),
+                          layer.block.register_forward_hook(post)]

@@ -1,0 +1,141 @@
+"""Every statistic against a brute-force loop over tokens, running each expert by hand."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from moeprune.models import MoEAdapter
+from moeprune.observe import Collector, Observations, observe
+from tiny_models import tiny_model
+
+ALL = ("routed_means", "all_means", "router_gram")
+
+
+def _batches():
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, 128, (3, 10), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, 7:] = 0  # right padding
+    mask[2, 4:] = 0
+    return [{"input_ids": ids[:2], "attention_mask": mask[:2]}, {"input_ids": ids[2:], "attention_mask": mask[2:]}]
+
+
+def _expert_by_hand(experts, j, x):
+    """SwiGLU expert from the raw fused weights: gate rows first, then up rows."""
+    gate_up = experts.gate_up_proj[j].double()  # (2I, H)
+    inter = gate_up.shape[0] // 2
+    gate, up = x @ gate_up[:inter].T, x @ gate_up[inter:].T
+    return (F.silu(gate) * up) @ experts.down_proj[j].double().T
+
+
+def _brute_force(model, batches):
+    """Per layer, per valid token: the real gates (captured from the model) and hand-run experts."""
+    adapter = MoEAdapter(model)
+    seen = {layer.index: [] for layer in adapter.layers}
+    handles = []
+    for layer in adapter.layers:
+        def pre(_m, args, kwargs, i=layer.index):
+            seen[i].append((args[0].detach().double(), args[1].detach(), args[2].detach().double()))
+        handles.append(layer.experts.register_forward_pre_hook(pre, with_kwargs=True))
+    masks = []
+    with torch.no_grad():
+        for b in batches:
+            model(**b, use_cache=False)
+            masks.append(b["attention_mask"].reshape(-1).bool())
+    for h in handles:
+        h.remove()
+    out = {}
+    for layer in adapter.layers:
+        e, hsz = layer.num_experts, model.config.hidden_size
+        r = dict(count=torch.zeros(e), gate_sum=torch.zeros(e), norm_sum=torch.zeros(e), reap_sum=torch.zeros(e),
+                 max_abs=torch.zeros(e), out_sum=torch.zeros(e, hsz), all_out_sum=torch.zeros(e, hsz),
+                 gram=torch.zeros(e, e), n=0)
+        r = {k: (v.double() if torch.is_tensor(v) else v) for k, v in r.items()}
+        w_router = adapter.tensor(layer, "gate.weight").double()
+        for (x, idx, gates), valid in zip(seen[layer.index], masks):
+            for t in range(x.shape[0]):
+                if not valid[t]:
+                    continue
+                z = w_router @ x[t]
+                r["gram"] += torch.outer(z, z)
+                r["n"] += 1
+                for j in range(e):
+                    r["all_out_sum"][j] += _expert_by_hand(layer.experts, j, x[t:t + 1])[0]
+                for s in range(idx.shape[1]):
+                    j = int(idx[t, s])
+                    f = _expert_by_hand(layer.experts, j, x[t:t + 1])[0]
+                    g = gates[t, s]
+                    r["count"][j] += 1
+                    r["gate_sum"][j] += g
+                    r["norm_sum"][j] += f.norm()
+                    r["reap_sum"][j] += g * f.norm()
+                    r["max_abs"][j] = max(r["max_abs"][j], f.abs().max())
+                    r["out_sum"][j] += f
+        out[layer.index] = r
+    return out
+
+
+@pytest.mark.parametrize("model_type", ["mixtral", "deepseek_v3"])  # softmax router; sigmoid + bias + groups
+def test_statistics_equal_brute_force(model_type):
+    model = tiny_model(model_type)
+    batches = _batches()
+    obs = observe(model, batches, collect=ALL, progress=False)
+    want = _brute_force(model, batches)
+    valid_tokens = sum(int(b["attention_mask"].sum()) for b in batches)
+    assert obs.meta["num_tokens"] == valid_tokens
+    for i, s in obs.layers.items():
+        r = want[i]
+        assert int(s.count.sum()) == valid_tokens * MoEAdapter(model).top_k
+        for name in ("count", "gate_sum", "norm_sum", "reap_sum", "max_abs", "out_sum", "all_out_sum"):
+            torch.testing.assert_close(getattr(s, name), r[name], rtol=1e-5, atol=1e-6, msg=name)
+        torch.testing.assert_close(s.logit_gram, r["gram"], rtol=1e-5, atol=1e-6)
+        assert s.all_count == r["n"] == s.logit_count
+        torch.testing.assert_close(s.reap, r["reap_sum"] / r["count"].clamp(min=1))
+
+
+def test_observation_leaves_output_and_model_unchanged():
+    model = tiny_model("qwen2_moe")
+    ids = torch.randint(3, 128, (2, 12))
+    with torch.no_grad():
+        before = model(ids).logits
+        with Collector(model, collect=ALL):
+            during = model(ids).logits
+        after = model(ids).logits
+    torch.testing.assert_close(during, before, rtol=1e-5, atol=1e-5)
+    assert torch.equal(after, before)
+    assert "forward" not in vars(MoEAdapter(model).layers[0].experts)
+
+
+def test_dense_prescaled_architecture_is_observed():
+    model = tiny_model("llama4_text")
+    batches = _batches()
+    obs = observe(model, batches, progress=False)
+    valid_tokens = sum(int(b["attention_mask"].sum()) for b in batches)
+    (stats,) = obs.layers.values()
+    assert int(stats.count.sum()) == valid_tokens * 2
+    assert (stats.gate_sum > 0).sum() == (stats.count > 0).sum()
+
+
+def test_observations_round_trip_and_fingerprint(tmp_path):
+    model = tiny_model("mixtral")
+    obs = observe(model, _batches(), collect=("router_gram",), progress=False)
+    obs.save(tmp_path / "obs")
+    back = Observations.load(tmp_path / "obs")
+    assert back.meta == obs.meta
+    for i in obs.layers:
+        for name, t in obs.layers[i].tensors().items():
+            assert torch.equal(back.layers[i].tensors()[name], t)
+    back.check_model(model)
+    from moeprune.errors import MoePruneError
+
+    with pytest.raises(MoePruneError, match="different model"):
+        back.check_model(tiny_model("mixtral", seed=1))
+    with pytest.raises(MoePruneError, match="holds no observations"):
+        Observations.load(tmp_path)
+
+
+def test_unknown_statistic_refused():
+    from moeprune.errors import MoePruneError
+
+    with pytest.raises(MoePruneError, match="available: routed_means"):
+        Collector(tiny_model("mixtral"), collect=("nope",))
