@@ -2,3 +2,4 @@
 
 from moeprune.commands import surgery  # noqa: F401
 from moeprune.commands import eval_cmd  # noqa: F401
+from moeprune.commands import pipeline_cmds  # noqa: F401

@@ -11,7 +11,7 @@ from torch import nn
 from moeprune import __version__
 from moeprune.io import TOKENIZER_FILES, atomic_output_dir
 
-__all__ = ["save_compressed", "PROVENANCE_FILE"]
+__all__ = ["save_compressed", "write_checkpoint", "PROVENANCE_FILE"]
 
 PROVENANCE_FILE = "moeprune.json"
 
@@ -26,12 +26,19 @@ def save_compressed(model: nn.Module, out_dir: str | Path, *, source_dir: str | 
     """
     inputs = (source_dir,) if source_dir is not None else ()
     with atomic_output_dir(out_dir, inputs=inputs, overwrite=overwrite) as tmp:
-        model.save_pretrained(tmp, max_shard_size=max_shard_size)
-        if source_dir is not None:
-            src = Path(source_dir)
-            for name in (*TOKENIZER_FILES, "generation_config.json"):
-                if (src / name).is_file() and not (tmp / name).exists():
-                    shutil.copy2(src / name, tmp / name)
-        record = {"moeprune_version": __version__, **(provenance or {})}
-        (tmp / PROVENANCE_FILE).write_text(json.dumps(record, indent=2, sort_keys=False) + "\n")
+        write_checkpoint(model, tmp, source_dir=source_dir, provenance=provenance, max_shard_size=max_shard_size)
     return Path(out_dir).expanduser().resolve()
+
+
+def write_checkpoint(model: nn.Module, folder: Path, *, source_dir: str | Path | None = None,
+                     provenance: dict | None = None, max_shard_size: str = "5GB") -> None:
+    """Write weights, config, tokenizer/generation files and `moeprune.json` into an existing folder."""
+    folder = Path(folder)
+    model.save_pretrained(folder, max_shard_size=max_shard_size)
+    if source_dir is not None:
+        src = Path(source_dir)
+        for name in (*TOKENIZER_FILES, "generation_config.json"):
+            if (src / name).is_file() and not (folder / name).exists():
+                shutil.copy2(src / name, folder / name)
+    record = {"moeprune_version": __version__, **(provenance or {})}
+    (folder / PROVENANCE_FILE).write_text(json.dumps(record, indent=2, sort_keys=False) + "\n")

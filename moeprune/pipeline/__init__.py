@@ -1,0 +1,6 @@
+"""Recipe-driven pipeline: observe -> score -> prune -> evaluate -> write."""
+
+from moeprune.pipeline.recipe import Recipe, apply_overrides, load_recipe
+from moeprune.pipeline.run import get_observations, run_recipe
+
+__all__ = ["Recipe", "apply_overrides", "get_observations", "load_recipe", "run_recipe"]

@@ -1,0 +1,145 @@
+"""Recipes: the YAML that drives `moeprune run`, validated with pydantic.
+
+Every field is documented in `docs/recipes.md`. Unknown fields are errors (a typo fails loudly), and
+every error names the file, the field and the allowed values.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from moeprune.errors import MoePruneError
+
+__all__ = ["Recipe", "CalibrationConfig", "EvalConfig", "load_recipe", "apply_overrides", "format_validation_error"]
+
+_FORBID = ConfigDict(extra="forbid")
+
+
+class CalibrationConfig(BaseModel):
+    model_config = _FORBID
+    spec: str | None = Field(None, description="SOURCE[:N],... (see docs/calibration.md); empty = built-in set")
+    max_length: int = Field(512, ge=2)
+    batch_size: int = Field(8, ge=1)
+    pack: bool = True
+    chat_template: bool = False
+    text_field: str = "text"
+
+
+class EvalConfig(BaseModel):
+    model_config = _FORBID
+    tasks: list[str] = Field(default_factory=list)
+    limit: int | None = Field(None, ge=1)
+    batch_size: int = Field(16, ge=1)
+    base: bool = Field(True, description="also evaluate the uncompressed model")
+
+
+class Recipe(BaseModel):
+    model_config = _FORBID
+    model: str = Field(..., description="local model folder, or 'demo'")
+    method: str = "reap"
+    ratio: float | None = Field(None, description="fraction of experts to drop per layer, in (0, 1)")
+    keep: int | None = Field(None, ge=1, description="experts to keep per layer (instead of ratio)")
+    allocation: Literal["uniform", "global"] = "uniform"
+    protect_super_experts: bool = True
+    calibration: CalibrationConfig = Field(default_factory=CalibrationConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    output: str | None = None
+    seed: int = 0
+    dtype: Literal["float32", "bfloat16", "float16", "auto"] = "float32"
+    device: str = "auto"
+
+    @field_validator("ratio")
+    @classmethod
+    def _ratio_range(cls, v: float | None) -> float | None:
+        if v is not None and not 0 < v < 1:
+            raise ValueError(f"must be in (0, 1), the fraction of experts to drop; got {v}")
+        return v
+
+    @model_validator(mode="after")
+    def _ratio_or_keep(self) -> "Recipe":
+        if (self.ratio is None) == (self.keep is None):
+            raise ValueError("give exactly one of 'ratio' (fraction of experts to drop) or 'keep'")
+        return self
+
+    @model_validator(mode="after")
+    def _known_method(self) -> "Recipe":
+        from moeprune.score import SCORERS
+
+        if self.method not in SCORERS:
+            raise ValueError(f"method: unknown method {self.method!r}; allowed: {', '.join(SCORERS.names())}")
+        return self
+
+
+def format_validation_error(source: str, exc: ValidationError) -> str:
+    err = exc.errors()[0]
+    loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
+    msg = err["msg"].removeprefix("Value error, ")
+    if err["type"] == "extra_forbidden":
+        allowed = _allowed_fields(err["loc"])
+        return f"{source}: unknown field '{loc}'; allowed fields: {allowed}"
+    if err["type"] == "literal_error":
+        return f"{source}: field '{loc}': {msg}"
+    if err["type"] == "missing":
+        return f"{source}: field '{loc}' is required"
+    return f"{source}: field '{loc}': {msg}" if err["loc"] else f"{source}: {msg}"
+
+
+def _allowed_fields(loc: tuple) -> str:
+    model: type[BaseModel] = Recipe
+    for part in loc[:-1]:
+        sub = model.model_fields.get(str(part))
+        if sub is None or not isinstance(sub.annotation, type) or not issubclass(sub.annotation, BaseModel):
+            break
+        model = sub.annotation
+    return ", ".join(model.model_fields)
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def apply_overrides(data: dict, overrides: list[str], *, source: str = "--set") -> dict:
+    """Apply `key.sub=value` strings (values parsed as YAML) to a recipe dict."""
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise MoePruneError(f"{source} {item!r}: expected KEY=VALUE, e.g. --set ratio=0.25")
+        node = data
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise MoePruneError(f"{source} {item!r}: '{part}' is not a section")
+        node[parts[-1]] = _parse_value(value)
+        if parts[-1] == "ratio":
+            node.pop("keep", None)
+        elif parts[-1] == "keep":
+            node.pop("ratio", None)
+    return data
+
+
+def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
+    """Read, override and validate a recipe file; errors are one line naming file and field."""
+    path = Path(path)
+    if not path.is_file():
+        raise MoePruneError(f"recipe {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise MoePruneError(f"{path}: malformed YAML{where} ({getattr(exc, 'problem', None) or exc})") from None
+    if not isinstance(data, dict):
+        raise MoePruneError(f"{path}: a recipe is a mapping of fields (model, method, ratio, ...)")
+    data = apply_overrides(data, list(overrides))
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as exc:
+        raise MoePruneError(format_validation_error(str(path), exc)) from None

@@ -1,0 +1,197 @@
+"""`run_recipe`: observe -> score -> prune -> evaluate (base and compressed) -> write OUT/.
+
+OUT/ holds the compressed model (a stock checkpoint), `observations/`, `report.json` (the public
+contract documented in docs/report.md) and `report.md` with plots.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+from moeprune import __version__
+from moeprune.compress import prune_experts
+from moeprune.compress.save import PROVENANCE_FILE
+from moeprune.errors import MoePruneError
+from moeprune.inspect import summarize_module
+from moeprune.io import atomic_output_dir, check_output_dir, load_model, load_tokenizer, meta_model, resolve_model_dir
+from moeprune.models import MoEAdapter
+from moeprune.observe import Observations, model_fingerprint, observe
+from moeprune.pipeline.recipe import Recipe
+from moeprune.score import experts_to_keep, select_experts
+
+__all__ = ["run_recipe", "get_observations", "cache_dir"]
+
+
+class _Timer:
+    def __init__(self):
+        self.timings: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, stage: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.timings[stage] = round(self.timings.get(stage, 0.0) + time.perf_counter() - start, 3)
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("MOEPRUNE_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "moeprune"
+    return Path(root) / "observations"
+
+
+def _cache_key(fingerprint: str, calibration: dict, collect: tuple[str, ...]) -> str:
+    blob = json.dumps([fingerprint, calibration, sorted(collect)], sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:20]
+
+
+def get_observations(model, tokenizer, recipe: Recipe, *, collect: tuple[str, ...] = (), progress: bool = True,
+                     log=print) -> tuple[Observations, bool]:
+    """Observations for (model, calibration spec): from the cache when present, else one calibration pass."""
+    from moeprune.observe.calibration import parse_calibration_spec
+
+    c = recipe.calibration
+    spec = parse_calibration_spec(c.spec, max_length=c.max_length, pack=c.pack, seed=recipe.seed,
+                                  chat_template=c.chat_template, text_field=c.text_field)
+    fingerprint = model_fingerprint(model)
+    key = _cache_key(fingerprint, {**spec.to_dict(), "batch_size": c.batch_size}, collect)
+    cached = cache_dir() / key
+    if (cached / "observations.json").is_file():
+        obs = Observations.load(cached)
+        obs.check_model(model, where=f"cached observations {cached}")
+        log(f"reusing cached observations {cached} ({obs.num_tokens} tokens)")
+        return obs, True
+    from moeprune.observe.calibration import load_calibration
+
+    calib = load_calibration(spec, tokenizer, batch_size=c.batch_size)
+    if calib.used_default:
+        log("no calibration data given: using the built-in mixed calibration set (demo corpus calib split)")
+    obs = observe(model, calib, collect=collect, progress=progress)
+    obs.meta["used_default_calibration"] = calib.used_default
+    tmp = cached.with_name(cached.name + f".tmp-{os.getpid()}")
+    obs.save(tmp)
+    if not cached.exists():
+        os.replace(tmp, cached)
+    else:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return obs, False
+
+
+def _eval(model, tokenizer, recipe: Recipe, progress: bool) -> dict:
+    from moeprune.evaluate import evaluate
+
+    if not recipe.eval.tasks:
+        return {}
+    return evaluate(model, tokenizer, recipe.eval.tasks, limit=recipe.eval.limit,
+                    batch_size=recipe.eval.batch_size, progress=progress)
+
+
+def _retained(base: dict, compressed: dict) -> dict:
+    out = {}
+    for task, res in compressed.items():
+        b = base.get(task, {}).get("score")
+        if b:
+            ratio = res["score"] / b
+            out[task] = round(ratio if res.get("higher_is_better", True) else 1 / ratio, 4)
+    return out
+
+
+def run_recipe(recipe: Recipe, *, out_dir: str | Path | None = None, overwrite: bool = False,
+               progress: bool = True, log=print) -> dict:
+    """Run the whole pipeline; returns the report dict written to OUT/report.json."""
+    out = out_dir or recipe.output
+    if not out:
+        raise MoePruneError("no output folder: pass -o OUT or set 'output' in the recipe")
+    src = resolve_model_dir(recipe.model)
+    check_output_dir(out, inputs=(src,), overwrite=overwrite)
+    shape = MoEAdapter(meta_model(src))  # feasibility before any weight is read
+    experts_to_keep(shape.num_experts, ratio=recipe.ratio, keep=recipe.keep, top_k=shape.top_k, where="recipe")
+    if recipe.eval.tasks:
+        from moeprune.evaluate import resolve_tasks
+
+        resolve_tasks(recipe.eval.tasks)  # fail on a bad task before any model work
+    timer = _Timer()
+    torch.manual_seed(recipe.seed)
+    with timer("load"):
+        device = None if recipe.device == "auto" else recipe.device
+        model = load_model(src, dtype=recipe.dtype, device=device)
+        tokenizer = load_tokenizer(src)
+    adapter = MoEAdapter(model)
+    with timer("observe"):
+        obs, reused = get_observations(model, tokenizer, recipe, progress=progress, log=log)
+    with timer("score"):
+        selection = select_experts(obs, adapter, method=recipe.method, ratio=recipe.ratio, keep=recipe.keep,
+                                   protect_super=recipe.protect_super_experts, allocation=recipe.allocation,
+                                   seed=recipe.seed, where="recipe")
+    if selection.protected:
+        log(f"protected super experts: {selection.protected}")
+    base_eval = {}
+    if recipe.eval.base:
+        with timer("eval_base"):
+            base_eval = _eval(model, tokenizer, recipe, progress)
+    before = summarize_module(model)
+    with timer("prune"):
+        kept = prune_experts(model, selection.kept, where="selection")
+    after = summarize_module(model)
+    with timer("eval_compressed"):
+        comp_eval = _eval(model, tokenizer, recipe, progress)
+    report = _build_report(recipe, src, adapter, obs, reused, selection, kept, before, after, base_eval, comp_eval)
+    with timer("save"), atomic_output_dir(out, inputs=(src,), overwrite=overwrite) as tmp:
+        from moeprune.compress.save import write_checkpoint
+
+        write_checkpoint(model, tmp, source_dir=src, provenance=_provenance(report, selection))
+        obs.save(tmp / "observations")
+        report["timings"] = {**timer.timings}
+        report["timings"]["total"] = round(sum(timer.timings.values()), 3)
+        (tmp / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+        _write_markdown(tmp, report, obs, selection, log)
+    return report
+
+
+def _provenance(report: dict, selection) -> dict:
+    return {"base_model": report["model"]["path"], "method": selection.method,
+            "ratio": report["compression"]["ratio"], "kept": selection.kept, "dropped": selection.dropped,
+            "protected": selection.protected, "scores": selection.scores,
+            "calibration": report["calibration"], "recipe": report["recipe"]}
+
+
+def _write_markdown(folder: Path, report: dict, obs, selection, log) -> None:
+    try:
+        from moeprune.report import write_report_md
+    except ImportError:  # the report package is optional at import time
+        log("report.md skipped: moeprune.report is not available")
+        return
+    write_report_md(folder, report, observations=obs, selection=selection)
+
+
+def _build_report(recipe, src, adapter, obs, reused, selection, kept, before, after, base_eval, comp_eval) -> dict:
+    n_after = len(next(iter(kept.values())))
+    return {
+        "moeprune_version": __version__,
+        "model": {"path": str(src), "architecture": adapter.spec.name, "model_type": adapter.config.model_type},
+        "recipe": recipe.model_dump(mode="json"),
+        "calibration": {**obs.meta.get("calibration", {}), "num_tokens": obs.num_tokens,
+                        "used_default": bool(obs.meta.get("used_default_calibration", False))},
+        "observations": {"reused": reused, "num_tokens": obs.num_tokens,
+                         "fingerprint": obs.meta.get("model_fingerprint")},
+        "compression": {
+            "method": selection.method, "ratio": recipe.ratio, "keep": n_after, "allocation": selection.allocation,
+            "experts_before": before.experts_per_layer[adapter.layer_indices[0]], "experts_after": n_after,
+            "params_before": before.params["total"], "params_after": after.params["total"],
+            "bytes_before": before.bytes["total"], "bytes_after": after.bytes["total"],
+            "expert_bytes_before": before.bytes["expert"], "expert_bytes_after": after.bytes["expert"],
+            "kept": {str(k): v for k, v in kept.items()},
+            "dropped": {str(k): v for k, v in selection.dropped.items()},
+            "protected": {str(k): v for k, v in selection.protected.items()},
+            "never_routed": {str(k): v for k, v in selection.never_routed.items()},
+        },
+        "eval": {"base": base_eval, "compressed": comp_eval, "retained": _retained(base_eval, comp_eval)},
+    }
