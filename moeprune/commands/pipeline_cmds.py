@@ -28,7 +28,8 @@ def calibration_options(fn):
 
 
 def recipe_from_cli(model: str, *, method: str = "reap", ratio=None, keep=None, calib=None, max_length=512,
-                    batch_size=8, no_pack=False, chat_template=False, seed=0, dtype="float32", **_):
+                    batch_size=8, no_pack=False, chat_template=False, seed=0, dtype="float32", merge=None,
+                    protect=True, **_):
     from pydantic import ValidationError
 
     from moeprune.errors import MoePruneError
@@ -38,6 +39,7 @@ def recipe_from_cli(model: str, *, method: str = "reap", ratio=None, keep=None, 
     try:
         return Recipe.model_validate({
             "model": model, "method": method, "ratio": ratio, "keep": keep, "seed": seed, "dtype": dtype,
+            "merge": merge or {}, "protect_super_experts": protect,
             "calibration": {"spec": calib, "max_length": max_length, "batch_size": batch_size, "pack": not no_pack,
                             "chat_template": chat_template},
         })

@@ -51,20 +51,28 @@ def inspect_cmd(model_dir: str, as_json: bool) -> None:
     click.echo(json.dumps(summary.to_dict(), indent=2) if as_json else format_summary(summary))
 
 
+def _method_options(fn):
+    for option in reversed([
+        click.option("--ratio", type=float, default=None, help="Fraction of experts to drop per layer, in (0, 1)."),
+        click.option("--keep-experts", type=int, default=None, help="Experts to keep per layer (instead of --ratio)."),
+        click.option("--observations", "obs_dir", type=click.Path(), default=None,
+                     help="Saved observations (moeprune observe) instead of a calibration pass."),
+        click.option("--overwrite", is_flag=True, help="Replace a non-empty output folder."),
+    ]):
+        fn = option(fn)
+    return calibration_options(fn)
+
+
 @cli.command("prune")
 @click.argument("model_dir")
 @click.option("-o", "--output", "out_dir", required=True, type=click.Path(), help="Folder to write (must be new or empty).")
 @click.option("--keep", "keep_file", type=click.Path(), help="KEEP.json: {\"<layer>\": [kept expert indices]}.")
-@click.option("--method", default=None, help="Scoring method (reap, ean, frequency, ...) instead of --keep.")
-@click.option("--ratio", type=float, default=None, help="Fraction of experts to drop per layer, in (0, 1).")
-@click.option("--keep-experts", type=int, default=None, help="Experts to keep per layer (instead of --ratio).")
-@click.option("--observations", "obs_dir", type=click.Path(), default=None,
-              help="Saved observations (moeprune observe) instead of a calibration pass.")
+@click.option("--method", default=None,
+              help="reap, ean, ean_mean, frequency, soft_frequency, random, reconstruct, reconstruct_progressive.")
 @click.option("--no-protect", is_flag=True, help="Allow dropping super experts.")
-@click.option("--overwrite", is_flag=True, help="Replace a non-empty output folder.")
-@calibration_options
-def prune_cmd(model_dir: str, out_dir: str, keep_file: str | None, method: str | None, ratio: float | None,
-              keep_experts: int | None, obs_dir: str | None, no_protect: bool, overwrite: bool, **calib) -> None:
+@_method_options
+def prune_cmd(model_dir: str, out_dir: str, keep_file: str | None, method: str | None, no_protect: bool,
+              **opts) -> None:
     """Remove experts from MODEL_DIR and write a checkpoint stock transformers loads.
 
     Either apply a selection computed elsewhere (--keep KEEP.json) or score experts with --method and
@@ -73,48 +81,83 @@ def prune_cmd(model_dir: str, out_dir: str, keep_file: str | None, method: str |
     from moeprune.compress import load_keep_file, prune_experts, save_compressed, validate_keep
     from moeprune.io import check_output_dir, load_model, meta_model, resolve_model_dir
     from moeprune.models import MoEAdapter
+    from moeprune.pipeline.methods import MERGE_METHODS
 
     src = resolve_model_dir(model_dir)
     if (keep_file is None) == (method is None):
         raise MoePruneError("prune needs either --keep KEEP.json or --method METHOD with --ratio/--keep-experts")
-    adapter = MoEAdapter(meta_model(src))
-    if keep_file is not None:
-        plan = load_keep_file(keep_file)
-        # Everything that can be checked is checked before the (possibly long) load of the weights.
-        validate_keep(adapter, plan, where=str(keep_file))
-        provenance = {"method": "keep-file", "keep_file": str(keep_file)}
-    else:
-        recipe = recipe_from_cli(str(src), method=method, ratio=ratio, keep=keep_experts, **calib)
-        from moeprune.score import experts_to_keep
-
-        experts_to_keep(adapter.num_experts, ratio=ratio, keep=keep_experts, top_k=adapter.top_k,
-                        where="--ratio/--keep-experts")
-    check_output_dir(out_dir, inputs=(src,), overwrite=overwrite)
-    model = load_model(src, dtype=calib["dtype"] if method else "auto", device="cpu" if keep_file else None)
+    if method in MERGE_METHODS:
+        raise MoePruneError(f"{method} merges experts: use `moeprune merge --method {method}`")
     if method is not None:
-        plan, provenance = _select(model, src, recipe, obs_dir, protect=not no_protect)
-    kept = prune_experts(model, plan, where=str(keep_file or "selection"))
-    save_compressed(model, out_dir, source_dir=src, overwrite=overwrite,
-                    provenance={"base_model": str(src), **provenance, "kept": kept})
-    n = len(next(iter(kept.values())))
-    click.echo(f"kept {n} experts in each of {len(kept)} MoE layers -> {Path(out_dir).resolve()}")
+        _compress_with_method(src, out_dir, method=method, protect=not no_protect, **opts)
+        return
+    plan = load_keep_file(keep_file)
+    # Everything that can be checked is checked before the (possibly long) load of the weights.
+    validate_keep(MoEAdapter(meta_model(src)), plan, where=str(keep_file))
+    check_output_dir(out_dir, inputs=(src,), overwrite=opts["overwrite"])
+    model = load_model(src, dtype="auto", device="cpu")
+    kept = prune_experts(model, plan, where=str(keep_file))
+    save_compressed(model, out_dir, source_dir=src, overwrite=opts["overwrite"],
+                    provenance={"base_model": str(src), "method": "keep-file", "keep_file": str(keep_file),
+                                "kept": kept})
+    click.echo(f"kept {len(next(iter(kept.values())))} experts in each of {len(kept)} MoE layers -> "
+               f"{Path(out_dir).resolve()}")
 
 
-def _select(model, src, recipe, obs_dir, *, protect: bool):
-    from moeprune.io import load_tokenizer
+@cli.command("merge")
+@click.argument("model_dir")
+@click.option("-o", "--output", "out_dir", required=True, type=click.Path(), help="Folder to write (must be new or empty).")
+@click.option("--method", default="hc_smoe", show_default=True, type=click.Choice(["hc_smoe", "m_smoe"]))
+@click.option("--linkage", default="average", show_default=True,
+              type=click.Choice(["average", "single", "complete", "ward"]), help="hc_smoe clustering linkage.")
+@click.option("--router", default="dominant", show_default=True, type=click.Choice(["dominant", "weighted"]),
+              help="Router row of a merged expert: its dominant member's, or the frequency-weighted average.")
+@click.option("--align/--no-align", default=None, help="Align neurons before averaging (default: m_smoe only).")
+@_method_options
+def merge_cmd(model_dir: str, out_dir: str, method: str, linkage: str, router: str, align: bool | None, **opts):
+    """Merge clusters of experts of MODEL_DIR into one expert each; the checkpoint shrinks."""
+    from moeprune.io import resolve_model_dir
+
+    merge = {"linkage": linkage, "router": router, "align": align}
+    _compress_with_method(resolve_model_dir(model_dir), out_dir, method=method, merge=merge, **opts)
+
+
+def _compress_with_method(src, out_dir, *, method, ratio, keep_experts, obs_dir, overwrite, **calib):
+    from moeprune.compress import save_compressed
+    from moeprune.io import check_output_dir, load_model, load_tokenizer, meta_model
     from moeprune.models import MoEAdapter
     from moeprune.observe import Observations
-    from moeprune.pipeline import get_observations
-    from moeprune.score import select_experts
+    from moeprune.pipeline.methods import apply_decision, decide, method_collect
+    from moeprune.pipeline.run import get_observations, load_recipe_calibration
+    from moeprune.score import experts_to_keep
 
+    recipe = recipe_from_cli(str(src), method=method, ratio=ratio, keep=keep_experts, **calib)
+    shape = MoEAdapter(meta_model(src))
+    experts_to_keep(shape.num_experts, ratio=ratio, keep=keep_experts, top_k=shape.top_k,
+                    where="--ratio/--keep-experts")
+    check_output_dir(out_dir, inputs=(src,), overwrite=overwrite)
+    model = load_model(src, dtype=calib["dtype"])
+    tokenizer = load_tokenizer(src)
     if obs_dir is not None:
         obs = Observations.load(obs_dir)
         obs.check_model(model, where=f"observations in {obs_dir}")
+        missing = set(method_collect(method)) - set(obs.meta.get("collected", []))
+        if missing:
+            raise MoePruneError(f"observations in {obs_dir} lack {sorted(missing)} needed by {method}; re-run "
+                                f"`moeprune observe --collect {','.join(sorted(missing))}`")
     else:
-        obs, _ = get_observations(model, load_tokenizer(src), recipe, log=click.echo)
-    sel = select_experts(obs, MoEAdapter(model), method=recipe.method, ratio=recipe.ratio, keep=recipe.keep,
-                         protect_super=protect, seed=recipe.seed, where="prune")
+        obs, _ = get_observations(model, tokenizer, recipe, log=click.echo)
+    decision = decide(model, obs, recipe, calibration=lambda: load_recipe_calibration(recipe, tokenizer))
+    sel = decision.selection
     if sel.protected:
         click.echo(f"protected super experts: {sel.protected}")
-    return sel.kept, {"method": sel.method, "ratio": recipe.ratio, "protected": sel.protected,
-                      "dropped": sel.dropped, "scores": sel.scores, "calibration": obs.meta.get("calibration")}
+    kept = apply_decision(model, decision, obs, recipe)
+    provenance = {"base_model": str(src), "method": method, "ratio": ratio, "kept": kept, "dropped": sel.dropped,
+                  "protected": sel.protected, "scores": sel.scores, "calibration": obs.meta.get("calibration")}
+    if decision.merge_plan is not None:
+        provenance["merged"] = decision.merge_plan.clusters
+        provenance["merge_options"] = recipe.merge.model_dump()
+    save_compressed(model, out_dir, source_dir=src, overwrite=overwrite, provenance=provenance)
+    verb = "merged into" if decision.merge_plan is not None else "kept"
+    click.echo(f"{method}: {verb} {len(next(iter(kept.values())))} experts in each of {len(kept)} MoE layers -> "
+               f"{Path(out_dir).resolve()}")

@@ -37,6 +37,20 @@ class EvalConfig(BaseModel):
     base: bool = Field(True, description="also evaluate the uncompressed model")
 
 
+class MergeConfig(BaseModel):
+    model_config = _FORBID
+    linkage: Literal["average", "single", "complete", "ward"] = "average"
+    router: Literal["dominant", "weighted"] = "dominant"
+    align: bool | None = Field(None, description="align neurons before averaging (default: m_smoe yes, hc_smoe no)")
+    all_means_tokens: int | None = Field(256, ge=1, description="tokens per batch for hc_smoe features; null = all")
+
+
+class ReconstructConfig(BaseModel):
+    model_config = _FORBID
+    budget: int = Field(5000, ge=1, description="max subsets per layer for the exact search, greedy beyond")
+    max_tokens: int = Field(2048, ge=1, description="calibration tokens cached per layer")
+
+
 class Recipe(BaseModel):
     model_config = _FORBID
     model: str = Field(..., description="local model folder, or 'demo'")
@@ -46,6 +60,8 @@ class Recipe(BaseModel):
     allocation: Literal["uniform", "global"] = "uniform"
     protect_super_experts: bool = True
     calibration: CalibrationConfig = Field(default_factory=CalibrationConfig)
+    merge: MergeConfig = Field(default_factory=MergeConfig)
+    reconstruct: ReconstructConfig = Field(default_factory=ReconstructConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     output: str | None = None
     seed: int = 0
@@ -67,10 +83,10 @@ class Recipe(BaseModel):
 
     @model_validator(mode="after")
     def _known_method(self) -> "Recipe":
-        from moeprune.score import SCORERS
+        from moeprune.pipeline.methods import all_methods
 
-        if self.method not in SCORERS:
-            raise ValueError(f"method: unknown method {self.method!r}; allowed: {', '.join(SCORERS.names())}")
+        if self.method not in all_methods():
+            raise ValueError(f"method: unknown method {self.method!r}; allowed: {', '.join(all_methods())}")
         return self
 
 

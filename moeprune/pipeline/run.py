@@ -17,7 +17,6 @@ from pathlib import Path
 import torch
 
 from moeprune import __version__
-from moeprune.compress import prune_experts
 from moeprune.compress.save import PROVENANCE_FILE
 from moeprune.errors import MoePruneError
 from moeprune.inspect import summarize_module
@@ -25,7 +24,8 @@ from moeprune.io import atomic_output_dir, check_output_dir, load_model, load_to
 from moeprune.models import MoEAdapter
 from moeprune.observe import Observations, model_fingerprint, observe
 from moeprune.pipeline.recipe import Recipe
-from moeprune.score import experts_to_keep, select_experts
+from moeprune.pipeline.methods import apply_decision, decide
+from moeprune.score import experts_to_keep
 
 __all__ = ["run_recipe", "get_observations", "cache_dir"]
 
@@ -53,28 +53,42 @@ def _cache_key(fingerprint: str, calibration: dict, collect: tuple[str, ...]) ->
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
 
-def get_observations(model, tokenizer, recipe: Recipe, *, collect: tuple[str, ...] = (), progress: bool = True,
-                     log=print) -> tuple[Observations, bool]:
-    """Observations for (model, calibration spec): from the cache when present, else one calibration pass."""
+def _calibration_spec(recipe: Recipe):
     from moeprune.observe.calibration import parse_calibration_spec
 
     c = recipe.calibration
-    spec = parse_calibration_spec(c.spec, max_length=c.max_length, pack=c.pack, seed=recipe.seed,
+    return parse_calibration_spec(c.spec, max_length=c.max_length, pack=c.pack, seed=recipe.seed,
                                   chat_template=c.chat_template, text_field=c.text_field)
+
+
+def load_recipe_calibration(recipe: Recipe, tokenizer):
+    from moeprune.observe.calibration import load_calibration
+
+    return load_calibration(_calibration_spec(recipe), tokenizer, batch_size=recipe.calibration.batch_size)
+
+
+def get_observations(model, tokenizer, recipe: Recipe, *, progress: bool = True,
+                     log=print) -> tuple[Observations, bool]:
+    """Observations for (model, calibration spec, method's needs): from the cache when present, else one
+    calibration pass."""
+    from moeprune.pipeline.methods import method_collect
+
+    collect = method_collect(recipe.method)
+    all_means_tokens = recipe.merge.all_means_tokens if "all_means" in collect else None
+    spec = _calibration_spec(recipe)
     fingerprint = model_fingerprint(model)
-    key = _cache_key(fingerprint, {**spec.to_dict(), "batch_size": c.batch_size}, collect)
+    key = _cache_key(fingerprint, {**spec.to_dict(), "batch_size": recipe.calibration.batch_size,
+                                   "all_means_tokens": all_means_tokens}, collect)
     cached = cache_dir() / key
     if (cached / "observations.json").is_file():
         obs = Observations.load(cached)
         obs.check_model(model, where=f"cached observations {cached}")
         log(f"reusing cached observations {cached} ({obs.num_tokens} tokens)")
         return obs, True
-    from moeprune.observe.calibration import load_calibration
-
-    calib = load_calibration(spec, tokenizer, batch_size=c.batch_size)
+    calib = load_recipe_calibration(recipe, tokenizer)
     if calib.used_default:
         log("no calibration data given: using the built-in mixed calibration set (demo corpus calib split)")
-    obs = observe(model, calib, collect=collect, progress=progress)
+    obs = observe(model, calib, collect=collect, all_means_tokens=all_means_tokens, progress=progress)
     obs.meta["used_default_calibration"] = calib.used_default
     tmp = cached.with_name(cached.name + f".tmp-{os.getpid()}")
     obs.save(tmp)
@@ -128,9 +142,9 @@ def run_recipe(recipe: Recipe, *, out_dir: str | Path | None = None, overwrite: 
     with timer("observe"):
         obs, reused = get_observations(model, tokenizer, recipe, progress=progress, log=log)
     with timer("score"):
-        selection = select_experts(obs, adapter, method=recipe.method, ratio=recipe.ratio, keep=recipe.keep,
-                                   protect_super=recipe.protect_super_experts, allocation=recipe.allocation,
-                                   seed=recipe.seed, where="recipe")
+        decision = decide(model, obs, recipe, calibration=lambda: load_recipe_calibration(recipe, tokenizer),
+                          progress=progress)
+    selection = decision.selection
     if selection.protected:
         log(f"protected super experts: {selection.protected}")
     base_eval = {}
@@ -139,11 +153,13 @@ def run_recipe(recipe: Recipe, *, out_dir: str | Path | None = None, overwrite: 
             base_eval = _eval(model, tokenizer, recipe, progress)
     before = summarize_module(model)
     with timer("prune"):
-        kept = prune_experts(model, selection.kept, where="selection")
+        kept = apply_decision(model, decision, obs, recipe)
     after = summarize_module(model)
     with timer("eval_compressed"):
         comp_eval = _eval(model, tokenizer, recipe, progress)
     report = _build_report(recipe, src, adapter, obs, reused, selection, kept, before, after, base_eval, comp_eval)
+    if decision.merge_plan is not None:
+        report["compression"]["merged"] = {str(i): c for i, c in decision.merge_plan.clusters.items()}
     with timer("save"), atomic_output_dir(out, inputs=(src,), overwrite=overwrite) as tmp:
         from moeprune.compress.save import write_checkpoint
 
@@ -157,7 +173,7 @@ def run_recipe(recipe: Recipe, *, out_dir: str | Path | None = None, overwrite: 
 
 
 def _provenance(report: dict, selection) -> dict:
-    return {"base_model": report["model"]["path"], "method": selection.method,
+    return {"merged": report["compression"].get("merged"),"base_model": report["model"]["path"], "method": selection.method,
             "ratio": report["compression"]["ratio"], "kept": selection.kept, "dropped": selection.dropped,
             "protected": selection.protected, "scores": selection.scores,
             "calibration": report["calibration"], "recipe": report["recipe"]}
