@@ -1,0 +1,137 @@
+#!/usr/bin/env python
+"""Study: generative scores of the demo model after compression, every method side by side.
+
+One calibration pass (all statistics any method needs) is shared by every method; each method then
+compresses a fresh copy of the model at each ratio and the copy is evaluated on the same tasks.
+
+    python scripts/study_methods.py                      # full study (both tables), ~tens of minutes
+    python scripts/study_methods.py --quick              # small limits, for a smoke run
+    python scripts/study_methods.py --only domain        # REAP at 50% calibrated per domain
+
+Table 1 (`methods`): methods x ratios on the mixed calibration set, score and retained fraction.
+Table 2 (`domain`): for each generative domain, REAP keeping 50% of experts calibrated on that
+domain alone, scored on that domain's task — the "calibrate on what you care about" setting.
+Prints the tables and a final JSON line; --out writes the JSON to a file as well.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+import time
+
+import torch
+
+DEFAULT_METHODS = "frequency,soft_frequency,ean,reap,random,hc_smoe,hc_smoe:weighted,m_smoe,reconstruct"
+DOMAIN_TASKS = {"arith": "demo_arith", "json": "demo_json", "program": "demo_program"}
+
+
+def _recipe(model: str, method: str, ratio: float, calib: str, router: str = "dominant"):
+    from moeprune.pipeline import Recipe
+
+    return Recipe.model_validate({"model": model, "method": method, "ratio": ratio, "seed": 0,
+                                  "calibration": {"spec": calib, "max_length": 256, "batch_size": 8},
+                                  "merge": {"router": router, "all_means_tokens": 128}})
+
+
+def _evaluate(model, tok, tasks, limit):
+    from moeprune.evaluate import evaluate
+
+    res = evaluate(model, tok, tasks, limit=limit, batch_size=32, progress=False)
+    return {t: r["score"] for t, r in res.items()}
+
+
+def _compress(model, obs, recipe, calib):
+    from moeprune.pipeline.methods import apply_decision, decide
+
+    m = copy.deepcopy(model)
+    decision = decide(m, obs, recipe, calibration=calib, progress=False)
+    apply_decision(m, decision, obs, recipe)
+    return m
+
+
+def methods_table(model, tok, args) -> list[dict]:
+    from moeprune.observe import observe
+    from moeprune.observe.calibration import load_calibration, parse_calibration_spec
+
+    spec = parse_calibration_spec(args.calib, max_length=256)
+    calib = load_calibration(spec, tok, batch_size=8)
+    obs = observe(model, calib, collect=("all_means", "router_gram"), all_means_tokens=128, progress=False)
+    tasks = args.tasks.split(",")
+    base = _evaluate(model, tok, tasks, args.limit)
+    rows = [{"method": "base", "ratio": 0.0, **base}]
+    _print_row(rows[-1], tasks, base)
+    for ratio in [float(r) for r in args.ratios.split(",")]:
+        for entry in args.methods.split(","):
+            method, _, router = entry.partition(":")
+            start = time.perf_counter()
+            m = _compress(model, obs, _recipe("demo", method, ratio, args.calib, router or "dominant"), calib)
+            scores = _evaluate(m, tok, tasks, args.limit)
+            rows.append({"method": entry, "ratio": ratio, **scores, "seconds": round(time.perf_counter() - start, 1)})
+            _print_row(rows[-1], tasks, base)
+    return rows
+
+
+def domain_table(model, tok, args) -> list[dict]:
+    from moeprune.observe import observe
+    from moeprune.observe.calibration import load_calibration, parse_calibration_spec
+
+    rows = []
+    for domain, task in DOMAIN_TASKS.items():
+        base = _evaluate(model, tok, [task], args.limit)[task]
+        calib = load_calibration(parse_calibration_spec(f"demo/{domain}", max_length=256), tok, batch_size=8)
+        obs = observe(model, calib, progress=False)
+        m = _compress(model, obs, _recipe("demo", "reap", 0.5, f"demo/{domain}"), calib)
+        score = _evaluate(m, tok, [task], args.limit)[task]
+        rows.append({"domain": domain, "task": task, "base": base, "reap50": score,
+                     "retained": round(score / base, 4) if base else None})
+        print(f"{domain:<10}{task:<16}base {base:.3f}  reap@50% {score:.3f}  retained "
+              f"{rows[-1]['retained']}", flush=True)
+    return rows
+
+
+def _print_row(row, tasks, base):
+    cells = []
+    for t in tasks:
+        b = base.get(t) or 0
+        ret = f"({row[t] / b:.0%})" if b and row["method"] != "base" else ""
+        cells.append(f"{row[t]:.3f}{ret:>7}")
+    print(f"{row['method']:<20}{row['ratio']:<6}" + "".join(f"{c:>16}" for c in cells), flush=True)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="demo")
+    ap.add_argument("--methods", default=DEFAULT_METHODS)
+    ap.add_argument("--ratios", default="0.25,0.5")
+    ap.add_argument("--tasks", default="demo_arith,demo_json,demo_program,demo_prose")
+    ap.add_argument("--calib", default="demo")
+    ap.add_argument("--limit", type=int, default=100)
+    ap.add_argument("--only", choices=["methods", "domain"], default=None)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.limit, args.ratios, args.methods = 10, "0.5", "reap,frequency,hc_smoe"
+    from moeprune.io import load_model, load_tokenizer
+
+    torch.manual_seed(0)
+    model, tok = load_model(args.model, device="cpu"), load_tokenizer(args.model)
+    result = {"model": args.model, "limit": args.limit, "calib": args.calib}
+    if args.only in (None, "methods"):
+        print(f"{'method':<20}{'ratio':<6}" + "".join(f"{t:>16}" for t in args.tasks.split(",")))
+        result["methods"] = methods_table(model, tok, args)
+    if args.only in (None, "domain"):
+        result["domain"] = domain_table(model, tok, args)
+    line = json.dumps({"study": "methods", **result})
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(json.dumps(result, indent=2) + "\n")
+    print(line)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
