@@ -79,20 +79,23 @@ def tiny_model(model_type: str, seed: int = 0):
     return model
 
 
-def tiny_tokenizer():
-    """A character-level tokenizer built offline (one token per printable ASCII character)."""
+def tiny_tokenizer(*, with_pad: bool = True):
+    """A character-level tokenizer built offline (one token per printable ASCII character).
+
+    Without a pad token (`with_pad=False`) callers must fall back to EOS for padding."""
     import string
 
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    specials = ["<pad>", "<s>", "</s>", "<unk>"]
+    specials = ["<pad>", "<s>", "</s>", "<unk>"] if with_pad else ["<unk>", "<s>", "</s>"]
     vocab = {tok: i for i, tok in enumerate(specials + list(string.printable))}
     core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     core.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
     core.decoder = decoders.Fuse()
-    return PreTrainedTokenizerFast(tokenizer_object=core, unk_token="<unk>", pad_token="<pad>", bos_token="<s>",
-                                   eos_token="</s>", model_max_length=256)
+    pad = {"pad_token": "<pad>"} if with_pad else {}
+    return PreTrainedTokenizerFast(tokenizer_object=core, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+                                   model_max_length=256, **pad)
 
 
 def save_tiny(path, model_type: str = "mixtral", seed: int = 0):

@@ -3,29 +3,18 @@
 from __future__ import annotations
 
 import json
-import string
 from pathlib import Path
 
 import pytest
 import torch
 
+from tiny_models import tiny_tokenizer as _char_tokenizer
+
 __all__: list[str] = []
-
-SPECIALS = ["<unk>", "<s>", "</s>"]
-CHARS = list(string.ascii_letters + string.digits + string.punctuation + " \n")
-
 
 def build_tokenizer():
     """One token per character; no pad token (the evaluator must fall back to EOS)."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {tok: i for i, tok in enumerate(SPECIALS + CHARS)}
-    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    core.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
-    core.decoder = decoders.Fuse()
-    return PreTrainedTokenizerFast(tokenizer_object=core, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
-                                   model_max_length=256)
+    return _char_tokenizer(with_pad=False)
 
 
 def build_model(vocab_size: int):
