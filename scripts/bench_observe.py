@@ -24,18 +24,19 @@ import time
 import torch
 
 
-def _random_mixtral():
+def _random_mixtral(experts: int, top_k: int):
     from transformers import MixtralConfig, MixtralForCausalLM
 
     cfg = MixtralConfig(vocab_size=4096, hidden_size=256, intermediate_size=512, num_hidden_layers=4,
-                        num_attention_heads=8, num_key_value_heads=4, num_local_experts=8, num_experts_per_tok=2)
+                        num_attention_heads=8, num_key_value_heads=4, num_local_experts=experts,
+                        num_experts_per_tok=top_k)
     torch.manual_seed(0)
     return MixtralForCausalLM(cfg).eval()
 
 
-def _load(model_spec: str, dtype: str):
+def _load(model_spec: str, dtype: str, experts: int, top_k: int):
     if model_spec == "random":
-        return _random_mixtral()
+        return _random_mixtral(experts, top_k)
     from moeprune.io import load_model
 
     return load_model(model_spec, dtype=dtype, device="cpu")
@@ -51,6 +52,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="demo", help="model folder, 'demo', or 'random' (a generated Mixtral)")
     ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--experts", type=int, default=8, help="experts per layer of the 'random' model")
+    ap.add_argument("--top-k", type=int, default=2, help="top-k of the 'random' model")
     ap.add_argument("--batches", type=int, default=4)
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--seq-len", type=int, default=256)
@@ -62,7 +65,7 @@ def main(argv=None) -> int:
 
     from moeprune.observe import observe
 
-    model = _load(args.model, args.dtype)
+    model = _load(args.model, args.dtype, args.experts, args.top_k)
     vocab = model.config.vocab_size
     g = torch.Generator().manual_seed(0)
     batches = [{"input_ids": torch.randint(3, vocab, (args.batch_size, args.seq_len), generator=g)}
@@ -91,7 +94,8 @@ def main(argv=None) -> int:
     for name, sec, tps in rows:
         print(f"{name:<28}{sec:>10.3f}{tps:>12.0f}")
     print(f"ratio observe/bare = {ratio:.3f} (target <= 1.3)")
-    print(json.dumps({"bench": "observe", "model": args.model, "tokens": tokens, "bare_s": round(mb, 4),
+    print(json.dumps({"bench": "observe", "model": args.model, "experts": model.config.num_local_experts
+                      if hasattr(model.config, "num_local_experts") else None, "tokens": tokens, "bare_s": round(mb, 4),
                       "observe_s": round(mo, 4), "ratio": round(ratio, 4), "target": 1.3,
                       "observe_tokens_per_s": round(tokens / mo, 1), "repeats": args.repeats}))
     return 0
