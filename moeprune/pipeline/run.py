@@ -160,11 +160,12 @@ def run_recipe(recipe: Recipe, *, out_dir: str | Path | None = None, overwrite: 
     report = _build_report(recipe, src, adapter, obs, reused, selection, kept, before, after, base_eval, comp_eval)
     if decision.merge_plan is not None:
         report["compression"]["merged"] = {str(i): c for i, c in decision.merge_plan.clusters.items()}
-    with timer("save"), atomic_output_dir(out, inputs=(src,), overwrite=overwrite) as tmp:
+    with atomic_output_dir(out, inputs=(src,), overwrite=overwrite) as tmp:
         from moeprune.compress.save import write_checkpoint
 
-        write_checkpoint(model, tmp, source_dir=src, provenance=_provenance(report, selection))
-        obs.save(tmp / "observations")
+        with timer("save"):
+            write_checkpoint(model, tmp, source_dir=src, provenance=_provenance(report, selection))
+            obs.save(tmp / "observations")
         report["timings"] = {**timer.timings}
         report["timings"]["total"] = round(sum(timer.timings.values()), 3)
         (tmp / "report.json").write_text(json.dumps(report, indent=2) + "\n")
