@@ -224,6 +224,11 @@ def main() -> None:
     ap.add_argument("--log-every", type=int, default=25)
     ap.add_argument("--eval-every-min", type=float, default=8.0)
     ap.add_argument("--eval-n", type=int, default=100)
+    ap.add_argument("--init-from", default=None,
+                    help="continue from a saved model folder (its tokenizer and weights) instead of training anew")
+    ap.add_argument("--mix", default=None, help="domain sampling weights, e.g. arith=0.3,json=0.25,program=0.3,...")
+    ap.add_argument("--init-from", default=None,
+                    help="continue training from a saved model folder (its tokenizer is reused)")
     ap.add_argument("--assumed-tok-s", type=float, default=0.0,
                     help="tokens/s used to size the cosine schedule; 0: measure over the first steps")
     args = ap.parse_args()
@@ -245,7 +250,16 @@ def main() -> None:
     log(f"args: {vars(args)}")
     t0 = time.time()
     corpus, assets = Path(args.corpus), Path(args.assets)
-    tok = train_tokenizer(corpus, args.vocab, out / "tokenizer")
+    if args.init_from:
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(args.init_from)
+    else:
+        if args.init_from:
+        from transformers import AutoTokenizer
+        tok = AutoTokenizer.from_pretrained(args.init_from)
+    else:
+        tok = train_tokenizer(corpus, args.vocab, out / "tokenizer")
     log(f"tokenizer: vocab {len(tok)} trained in {time.time() - t0:.1f}s; "
         f"'Q: 123+45=?' -> {tok.tokenize('Q: 123+45=?')}")
 
@@ -256,7 +270,23 @@ def main() -> None:
         log(f"domain {d}: {streams[d].n_tokens} train tokens, {len(streams[d].starts)} docs "
             f"({time.time() - t1:.1f}s)")
 
-    model = build_model(tok, args).to(args.device)
+    if args.init_from:
+        from transformers import MixtralForCausalLM
+
+        model = MixtralForCausalLM.from_pretrained(args.init_from, dtype=torch.float32).to(args.device)
+        model.config.output_router_logits = True
+        model.config.router_aux_loss_coef = args.aux_coef
+        log(f"continuing from {args.init_from}")
+    else:
+        if args.init_from:
+        from transformers import AutoModelForCausalLM
+        model = AutoModelForCausalLM.from_pretrained(args.init_from, dtype=torch.float32)
+        model.config.output_router_logits = True
+        model.config.router_aux_loss_coef = args.aux_coef
+        model = model.to(args.device)
+        log(f"initialised from {args.init_from}")
+    else:
+        model = build_model(tok, args).to(args.device)
     n_params = sum(p.numel() for p in model.parameters())
     log(f"model: {n_params / 1e6:.2f}M params; config {model.config.to_diff_dict()}")
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
@@ -265,7 +295,10 @@ def main() -> None:
                              {"params": no_decay, "weight_decay": 0.0}],
                             lr=args.lr, betas=(0.9, 0.95), eps=1e-8)
     eval_rows = load_eval_rows(assets, args.eval_n)
-    mix_names = list(args_mix := DEFAULT_MIX)
+    args_mix = dict(DEFAULT_MIX)
+    if args.mix:
+        args_mix.update({k: float(v) for k, v in (item.split("=") for item in args.mix.split(","))})
+    mix_names = list(args_mix)
     mix_p = np.array([args_mix[d] for d in mix_names])
     mix_p = mix_p / mix_p.sum()
 
@@ -283,16 +316,13 @@ def main() -> None:
         elapsed = time.time() - t_start
         if elapsed > budget_s or step >= total_steps:
             break
-        # size the cosine schedule from measured throughput after 20 steps
-        if step == 20 and not args.max_steps:
-            rate = step / elapsed if not args.assumed_tok_s else args.assumed_tok_s / tokens_per_step
-            total_steps = int(step + rate * (budget_s - elapsed) * 0.97)
-            log(f"measured {rate * tokens_per_step:.0f} tok/s -> schedule total_steps={total_steps}")
-        sched_total = total_steps if total_steps < 10 ** 9 else 2000
+        # cosine schedule over wall-clock progress (robust to CPU contention from other jobs);
+        # with --max-steps it runs over steps instead
         if step < args.warmup:
             lr = args.lr * (step + 1) / args.warmup
         else:
-            prog = min(1.0, (step - args.warmup) / max(1, sched_total - args.warmup))
+            prog = step / total_steps if args.max_steps else elapsed / budget_s
+            prog = min(1.0, prog)
             lr = args.lr * (args.min_lr_frac + (1 - args.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * prog)))
         for g in opt.param_groups:
             g["lr"] = lr
@@ -357,7 +387,7 @@ def main() -> None:
     summary = {"params": n_params, "steps": step, "tokens": tokens_seen, "wall_s": wall,
                "final_loss_ema": ema_loss, "final_loss": history[-1]["loss"] if history else None,
                "domain_loss": {d: float(np.mean(v[-20:])) for d, v in dom_loss.items() if v},
-               "mix": DEFAULT_MIX, "args": vars(args),
+               "mix": args_mix, "args": vars(args),
                "heldout_greedy": {d: {"acc": v["acc"], "n": v["n"]} for d, v in ev.items()},
                "history": history}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
