@@ -227,10 +227,8 @@ def main() -> None:
     ap.add_argument("--init-from", default=None,
                     help="continue from a saved model folder (its tokenizer and weights) instead of training anew")
     ap.add_argument("--mix", default=None, help="domain sampling weights, e.g. arith=0.3,json=0.25,program=0.3,...")
-    ap.add_argument("--init-from", default=None,
-                    help="continue training from a saved model folder (its tokenizer is reused)")
     ap.add_argument("--assumed-tok-s", type=float, default=0.0,
-                    help="tokens/s used to size the cosine schedule; 0: measure over the first steps")
+                    help="ignored (kept for old command lines); the cosine schedule follows wall-clock time")
     args = ap.parse_args()
 
     torch.set_num_threads(args.threads)
@@ -255,10 +253,6 @@ def main() -> None:
 
         tok = AutoTokenizer.from_pretrained(args.init_from)
     else:
-        if args.init_from:
-        from transformers import AutoTokenizer
-        tok = AutoTokenizer.from_pretrained(args.init_from)
-    else:
         tok = train_tokenizer(corpus, args.vocab, out / "tokenizer")
     log(f"tokenizer: vocab {len(tok)} trained in {time.time() - t0:.1f}s; "
         f"'Q: 123+45=?' -> {tok.tokenize('Q: 123+45=?')}")
@@ -277,14 +271,6 @@ def main() -> None:
         model.config.output_router_logits = True
         model.config.router_aux_loss_coef = args.aux_coef
         log(f"continuing from {args.init_from}")
-    else:
-        if args.init_from:
-        from transformers import AutoModelForCausalLM
-        model = AutoModelForCausalLM.from_pretrained(args.init_from, dtype=torch.float32)
-        model.config.output_router_logits = True
-        model.config.router_aux_loss_coef = args.aux_coef
-        model = model.to(args.device)
-        log(f"initialised from {args.init_from}")
     else:
         model = build_model(tok, args).to(args.device)
     n_params = sum(p.numel() for p in model.parameters())
