@@ -1,0 +1,179 @@
+"""Safetensors checkpoints read and written a byte range at a time, never as whole state dicts.
+
+A safetensors file is an 8-byte little-endian header length, a JSON header mapping each tensor name to
+{dtype, shape, data_offsets: [begin, end)} (offsets relative to the end of the header), then the data.
+Knowing every output shape before any data is read lets a shard be written header first and then
+tensor by tensor, copying byte ranges from the source with `os.copy_file_range` (kernel-side, no user
+memory) and falling back to a small buffer where the file system refuses it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+from moeprune.errors import MoePruneError
+
+__all__ = ["TensorInfo", "Checkpoint", "read_header", "write_shard", "OutTensor", "DTYPE_SIZES", "INDEX_FILE",
+           "SINGLE_FILE"]
+
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+DTYPE_SIZES = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2,
+               "U16": 2, "I8": 1, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1}
+_COPY_CHUNK = 64 << 20
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor's bytes live: file, absolute byte range, dtype and shape."""
+
+    name: str
+    file: Path
+    dtype: str
+    shape: tuple[int, ...]
+    begin: int  # absolute offset in `file`
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.begin
+
+
+def read_header(path: Path) -> tuple[dict, int]:
+    """(header dict, absolute offset of the data section) of one safetensors file."""
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) != 8:
+            raise MoePruneError(f"{path}: not a safetensors file (shorter than 8 bytes)")
+        (size,) = struct.unpack("<Q", raw)
+        try:
+            header = json.loads(f.read(size))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise MoePruneError(f"{path}: unreadable safetensors header ({exc})") from exc
+    return header, 8 + size
+
+
+class Checkpoint:
+    """The tensors of a model folder's safetensors files (sharded with an index, or one file), by name."""
+
+    def __init__(self, folder: str | Path):
+        self.folder = Path(folder)
+        index = self.folder / INDEX_FILE
+        if index.is_file():
+            weight_map = json.loads(index.read_text())["weight_map"]
+            files = list(dict.fromkeys(weight_map.values()))
+        elif (self.folder / SINGLE_FILE).is_file():
+            files = [SINGLE_FILE]
+        else:
+            raise MoePruneError(f"{self.folder} has no safetensors weights (expected {INDEX_FILE} or {SINGLE_FILE})")
+        self.files = [self.folder / name for name in files]
+        self.tensors: dict[str, TensorInfo] = {}
+        self.metadata: dict[str, str] = {}
+        for path in self.files:
+            if not path.is_file():
+                raise MoePruneError(f"{path} is listed in {INDEX_FILE} but does not exist")
+            header, start = read_header(path)
+            self.metadata.update(header.pop("__metadata__", None) or {})
+            # file order, by data offset: reading follows the disk
+            for name, h in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
+                b, e = h["data_offsets"]
+                self.tensors[name] = TensorInfo(name, path, h["dtype"], tuple(h["shape"]), start + b, start + e)
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors.values())
+
+    def load(self, name: str, *, device: str = "cpu"):
+        """One tensor as a torch tensor (a copy; the file is not kept mapped)."""
+        from safetensors import safe_open
+
+        info = self.tensors[name]
+        with safe_open(info.file, framework="pt", device=device) as f:
+            return f.get_tensor(name)
+
+
+@dataclass
+class OutTensor:
+    """One tensor of an output shard: its name, dtype, shape and where its bytes come from.
+
+    Either `ranges` (absolute byte ranges of `source.file`, copied in order) or `make` (a callable
+    returning the bytes, for slices that are not contiguous rows).
+    """
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    source: TensorInfo
+    ranges: list[tuple[int, int]] | None = None
+    make: object = None
+
+    @property
+    def nbytes(self) -> int:
+        if self.ranges is not None:
+            return sum(e - b for b, e in self.ranges)
+        n = DTYPE_SIZES.get(self.dtype, 1)
+        for d in self.shape:
+            n *= d
+        return n
+
+
+def _write_all(dst, data) -> None:
+    view = memoryview(data)
+    while len(view):
+        view = view[dst.write(view):]
+
+
+def _copy_range(src_fd: int, dst, begin: int, end: int, buf: bytearray) -> None:
+    pos = begin
+    while pos < end:
+        try:
+            n = os.copy_file_range(src_fd, dst.fileno(), end - pos, pos)
+        except (OSError, AttributeError):
+            n = 0
+        if n <= 0:  # unsupported here (or a short read): plain buffered copy of the rest
+            view = memoryview(buf)
+            while pos < end:
+                k = os.preadv(src_fd, [view[:min(len(buf), end - pos)]], pos)
+                if k <= 0:
+                    raise MoePruneError(f"unexpected end of file while copying tensor bytes ({pos} of {end})")
+                _write_all(dst, view[:k])
+                pos += k
+            return
+        pos += n
+
+
+def write_shard(path: Path, tensors: list[OutTensor], *, metadata: dict[str, str] | None = None) -> int:
+    """Write one safetensors file from `tensors`; returns the bytes of tensor data written.
+
+    Tensors are laid out largest element size first so every tensor is aligned to its element size.
+    """
+    ordered = sorted(tensors, key=lambda t: -DTYPE_SIZES.get(t.dtype, 1))
+    header: dict = {"__metadata__": dict(metadata)} if metadata else {}
+    offset = 0
+    for t in ordered:
+        header[t.name] = {"dtype": t.dtype, "shape": list(t.shape), "data_offsets": [offset, offset + t.nbytes]}
+        offset += t.nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    buf = bytearray(_COPY_CHUNK)
+    fds: dict[Path, int] = {}
+    try:
+        with open(path, "wb", buffering=0) as out:
+            _write_all(out, struct.pack("<Q", len(raw)) + raw)
+            for t in ordered:
+                if t.ranges is None:
+                    _write_all(out, t.make())
+                    continue
+                fd = fds.get(t.source.file)
+                if fd is None:
+                    fd = fds[t.source.file] = os.open(t.source.file, os.O_RDONLY)
+                for b, e in t.ranges:
+                    _copy_range(fd, out, b, e, buf)
+    finally:
+        for fd in fds.values():
+            os.close(fd)
+    return offset
