@@ -108,6 +108,109 @@ def trivial_baselines(assets: Path) -> dict:
     return out
 
 
+def write_model_card(out: Path, model, report: dict, summaries: list[dict], manifest_path: Path) -> None:
+    cfg = model.config
+    n_params = sum(p.numel() for p in model.parameters())
+    steps = sum(s["steps"] for s in summaries)
+    tokens = sum(s["tokens"] for s in summaries)
+    wall = sum(s["wall_s"] for s in summaries) / 60
+    manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {"domains": {}}
+    size = sum(p.stat().st_size for p in out.iterdir() if p.is_file() and p.name != "MODEL_CARD.md")
+    L = []
+    w = L.append
+    w("# demo-moe: a tiny Mixtral-architecture MoE trained from scratch\n")
+    w("Shipped with moeprune as a self-contained demo model whose experts can be observed, pruned "
+      "and merged. It is a toy: a few million parameters, trained for well under an hour on 2 CPU "
+      "cores. It is not useful as a language model beyond these five synthetic/stdlib domains.\n")
+    w("## Architecture\n")
+    w(f"- `MixtralForCausalLM` (stock transformers classes), {n_params / 1e6:.2f}M parameters, "
+      f"weights stored in bfloat16 (folder size {size / 2**20:.1f} MiB)")
+    w(f"- {cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, {cfg.num_attention_heads} attention heads "
+      f"({cfg.num_key_value_heads} KV heads), {cfg.num_local_experts} experts per layer, top-{cfg.num_experts_per_tok} "
+      f"routing, expert intermediate size {cfg.intermediate_size}, tied input/output embeddings, "
+      f"router aux loss coefficient {summaries[-1]['args']['aux_coef']}")
+    w(f"- tokenizer: byte-level BPE, vocab {cfg.vocab_size}, trained with `tokenizers` on the training "
+      "split; digits are always split into single tokens, and a space after ':' is its own token so "
+      "prompts ending in ': ' tokenize like the training text. Special tokens `<s>` (bos, added to "
+      "every encoded text), `</s>` (eos), `<pad>`.\n")
+    w("## Training data (scripts/build_corpus.py, fixed seeds, fully offline)\n")
+    w("| domain | content | source |\n|---|---|---|")
+    desc = {"arith": "2-3 digit add/sub, multi-digit x 1-digit multiplication, short word problems; "
+                     "column-wise steps on one line ending in `#### N`",
+            "code": "Python standard-library source chunks (<= 1500 chars), test packages excluded",
+            "prose": "English prose paragraphs (<= 1500 char chunks)",
+            "json": "`Extract the fields from: <sentence>` -> one-line JSON (3 schemas, procedurally "
+                    "generated names/cities/items)",
+            "program": "tiny Python programs + `# output: <first printed line>` (outputs from executing them)"}
+    for d in DOMAINS:
+        src = manifest.get("domains", {}).get(d, {}).get("source", "")
+        w(f"| {d} | {desc[d]} | {src} |")
+    w("\nEach domain has train / heldout / calib splits that never overlap (generative domains: "
+      "deduplicated by prompt; code/prose: split by source file). Shipped: "
+      "`moeprune/assets/demo-corpus/eval/` (200 prompt/answer rows for arith/json/program, 100 texts "
+      "for code/prose) and `moeprune/assets/demo-corpus/calib/` (128 texts per domain).\n")
+    w("## Training (scripts/train_demo_moe.py)\n")
+    w("AdamW (betas 0.9/0.95, weight decay 0.05), linear warmup + cosine decay, batch 16 x 256 tokens "
+      "of packed documents, each row drawn from one domain with the generative domains upweighted, "
+      "fp32 on CPU with `torch.set_num_threads(2)`, seeds fixed.\n")
+    w("| stage | init | peak lr | domain mix | steps | tokens | wall time | final LM loss (EMA) |\n"
+      "|---|---|---|---|---|---|---|---|")
+    for i, s in enumerate(summaries):
+        a = s["args"]
+        mix = ", ".join(f"{k} {v:g}" for k, v in s.get("mix", {}).items())
+        w(f"| {i + 1} | {a.get('init_from') or 'scratch'} | {a['lr']:g} | {mix} | {s['steps']} | "
+          f"{s['tokens'] / 1e6:.2f}M | {s['wall_s'] / 60:.1f} min | {s['final_loss_ema']:.3f} |")
+    w(f"\nTotal: {steps} steps, {tokens / 1e6:.2f}M tokens, {wall:.1f} min of training wall time "
+      "(2 shared CPU cores; other jobs ran on the same cores, so throughput varied).")
+    dl = summaries[-1].get("domain_loss", {})
+    if dl:
+        w("Per-domain training loss at the end (mean of the last logged batches, nats/token): "
+          + ", ".join(f"{d} {v:.2f}" for d, v in dl.items()) + ".\n")
+    w("## Held-out scores (measured by scripts/demo_usage_report.py)\n")
+    w("Greedy decoding, generation cut at the first newline; arith scores the number after `####` "
+      "(else the last number), json compares the whitespace-normalised line, program the exact line. "
+      "The project's evaluation stage re-measures these with its own task definitions.\n")
+    w("| domain | n | greedy exact match | trivial baseline (most common answer) |\n|---|---|---|---|")
+    ge = report.get("heldout_greedy_exact_match", {})
+    for d in GENERATIVE:
+        b = report["trivial_baselines"][d]
+        acc = f"{ge[d]['acc']:.3f}" if d in ge else "n/a"
+        w(f"| {d} | {ge.get(d, {}).get('n', '')} | {acc} | {b['acc']:.3f} (`{b['most_common_answer']}`) |")
+    w("\nPer-token perplexity on held-out text (first 256 tokens of each text): "
+      + ", ".join(f"{d} {v:.2f}" for d, v in report["heldout_perplexity"].items()) + ".\n")
+    w("## Expert usage per domain\n")
+    w("![expert usage](expert_usage.png)\n")
+    w("Share of top-2 router selections (router softmax, top-2) per domain and layer on held-out text "
+      f"({', '.join(f'{d} {n}' for d, n in report['n_texts_per_domain'].items())} texts), special tokens excluded:\n")
+    E = cfg.num_local_experts
+    for li in range(cfg.num_hidden_layers):
+        w(f"Layer {li} (MI {report['mi_bits_per_layer'][li]:.3f} bits)\n")
+        w("| domain | " + " | ".join(f"e{e}" for e in range(E)) + " |\n|---|" + "---|" * E)
+        for d in DOMAINS:
+            w(f"| {d} | " + " | ".join(f"{v:.2f}" for v in report["usage_fraction"][d][li]) + " |")
+        w("")
+    w(f"Mutual information between domain and selected expert (uniform prior over the 5 domains, "
+      f"max possible {report['mi_bits_max_possible']:.2f} bits): per layer "
+      + ", ".join(f"{v:.3f}" for v in report["mi_bits_per_layer"])
+      + f"; mean {report['mi_bits_mean']:.3f} bits. Raw numbers: `expert_usage.json`.\n")
+    w("## Rebuild\n")
+    w("```\npython scripts/build_corpus.py")
+    for i, s in enumerate(summaries):
+        a = s["args"]
+        cmd = f"python scripts/train_demo_moe.py --minutes {a['minutes']:g} --lr {a['lr']:g} --warmup {a['warmup']} --out {a['out']}"
+        if a.get("init_from"):
+            cmd += f" --init-from {a['init_from']}"
+        if a.get("mix"):
+            cmd += f" --mix {a['mix']}"
+        w(cmd)
+    w(f"cp -r {summaries[-1]['args']['out']}/final/* moeprune/assets/demo-moe/")
+    w("python scripts/demo_usage_report.py --model moeprune/assets/demo-moe --train-summary "
+      + " ".join(f"{s['args']['out']}/summary.json" for s in summaries))
+    w("```\nTraining stops on a wall-clock budget, so the exact step count (and therefore the weights) "
+      "depends on the machine's speed; the data and initialisation are seeded.\n")
+    (out / "MODEL_CARD.md").write_text("\n".join(L), encoding="utf-8")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="moeprune/assets/demo-moe")
@@ -116,6 +219,9 @@ def main() -> None:
     ap.add_argument("--assets", default="moeprune/assets/demo-corpus")
     ap.add_argument("--n-texts", type=int, default=100, help="held-out texts per domain")
     ap.add_argument("--no-generate", action="store_true", help="skip the greedy-decoding check")
+    ap.add_argument("--train-summary", nargs="*", default=[],
+                    help="summary.json files of the training stages, in order; with these a "
+                         "MODEL_CARD.md is written into the output folder")
     args = ap.parse_args()
     torch.set_num_threads(2)
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -150,6 +256,9 @@ def main() -> None:
     print(json.dumps({k: report[k] for k in ("mi_bits_per_layer", "mi_bits_mean", "heldout_perplexity")}, indent=2))
     if "heldout_greedy_exact_match" in report:
         print({d: v["acc"] for d, v in report["heldout_greedy_exact_match"].items()})
+    if args.train_summary:
+        summaries = [json.loads(Path(p).read_text()) for p in args.train_summary]
+        write_model_card(out, model, report, summaries, Path(args.corpus) / "manifest.json")
 
 
 if __name__ == "__main__":
