@@ -110,6 +110,13 @@ class CheckpointNames:
         return TensorRole("expert", memory, layer=layer, expert=int(found[0].group(1)), span=found[0].span(1),
                           pattern=pattern)
 
+    def expert_index(self, disk_name: str, pattern: str) -> int:
+        """The expert index that `pattern`'s `*` matches in `disk_name`."""
+        m = self._index_regex(pattern).search(disk_name)
+        if m is None:
+            raise self._refuse(disk_name, f"cannot find the expert index of pattern {pattern!r} in it")
+        return int(m.group(1))
+
     def _index_regex(self, pattern: str) -> re.Pattern:
         if pattern not in self._index_re:
             self._index_re[pattern] = _index_regex(pattern)

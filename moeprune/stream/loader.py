@@ -1,0 +1,96 @@
+"""Load chosen parameters of a model from its safetensors files, in the model's in-memory layout.
+
+The on-disk names are the hub layout; each in-memory name is gathered from the on-disk tensors that
+transformers' conversion table renames to it, and converted with the table's own operations
+(`MergeModulelist` stacks experts, `Concatenate` joins gate and up). Parameters are placed into a model
+built without weights (`accelerate.init_empty_weights`) with `set_module_tensor_to_device`, and put back
+on the meta device when done, so only the part being worked on occupies memory.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import torch
+from torch import nn
+
+from moeprune.errors import MoePruneError
+from moeprune.stream.names import CheckpointNames
+from moeprune.stream.safetensors_io import Checkpoint
+
+__all__ = ["WeightLoader"]
+
+
+class WeightLoader:
+    """Builds in-memory tensors of `model` (on meta) from the checkpoint `ckpt`."""
+
+    def __init__(self, ckpt: Checkpoint, names: CheckpointNames):
+        self.ckpt, self.names = ckpt, names
+        # in-memory name -> [(converter source pattern or None, expert index, on-disk name)]
+        self.sources: dict[str, list[tuple[str | None, int, str]]] = defaultdict(list)
+        for disk in ckpt.tensors:
+            memory, pattern = names.memory_name(disk)
+            expert = names.expert_index(disk, pattern) if pattern is not None and "*" in pattern else 0
+            self.sources[memory].append((pattern, expert, disk))
+        self._handles: dict = {}
+
+    def close(self) -> None:
+        self._handles.clear()
+
+    def _read(self, disk: str) -> torch.Tensor:
+        from safetensors import safe_open
+
+        file = self.ckpt.tensors[disk].file
+        if file not in self._handles:
+            self._handles[file] = safe_open(file, framework="pt", device="cpu")
+        return self._handles[file].get_tensor(disk)
+
+    def tensor(self, name: str) -> torch.Tensor:
+        """The in-memory tensor `name` as the stock loader would build it."""
+        entries = self.sources.get(name)
+        if not entries:
+            raise MoePruneError(f"{self.ckpt.folder}: no tensor in the checkpoint loads into {name}")
+        pattern = entries[0][0]
+        if pattern is None:
+            if len(entries) != 1:
+                raise MoePruneError(f"{self.ckpt.folder}: several tensors load into {name}: {[e[2] for e in entries]}")
+            return self._read(entries[0][2])
+        conv = self.names.converter_of[pattern]
+        if len(conv.target_patterns) != 1:
+            raise MoePruneError(f"{name}: one-to-many conversions ({conv}) are not supported by layer-wise loading")
+        collected: dict = {}
+        for p in conv.source_patterns:
+            group = sorted((e for e in entries if e[0] == p), key=lambda e: e[1])
+            if group:
+                collected[p] = [self._read(disk) for _, _, disk in group]
+        for op in conv.operations:
+            collected = op.convert(collected, source_patterns=conv.source_patterns,
+                                   target_patterns=conv.target_patterns, config=self.names.adapter.config)
+        (value,) = collected.values()
+        return value
+
+    def materialise(self, model: nn.Module, names: list[str], device: torch.device) -> None:
+        """Load `names` (in-memory parameter/buffer names) into `model` on `device`."""
+        from accelerate.utils import set_module_tensor_to_device
+
+        for name in names:
+            value = self.tensor(name)
+            old = model.get_parameter(name) if _is_param(model, name) else model.get_buffer(name)
+            if tuple(value.shape) != tuple(old.shape):
+                raise MoePruneError(f"{name}: the checkpoint gives shape {list(value.shape)}, the model expects "
+                                    f"{list(old.shape)}")
+            set_module_tensor_to_device(model, name, device, value=value)
+
+    @staticmethod
+    def release(model: nn.Module, names: list[str]) -> None:
+        """Put `names` back on the meta device (frees their memory)."""
+        from accelerate.utils import set_module_tensor_to_device
+
+        for name in names:
+            set_module_tensor_to_device(model, name, "meta")
+
+
+def _is_param(model: nn.Module, name: str) -> bool:
+    module_name, _, leaf = name.rpartition(".")
+    module = model.get_submodule(module_name) if module_name else model
+    return leaf in module._parameters
