@@ -1,0 +1,254 @@
+"""Weight-only quantization of MoE checkpoints that stock transformers reloads from `config.json`.
+
+Two storage formats, chosen by measurement on transformers 5.23 (see docs/quantization.md):
+
+* uniform `bits` in {4, 8}: compressed-tensors "pack-quantized" — symmetric int, group-wise scales
+  along the input dim, packed into int32. Every routed expert (saved in the per-expert checkpoint
+  layout) and every other nn.Linear is quantized; routers, embeddings and lm_head stay dense.
+  transformers dequantizes it while loading (the experts scheme is one for all experts, which is why
+  widths cannot be mixed in this format).
+* mixed precision (`mixed=MixedBudget(...)`): torchao `FqnToConfig`, one config per fused expert
+  tensor, so each MoE layer's experts are stored either as float8 (8 bits + a per-row scale) or
+  left dense, chosen by `allocate_bits` from the layer importance (see `quantize_mixed`).
+
+`quantize_model` changes the model in memory so its logits are the ones the saved checkpoint gives;
+`save_quantized` writes the checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from moeprune.errors import MoePruneError
+
+__all__ = ["MixedBudget", "QuantResult", "quantize_model", "save_quantized", "SUPPORTED_BITS", "fake_quantize"]
+
+SUPPORTED_BITS = (4, 8)
+FORMAT_PACKED = "compressed-tensors/pack-quantized"
+FORMAT_MIXED = "torchao/float8-per-layer"
+
+
+@dataclass(frozen=True)
+class MixedBudget:
+    """A budget for mixed precision: average bits per routed-expert weight, or total bytes of the weights."""
+
+    avg_bits: float | None = None
+    max_bytes: int | None = None
+
+    def __post_init__(self):
+        if (self.avg_bits is None) == (self.max_bytes is None):
+            raise MoePruneError("give exactly one of --mixed-budget AVG_BITS or --max-bytes N")
+
+
+@dataclass
+class QuantResult:
+    """What `quantize_model` did: format, widths, which tensors, and the bytes it expects on disk."""
+
+    format: str
+    bits: int
+    group_size: int | None
+    expert_pattern: str = ""
+    dense_targets: list[str] = field(default_factory=list)
+    ignore: list[str] = field(default_factory=list)
+    layer_bits: dict[str, int] = field(default_factory=dict)
+    allocation: dict | None = None
+    bytes_before: int = 0
+    bytes_after: int = 0
+
+    def to_dict(self) -> dict:
+        out = asdict(self)
+        out.pop("expert_pattern")
+        return out
+
+
+def _qmax(bits: int) -> int:
+    return 2 ** (bits - 1) - 1
+
+
+def _group_scale(w: torch.Tensor, *, bits: int, group_size: int) -> torch.Tensor:
+    """Symmetric scale per group of `group_size` along the last dim: amax / qmax (..., in/g), float32."""
+    groups = w.detach().float().reshape(*w.shape[:-1], w.shape[-1] // group_size, group_size)
+    return (groups.abs().amax(-1) / _qmax(bits)).clamp(min=1e-12)
+
+
+def fake_quantize(w: torch.Tensor, *, bits: int, group_size: int) -> torch.Tensor:
+    """Quantize-dequantize along the last dim; with scale = amax/qmax the result re-quantizes to itself."""
+    scale = _group_scale(w, bits=bits, group_size=group_size).to(w.dtype).float()  # (..., in/g)
+    groups = w.detach().float().reshape(*w.shape[:-1], -1, group_size)
+    q = torch.clamp(torch.round(groups / scale.unsqueeze(-1)), -_qmax(bits) - 1, _qmax(bits))
+    return (q * scale.unsqueeze(-1)).reshape(w.shape).to(w.dtype)
+
+
+def _weight_bytes(model: nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in model.state_dict().values())
+
+
+def _linear_plan(model: nn.Module, adapter, group_size: int) -> tuple[list[str], list[str]]:
+    """(quantized, ignored) nn.Linear names: routers, lm_head and non-divisible widths are ignored."""
+    spec = adapter.spec
+    routers = [f"{spec.layers}.{layer.index}.{spec.block}.{spec.router}" for layer in adapter.layers]
+    out_emb = model.get_output_embeddings()
+    targets, ignore = [], []
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.Linear):
+            continue
+        skip = (module is out_emb or any(name == r or name.startswith(r + ".") for r in routers)
+                or module.in_features % group_size != 0)
+        (ignore if skip else targets).append(name)
+    return targets, ignore
+
+
+def _expert_views(adapter, layer) -> list[torch.Tensor]:
+    """The fused expert weights of one layer as (E, out, in) views (transposed layouts are viewed back)."""
+    layout = adapter.spec.layout
+    views = []
+    for name in (layout.gate_up, layout.down):
+        t = getattr(layer.experts, name)
+        views.append(t.data.transpose(-1, -2) if layout.transposed else t.data)
+    return views
+
+
+def _quantize_uniform(model: nn.Module, adapter, *, bits: int, group_size: int) -> QuantResult:
+    spec = adapter.spec
+    for layer in adapter.layers:
+        for view in _expert_views(adapter, layer):
+            if view.shape[-1] % group_size:
+                raise MoePruneError(f"expert input width {view.shape[-1]} of layer {layer.index} is not a multiple "
+                                    f"of --group-size {group_size}; choose a group size that divides it")
+    before = _weight_bytes(model)
+    targets, ignore = _linear_plan(model, adapter, group_size)
+    modules = dict(model.named_modules())
+    with torch.no_grad():
+        for layer in adapter.layers:
+            for view in _expert_views(adapter, layer):
+                view.copy_(fake_quantize(view, bits=bits, group_size=group_size))
+        for name in targets:
+            w = modules[name].weight
+            w.copy_(fake_quantize(w, bits=bits, group_size=group_size))
+    # checkpoint keys of routed experts; the block may be renamed on disk (e.g. mlp -> block_sparse_moe)
+    layer_alt = "|".join(str(layer.index) for layer in adapter.layers)
+    pattern = rf"^{re.escape(spec.layers)}\.({layer_alt})\.(.+\.)?{re.escape(spec.experts)}\."
+    quant_numel = sum(v.numel() for layer in adapter.layers for v in _expert_views(adapter, layer))
+    quant_numel += sum(modules[n].weight.numel() for n in targets)
+    elem = next(model.parameters()).element_size()
+    dtype_scale = quant_numel // group_size * elem  # one scale per group, in the model dtype
+    after = before - quant_numel * elem + quant_numel * bits // 8 + dtype_scale
+    return QuantResult(format=FORMAT_PACKED, bits=bits, group_size=group_size, expert_pattern=pattern,
+                       dense_targets=targets, ignore=ignore,
+                       layer_bits={str(layer.index): bits for layer in adapter.layers},
+                       bytes_before=before, bytes_after=after)
+
+
+def quantize_model(model: nn.Module, *, bits: int, group_size: int = 128, mixed: MixedBudget | None = None,
+                   importance: dict[int, float] | None = None) -> QuantResult:
+    """Quantize `model` in place (weight-only) and return what `save_quantized` needs.
+
+    Args:
+        bits: 4 or 8. Uniform mode quantizes experts and linear layers to this width.
+        group_size: weights per scale along the input dim (uniform mode); must divide expert widths.
+        mixed: a `MixedBudget`; then each MoE layer's experts are float8 or left dense, chosen to
+            maximise sum(layer importance * bits) within the budget (`bits` must be 8).
+        importance: {layer index: importance >= 0} (required with `mixed`), e.g. summed REAP scores.
+    """
+    from moeprune.models import MoEAdapter
+
+    if bits not in SUPPORTED_BITS:
+        raise MoePruneError(f"--bits {bits} is not supported; choose one of {', '.join(map(str, SUPPORTED_BITS))}")
+    if group_size is None or group_size <= 0:
+        raise MoePruneError(f"--group-size must be a positive integer, got {group_size}")
+    adapter = MoEAdapter(model)
+    if mixed is None:
+        return _quantize_uniform(model, adapter, bits=bits, group_size=group_size)
+    from moeprune.compress.quantize_mixed import quantize_mixed
+
+    return quantize_mixed(model, adapter, bits=bits, budget=mixed, importance=importance)
+
+
+def _compress_tensor(w: torch.Tensor, *, bits: int, group_size: int) -> dict[str, torch.Tensor]:
+    from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
+
+    scale = _group_scale(w, bits=bits, group_size=group_size).to(w.dtype)
+    packed = PackedQuantizationCompressor.compress({"weight": w, "weight_scale": scale}, _scheme(bits, group_size))
+    return {name: t.contiguous() for name, t in packed.items()}
+
+
+def _scheme(bits: int, group_size: int):
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+
+    args = QuantizationArgs(num_bits=bits, type="int", symmetric=True, strategy="group", group_size=group_size)
+    return QuantizationScheme(targets=["Linear"], weights=args, format="pack-quantized")
+
+
+def _compress_shard(path: Path, result: QuantResult, found: set[str]) -> dict[str, str]:
+    """Rewrite one safetensors shard; returns {new key: shard file name} for the index."""
+    from safetensors.torch import load_file, save_file
+
+    dense = set(result.dense_targets)
+    tensors, out = load_file(path), {}
+    for key, w in tensors.items():
+        module = key[: -len(".weight")] if key.endswith(".weight") else None
+        is_expert = module is not None and re.match(result.expert_pattern, key) is not None
+        if is_expert and w.dim() != 2:
+            raise MoePruneError(f"{key} is stored fused ({tuple(w.shape)}) in this architecture's checkpoint; "
+                                "uniform quantization needs per-expert 2-D weights (use --mixed-budget instead)")
+        if is_expert or module in dense:
+            found.add(module)
+            for name, t in _compress_tensor(w, bits=result.bits, group_size=result.group_size).items():
+                out[f"{module}.{name}"] = t
+        else:
+            out[key] = w
+    save_file(out, path, metadata={"format": "pt"})
+    return {key: path.name for key in out}
+
+
+def _quantization_config(result: QuantResult) -> dict:
+    scheme = _scheme(result.bits, result.group_size)
+    return {"quant_method": "compressed-tensors", "format": "pack-quantized", "quantization_status": "compressed",
+            "config_groups": {"group_0": {"targets": ["Linear"], "weights": scheme.weights.model_dump(),
+                                          "input_activations": None, "output_activations": None,
+                                          "format": "pack-quantized"}},
+            "ignore": sorted(result.ignore), "kv_cache_scheme": None}
+
+
+def _compress_checkpoint(folder: Path, result: QuantResult) -> None:
+    index_file = folder / "model.safetensors.index.json"
+    shards = sorted(folder.glob("*.safetensors"))
+    found: set[str] = set()
+    weight_map = {}
+    for shard in shards:
+        weight_map.update(_compress_shard(shard, result, found))
+    missing = sorted(set(result.dense_targets) - found)
+    if missing:
+        raise MoePruneError(f"linear layers {missing[:3]} were not found under their module names in the saved "
+                            "checkpoint; this architecture renames weights on save and cannot be packed")
+    if index_file.is_file():
+        index = json.loads(index_file.read_text())
+        index["weight_map"] = dict(sorted(weight_map.items()))
+        index.setdefault("metadata", {})["total_size"] = sum(s.stat().st_size for s in shards)
+        index_file.write_text(json.dumps(index, indent=2) + "\n")
+    config_file = folder / "config.json"
+    config = json.loads(config_file.read_text())
+    config["quantization_config"] = _quantization_config(result)
+    config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def save_quantized(model: nn.Module, result: QuantResult, out_dir: str | Path, *,
+                   source_dir: str | Path | None = None, provenance: dict | None = None,
+                   overwrite: bool = False) -> Path:
+    """Write the quantized model (from `quantize_model`) as a checkpoint stock transformers reloads."""
+    from moeprune.compress.save import write_checkpoint
+    from moeprune.io import atomic_output_dir
+
+    record = {**(provenance or {}), "quantization": result.to_dict()}
+    inputs = (source_dir,) if source_dir is not None else ()
+    with atomic_output_dir(out_dir, inputs=inputs, overwrite=overwrite) as tmp:
+        write_checkpoint(model, tmp, source_dir=source_dir, provenance=record)
+        if result.format == FORMAT_PACKED:
+            _compress_checkpoint(tmp, result)
+    return Path(out_dir).expanduser().resolve()
