@@ -1,109 +1,241 @@
-"""`report.md`: the human-readable companion of report.json, with plots."""
+"""`report.md`: the human-readable companion of report.json, with PNG plots under `plots/`.
+
+Every section is optional: a report without eval, timings, calibration or compression data renders
+the sections it has and skips the rest.
+"""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import yaml
 
 from moeprune.report.plots import plot_kept_map, plot_saliency, plot_usage_heatmap
 
-__all__ = ["write_report_md", "human_bytes"]
+__all__ = ["write_report_md", "human_bytes", "render_report_md"]
+
+_DASH = "—"
+_MAX_LAYER_LINES = 16  # kept-expert lines before the list collapses to a summary
 
 
 def human_bytes(n: float | None) -> str:
+    """Decimal units: 1234567 -> '1.23 MB'."""
     if n is None:
-        return "—"
+        return _DASH
+    n = float(n)
     for unit in ("B", "KB", "MB", "GB", "TB"):
         if abs(n) < 1000 or unit == "TB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
         n /= 1000
-    return str(n)
+    return f"{n:.2f} TB"
+
+
+def _num(x, fmt: str = "{:.3f}") -> str:
+    if x is None or isinstance(x, bool) or not isinstance(x, (int, float)):
+        return _DASH if x is None else str(x)
+    if isinstance(x, float) and not math.isfinite(x):
+        return str(x)
+    return fmt.format(x)
+
+
+def _ids(v) -> str:
+    """[0, 2, 5] -> '0 2 5'; merge clusters [[0, 3], [1]] -> '0+3 1'."""
+    return " ".join("+".join(map(str, c)) if isinstance(c, (list, tuple)) else str(c) for c in v)
+
+
+def _by_layer(d: dict) -> list[tuple[int, list]]:
+    return sorted(((int(k), v) for k, v in (d or {}).items()), key=lambda kv: kv[0])
 
 
 def _summary(report: dict) -> list[str]:
-    comp, model = report.get("compression", {}), report.get("model", {})
+    comp, model = report.get("compression") or {}, report.get("model") or {}
     lines = ["# moeprune report", ""]
-    if comp:
-        ratio = f", ratio {comp['ratio']}" if comp.get("ratio") is not None else ""
-        saved = ""
-        if comp.get("bytes_before"):
-            saved = f" ({100 * (1 - comp['bytes_after'] / comp['bytes_before']):.1f}% smaller)"
-        lines += [f"**{model.get('architecture', '?')}** `{model.get('path', '?')}` — **{comp.get('method')}**{ratio}: "
-                  f"{comp.get('experts_before')} → {comp.get('experts_after')} experts per MoE layer, "
-                  f"{human_bytes(comp.get('bytes_before'))} → {human_bytes(comp.get('bytes_after'))}{saved}.", ""]
-    return lines
+    name = f"**{model.get('architecture', '?')}** `{model.get('path', '?')}`"
+    if not comp:
+        return lines + [f"{name}: no compression recorded.", ""]
+    ratio = f", ratio {comp['ratio']}" if comp.get("ratio") is not None else ""
+    size = ""
+    if comp.get("bytes_before") is not None and comp.get("bytes_after") is not None:
+        before, after = comp["bytes_before"], comp["bytes_after"]
+        saved = f" ({100 * (1 - after / before):.1f}% smaller)" if before else ""
+        size = f", {human_bytes(before)} → {human_bytes(after)}{saved}"
+    lines += [f"{name} — **{comp.get('method', '?')}**{ratio}: {comp.get('experts_before', '?')} → "
+              f"{comp.get('experts_after', '?')} experts per MoE layer{size}.", ""]
+    facts = [("model type", model.get("model_type")), ("allocation", comp.get("allocation")),
+             ("parameters", _pair(comp, "params", lambda n: f"{n:,}")),
+             ("expert weights", _pair(comp, "expert_bytes", human_bytes))]
+    lines += [f"- {k}: {v}" for k, v in facts if v is not None]
+    return lines + [""]
+
+
+def _pair(comp: dict, key: str, fmt) -> str | None:
+    a, b = comp.get(f"{key}_before"), comp.get(f"{key}_after")
+    return None if a is None or b is None else f"{fmt(a)} → {fmt(b)}"
+
+
+def _retained(ev: dict, task: str, b: dict, c: dict) -> str:
+    r = (ev.get("retained") or {}).get(task)
+    if r is None and isinstance(b.get("score"), (int, float)) and isinstance(c.get("score"), (int, float)) \
+            and b["score"]:
+        r = c["score"] / b["score"]
+    return _DASH if r is None else f"{100 * r:.1f}%"
 
 
 def _eval_table(report: dict) -> list[str]:
     ev = report.get("eval") or {}
-    base, comp, kept = ev.get("base") or {}, ev.get("compressed") or {}, ev.get("retained") or {}
-    tasks = list(dict.fromkeys([*base, *comp]))
+    base, comp = ev.get("base") or {}, ev.get("compressed") or {}
+    tasks = list(dict.fromkeys([*base, *comp, *(ev.get("retained") or {})]))
     if not tasks:
         return []
-    lines = ["## Evaluation", "", "| task | metric | n | base | compressed | retained |", "|---|---|---|---|---|---|"]
+    lines = ["## Evaluation", "", "| task | metric | n | base | compressed | retained |",
+             "|---|---|---:|---:|---:|---:|"]
     for t in tasks:
-        b, c = base.get(t, {}), comp.get(t, {})
-        fmt = lambda r: f"{r['score']:.3f}" if "score" in r else "—"  # noqa: E731
-        ret = f"{100 * kept[t]:.1f}%" if t in kept else "—"
-        lines.append(f"| {t} | {(c or b).get('metric', '')} | {(c or b).get('n', '')} | {fmt(b)} | {fmt(c)} | {ret} |")
+        b, c = base.get(t) or {}, comp.get(t) or {}
+        ns = list(dict.fromkeys(str(x["n"]) for x in (b, c) if x.get("n") is not None))
+        n = "/".join(ns) or _DASH  # "100", or "100/80" when base and compressed differ
+        metric = c.get("metric") or b.get("metric") or ""
+        if (c or b).get("higher_is_better") is False:
+            metric += " (lower is better)"
+        lines.append(f"| {t} | {metric} | {n} | {_num(b.get('score'))} | {_num(c.get('score'))} | "
+                     f"{_retained(ev, t, b, c)} |")
     return lines + [""]
 
 
-def _layers(report: dict) -> list[str]:
+def _runs(items: list[tuple[int, list]]) -> list[str]:
+    """'layer 3: 0 2' per layer, with consecutive layers holding the same list grouped: 'layers 0–7: 0 2'."""
+    runs: list[list] = []  # [first, last, value]
+    for i, v in items:
+        if runs and runs[-1][2] == v and runs[-1][1] + 1 == i:
+            runs[-1][1] = i
+        else:
+            runs.append([i, i, v])
+    return [f"layer {a}: {_ids(v)}" if a == b else f"layers {a}–{b}: {_ids(v)}" for a, b, v in runs]
+
+
+def _kept_lines(kept: list[tuple[int, list]]) -> list[str]:
+    """One line per layer (or run of identical layers); first and last layers plus a summary when long."""
+    lines = [f"- {x}" for x in _runs(kept)]
+    if len(lines) <= _MAX_LAYER_LINES:
+        return lines
+    sizes = sorted({len(v) for _, v in kept})
+    per = str(sizes[0]) if len(sizes) == 1 else f"{sizes[0]}–{sizes[-1]}"
+    head, tail = lines[:6], lines[-4:]
+    return [f"{len(kept)} MoE layers, {per} experts kept per layer; first and last layers shown, the full "
+            "list is `compression.kept` in report.json.", "", *head, f"- … {len(lines) - 10} more", *tail]
+
+
+def _experts(report: dict) -> list[str]:
     comp = report.get("compression") or {}
-    kept = comp.get("kept") or {}
-    if not kept:
-        return []
-    lines = ["## Experts kept", ""]
-    items = sorted(kept.items(), key=lambda kv: int(kv[0]))
-    shown = items if len(items) <= 16 else items[:8] + items[-4:]
-    lines += [f"- layer {i}: {' '.join(map(str, v))}" for i, v in shown]
-    if len(shown) < len(items):
-        lines.append(f"- … {len(items) - len(shown)} more layers in report.json (`compression.kept`)")
+    kept = _by_layer(comp.get("kept"))
+    lines = ["## Experts kept", "", *_kept_lines(kept), ""] if kept else []
     for key, title in (("merged", "Merged clusters (first member represents)"),
-                       ("protected", "Protected super experts"), ("never_routed", "Never routed during calibration")):
-        val = comp.get(key) or {}
-        if val:
-            lines += ["", f"**{title}:** " + "; ".join(f"layer {i}: {v}" for i, v in sorted(val.items(),
-                                                                                            key=lambda kv: int(kv[0])))]
-    return lines + [""]
+                       ("protected", "Protected super experts"),
+                       ("never_routed", "Never routed during calibration")):
+        items = [(i, v) for i, v in _by_layer(comp.get(key)) if v]
+        if items:
+            lines += [f"**{title}:** " + "; ".join(_runs(items)), ""]
+        elif key != "merged" and kept:
+            lines += [f"**{title}:** none", ""]
+    return lines
+
+
+def _sources(spec: dict) -> str:
+    out = []
+    for s in spec.get("sources") or []:
+        if isinstance(s, dict):
+            out.append(f"`{s.get('name')}`" + (f":{s['count']}" if s.get("count") else ""))
+        else:
+            out.append(f"`{s}`")
+    return ", ".join(out)
 
 
 def _calibration(report: dict) -> list[str]:
-    cal = report.get("calibration") or {}
-    if not cal:
+    cal, obs = report.get("calibration") or {}, report.get("observations") or {}
+    if not cal and not obs:
         return []
-    spec = cal.get("spec", {})
-    sources = ", ".join(f"{s['name']}" + (f":{s['count']}" if s.get("count") else "") for s in spec.get("sources", []))
-    note = " (the built-in mixed set)" if cal.get("used_default") else ""
-    return ["## Calibration", "", f"- sources: {sources or '—'}{note}", f"- tokens: {cal.get('num_tokens', '—')}",
-            f"- max length {spec.get('max_length', '—')}, packed: {spec.get('pack', '—')}, seed {spec.get('seed', '—')}",
-            f"- observations reused from cache: {(report.get('observations') or {}).get('reused', False)}", ""]
+    spec = cal.get("spec") or {}
+    sources = _sources(spec)
+    if cal.get("used_default"):
+        sources = f"{sources} (the built-in calibration set)" if sources else "the built-in calibration set"
+    lines = ["## Calibration", "", f"- sources: {sources or _DASH}",
+             f"- tokens: {cal.get('num_tokens', obs.get('num_tokens', _DASH))}"
+             + (f" in {cal['num_sequences']} sequences" if cal.get("num_sequences") else "")]
+    opts = [f"{k} {spec[k]}" for k in ("max_length", "pack", "seed", "chat_template") if k in spec]
+    if opts:
+        lines.append("- " + ", ".join(opts))
+    if cal.get("source_counts"):
+        lines.append("- rows drawn: " + ", ".join(f"`{k}` {v}" for k, v in cal["source_counts"].items()))
+    if obs:
+        reused = "reused from a cache" if obs.get("reused") else "collected in this run"
+        fp = f" (model fingerprint `{obs['fingerprint']}`)" if obs.get("fingerprint") else ""
+        lines.append(f"- observations: {reused}{fp}")
+    return lines + [""]
 
 
 def _timings(report: dict) -> list[str]:
-    t = report.get("timings") or {}
+    t = {k: v for k, v in (report.get("timings") or {}).items() if isinstance(v, (int, float))}
     if not t:
         return []
-    return ["## Timings", "", "| stage | seconds |", "|---|---|", *[f"| {k} | {v:.2f} |" for k, v in t.items()], ""]
+    total = t.get("total") or sum(t.values())
+    lines = ["## Timings", "", "| stage | seconds | share |", "|---|---:|---:|"]
+    for k, v in t.items():
+        if k != "total":
+            lines.append(f"| {k} | {v:.2f} | {100 * v / total:.0f}% |" if total else f"| {k} | {v:.2f} | |")
+    if "total" in t:
+        lines.append(f"| **total** | **{t['total']:.2f}** | |")
+    return lines + [""]
+
+
+def _plots(out: Path, observations, selection) -> list[str]:
+    made = []
+    if observations is not None and observations.layers:
+        made.append(("Expert usage", plot_usage_heatmap(observations, out / "plots" / "usage.png")))
+    if selection is not None and selection.scores:
+        made.append((f"{selection.method} scores", plot_saliency(selection, out / "plots" / "saliency.png")))
+    if selection is not None and selection.kept:
+        made.append(("Kept and dropped experts", plot_kept_map(selection, out / "plots" / "kept.png")))
+    if not made:
+        return []
+    lines = ["## Plots", ""]
+    for title, p in made:
+        lines += [f"### {title}", "", f"![{title}]({p.relative_to(out).as_posix()})", ""]
+    return lines
+
+
+def _recipe(report: dict) -> list[str]:
+    if not report.get("recipe"):
+        return []
+    text = yaml.safe_dump(report["recipe"], sort_keys=False, allow_unicode=True).rstrip()
+    return ["## Recipe", "", "```yaml", text, "```", ""]
+
+
+def render_report_md(report: dict, *, plot_lines: list[str] | None = None) -> str:
+    """The markdown text of a report dict (no files written); `plot_lines` go before the recipe."""
+    lines = (_summary(report) + _eval_table(report) + _experts(report) + _calibration(report)
+             + _timings(report) + (plot_lines or []) + _recipe(report))
+    if report.get("moeprune_version"):
+        lines.append(f"_Written by moeprune {report['moeprune_version']}._")
+    text = "\n".join(lines)
+    while "\n\n\n" in text:
+        text = text.replace("\n\n\n", "\n\n")
+    return text.rstrip() + "\n"
 
 
 def write_report_md(out_dir: str | Path, report: dict, *, observations=None, selection=None) -> Path:
-    """Write `out_dir/report.md` and its plots under `out_dir/plots/`."""
+    """Write `out_dir/report.md`, and its plots under `out_dir/plots/` for the inputs that are given.
+
+    Args:
+        out_dir: the run's output folder (created if missing).
+        report: the report dict, as written to report.json.
+        observations: `moeprune.observe.stats.Observations`; None skips the usage heatmap.
+        selection: `moeprune.score.select.Selection`; None skips the score and kept-map plots.
+    Returns:
+        the path of report.md.
+    """
     out = Path(out_dir)
-    lines = _summary(report) + _eval_table(report) + _layers(report) + _calibration(report) + _timings(report)
-    plots = []
-    if observations is not None:
-        plots.append(("Expert usage", plot_usage_heatmap(observations, out / "plots" / "usage.png")))
-    if selection is not None:
-        plots.append(("Scores", plot_saliency(selection, out / "plots" / "saliency.png")))
-        plots.append(("Kept and dropped", plot_kept_map(selection, out / "plots" / "kept.png")))
-    if plots:
-        lines += ["## Plots", ""] + [f"### {title}\n\n![{title}]({p.relative_to(out).as_posix()})\n" for title, p in plots]
-    if report.get("recipe"):
-        lines += ["## Recipe", "", "```yaml", yaml.safe_dump(report["recipe"], sort_keys=False).rstrip(), "```", ""]
-    lines.append(f"_Written by moeprune {report.get('moeprune_version', '')}._")
+    out.mkdir(parents=True, exist_ok=True)
+    text = render_report_md(report, plot_lines=_plots(out, observations, selection))
     path = out / "report.md"
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    path.write_text(text, encoding="utf-8")
     return path
