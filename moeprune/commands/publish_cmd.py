@@ -1,0 +1,25 @@
+"""`moeprune publish`: write the model card and provenance of an output folder, optionally push it."""
+
+from __future__ import annotations
+
+import click
+
+from moeprune.cli import cli
+
+__all__ = ["publish_cmd"]
+
+
+@cli.command("publish")
+@click.argument("out_dir")
+@click.option("--repo-id", default=None, help="Hub repository (owner/name) to push to; omit to only write the card.")
+@click.option("--private", is_flag=True, help="Create the hub repository as private.")
+def publish_cmd(out_dir: str, repo_id: str | None, private: bool) -> None:
+    """Rewrite OUT_DIR/README.md (model card) and moeprune.json; with --repo-id, upload the folder.
+
+    Without a Hugging Face token nothing is pushed: one line says so and the command exits 0, the
+    folder ready to upload. A push that fails is a one-line error (exit 2).
+    """
+    from moeprune.publish import publish_folder
+
+    outcome = publish_folder(out_dir, repo_id=repo_id, private=private)
+    click.echo(outcome.message)
