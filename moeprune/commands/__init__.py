@@ -5,3 +5,4 @@ from moeprune.commands import eval_cmd  # noqa: F401
 from moeprune.commands import pipeline_cmds  # noqa: F401
 from moeprune.commands import quantize_cmd  # noqa: F401
 from moeprune.commands import publish_cmd  # noqa: F401
+from moeprune.commands import stream_cmd  # noqa: F401
