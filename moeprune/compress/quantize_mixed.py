@@ -191,8 +191,13 @@ def quantize_mixed(model, adapter, *, bits: int, budget, importance: dict[int, f
         raise MoePruneError(f"no importance for MoE layers {missing}; the observations do not match this model")
     before = sum(t.numel() * t.element_size() for t in model.state_dict().values())
     costs, numel = layer_costs(adapter)
+    budget_bytes = _budget_bytes(model, adapter, budget, numel)
+    lo, hi = (sum(pick(c.values()) for c in costs.values()) for pick in (min, max))
+    if budget.avg_bits is not None and not lo <= budget_bytes <= hi:
+        raise MoePruneError(f"--mixed-budget {budget.avg_bits:g} is outside the achievable range "
+                            f"{8 * lo / numel:.2f}..{8 * hi / numel:.2f} bits per routed-expert weight")
     alloc = allocate_bits(costs=costs, importance={f"layer.{i}": float(importance[i]) for i in adapter.layer_indices},
-                          budget_bytes=_budget_bytes(model, adapter, budget, numel))
+                          budget_bytes=budget_bytes)
     spec = adapter.spec
     fqn = {}
     for layer in adapter.layers:
