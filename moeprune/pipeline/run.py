@@ -181,12 +181,13 @@ def _provenance(report: dict, selection) -> dict:
 
 
 def _write_markdown(folder: Path, report: dict, obs, selection, log) -> None:
+    """report.md is a convenience: a plotting failure is reported, it does not discard the compressed model."""
+    from moeprune.report import write_report_md
+
     try:
-        from moeprune.report import write_report_md
-    except ImportError:  # the report package is optional at import time
-        log("report.md skipped: moeprune.report is not available")
-        return
-    write_report_md(folder, report, observations=obs, selection=selection)
+        write_report_md(folder, report, observations=obs, selection=selection)
+    except (OSError, ValueError, RuntimeError) as exc:
+        log(f"warning: report.md could not be written ({type(exc).__name__}: {exc}); report.json is complete")
 
 
 def _build_report(recipe, src, adapter, obs, reused, selection, kept, before, after, base_eval, comp_eval) -> dict:
