@@ -4,7 +4,7 @@ Generates a random Mixtral-shaped checkpoint (or takes --model-dir), warms the p
 alternates: copy the folder (shutil.copyfile per file + os.sync) and `prune_checkpoint` keeping half the
 experts (+ os.sync), --repeats times each; reports medians. Python imports are excluded from both.
 
-    python scripts/bench_rewrite.py --size-gb 4.5           # full size (run on an otherwise idle CPU)
+    python scripts/bench_rewrite.py --size-gb 5             # full size (run on an otherwise idle CPU)
     python scripts/bench_rewrite.py --quick
 """
 
@@ -76,7 +76,7 @@ def run(src: Path, work: Path, repeats: int) -> dict:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model-dir", type=Path, default=None, help="Existing checkpoint (default: generate one).")
-    ap.add_argument("--size-gb", type=float, default=4.5)
+    ap.add_argument("--size-gb", type=float, default=5.0)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--workdir", type=Path, default=None, help="Where copies and outputs go (same disk as input).")
     ap.add_argument("--quick", action="store_true", help="0.2 GB checkpoint, 2 repeats.")
