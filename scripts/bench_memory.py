@@ -69,6 +69,8 @@ def main(argv=None) -> int:
     ap.add_argument("--fraction", type=float, default=0.25)
     ap.add_argument("--min-cap-gb", type=float, default=1.2)
     ap.add_argument("--workdir", type=Path, default=None)
+    ap.add_argument("--uncapped-in-memory", action="store_true",
+                    help="Also run the in-memory path without a cap to report its peak RSS (needs ~2x the checkpoint).")
     ap.add_argument("--quick", action="store_true", help="A 0.2 GB checkpoint.")
     args = ap.parse_args(argv)
     from bench_rewrite import half_plan
@@ -86,17 +88,20 @@ def main(argv=None) -> int:
         keep = half_plan(src)
         stream = run_capped("stream", src, work / "stream", keep, cap)
         memory = run_capped("memory", src, work / "memory", keep, cap)
+        free = run_capped("memory", src, work / "memory-free", keep, 1 << 62) if args.uncapped_in_memory else None
     frac = stream["peak_rss"] / size if stream["peak_rss"] else None
     out = {"checkpoint_bytes": size, "cap_bytes": cap, "cap_fraction": round(cap / size, 3),
            "stream_ok": stream["ok"], "stream_peak_rss": stream["peak_rss"], "stream_peak_vm": stream.get("peak_vm"),
            "stream_rss_fraction": None if frac is None else round(frac, 4), "target": args.fraction,
            "pass": bool(stream["ok"] and frac is not None and frac <= args.fraction),
            "in_memory_ok": memory["ok"], "in_memory_peak_rss": memory["peak_rss"],
-           "in_memory_error": memory.get("error"), "stream_error": stream.get("error"), "quick": args.quick}
+           "in_memory_error": memory.get("error"), "stream_error": stream.get("error"), "quick": args.quick,
+           "uncapped_in_memory_peak_rss": None if free is None else free["peak_rss"]}
     gb = lambda n: "-" if n is None else f"{n / 1e9:.3f} GB"  # noqa: E731
     print(f"{'checkpoint':<22}{gb(size)}\n{'cap (RLIMIT_AS)':<22}{gb(cap)} ({out['cap_fraction']:.3f} x checkpoint)")
     print(f"{'path':<22}{'result':<10}{'peak RSS':>12}{'x checkpoint':>14}")
-    for name, r in (("streaming prune", stream), ("in-memory prune", memory)):
+    runs = [("streaming prune", stream), ("in-memory prune", memory)] + ([("in-memory, no cap", free)] if free else [])
+    for name, r in runs:
         share = "-" if r["peak_rss"] is None else f"{r['peak_rss'] / size:.3f}"
         print(f"{name:<22}{'ok' if r['ok'] else 'FAILED':<10}{gb(r['peak_rss']):>12}{share:>14}")
         if not r["ok"]:
