@@ -99,8 +99,9 @@ def _move_buffers(model: nn.Module, device: torch.device) -> None:
                 module._buffers[name] = buf.to(device)
 
 
-def _capture(model, layers: nn.ModuleList, batches, device) -> tuple[list, list[list[tuple]]]:
-    """Per batch: hidden states entering layer 0, and per layer the (args, kwargs) the model passes it."""
+def _capture(model, layers: nn.ModuleList, batches, device, store: HiddenStore) -> list[list[tuple]]:
+    """Per batch and layer, the (args, kwargs) the model passes the layer; the hidden states entering
+    layer 0 go into `store`."""
     calls: list[tuple] = []
 
     def recorder(is_last: bool):
@@ -111,12 +112,12 @@ def _capture(model, layers: nn.ModuleList, batches, device) -> tuple[list, list[
             return args[0] if args else kwargs["hidden_states"]
         return forward
 
-    hidden, per_batch = [], []
+    per_batch: list[list[tuple]] = []
     for i, layer in enumerate(layers):
         layer.forward = types.MethodType(recorder(i == len(layers) - 1), layer)
     first = layers[0]
-    grab = first.register_forward_pre_hook(lambda _m, a, k: hidden.append(a[0] if a else k["hidden_states"]),
-                                           with_kwargs=True)
+    grab = first.register_forward_pre_hook(
+        lambda _m, a, k: store.put(len(per_batch), a[0] if a else k["hidden_states"]), with_kwargs=True)
     try:
         for ids, mask in batches:
             calls.clear()
@@ -131,7 +132,7 @@ def _capture(model, layers: nn.ModuleList, batches, device) -> tuple[list, list[
         grab.remove()
         for layer in layers:
             del layer.forward
-    return hidden, per_batch
+    return per_batch
 
 
 def _names_under(model: nn.Module, prefix: str) -> list[str]:
@@ -174,7 +175,6 @@ def observe_layerwise(model_dir: str | Path, calibration, *, collect: Iterable[s
     """
     from tqdm.auto import tqdm
 
-    from moeprune import __version__
     from moeprune.io import resolve_model_dir
 
     start = time.perf_counter()
@@ -195,11 +195,8 @@ def observe_layerwise(model_dir: str | Path, calibration, *, collect: Iterable[s
     try:
         with torch.no_grad():
             loader.materialise(model, outer, device)
-            hidden, calls = _capture(model, layers, batches, device)
+            calls = _capture(model, layers, batches, device, store)
             loader.release(model, outer)
-            for b, h in enumerate(hidden):
-                store.put(b, h)
-            del hidden
             with collector:
                 for i in tqdm(range(len(layers)), desc="layers", unit="layer", disable=not progress):
                     _run_layer(model, i, loader=loader, store=store, calls=calls, batches=batches,
@@ -207,19 +204,27 @@ def observe_layerwise(model_dir: str | Path, calibration, *, collect: Iterable[s
     finally:
         store.close()
         loader.close()
-    num_tokens = sum(int(mask.sum()) for _, mask in batches)
-    describe = calibration.describe() if hasattr(calibration, "describe") else {"batches": len(batches)}
-    meta = {
-        "moeprune_version": __version__, "model_type": model.config.model_type, "architecture": spec.name,
-        "model_fingerprint": fingerprint.hexdigest()[:16], "model_path": str(src),
-        "moe_layers": adapter.layer_indices,
-        "num_experts": {str(layer.index): layer.num_experts for layer in adapter.layers},
-        "top_k": adapter.top_k, "num_tokens": num_tokens, "collected": sorted(collector.collect),
-        "all_means_tokens": all_means_tokens, "calibration": describe,
-        "seconds": round(time.perf_counter() - start, 3), "layerwise": True, "device": str(device),
-        "spilled_batches": store.spilled,
-    }
+    meta = _meta(model, src, collector, calibration, batches, fingerprint=fingerprint.hexdigest()[:16],
+                 all_means_tokens=all_means_tokens, seconds=time.perf_counter() - start, device=device,
+                 spilled=store.spilled)
     return Observations(layers=collector.stats(), meta=meta)
+
+
+def _meta(model, src: Path, collector: Collector, calibration, batches, *, fingerprint: str,
+          all_means_tokens: int | None, seconds: float, device, spilled: int) -> dict:
+    """The metadata `observe` records, plus how the layer-wise pass ran."""
+    from moeprune import __version__
+
+    adapter = collector.adapter
+    describe = calibration.describe() if hasattr(calibration, "describe") else {"batches": len(batches)}
+    return {
+        "moeprune_version": __version__, "model_type": model.config.model_type, "architecture": adapter.spec.name,
+        "model_fingerprint": fingerprint, "model_path": str(src), "moe_layers": adapter.layer_indices,
+        "num_experts": {str(layer.index): layer.num_experts for layer in adapter.layers},
+        "top_k": adapter.top_k, "num_tokens": sum(int(mask.sum()) for _, mask in batches),
+        "collected": sorted(collector.collect), "all_means_tokens": all_means_tokens, "calibration": describe,
+        "seconds": round(seconds, 3), "layerwise": True, "device": str(device), "spilled_batches": spilled,
+    }
 
 
 def _run_layer(model, i: int, *, loader: WeightLoader, store: HiddenStore, calls, batches, collector: Collector,
