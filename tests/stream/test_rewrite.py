@@ -117,3 +117,20 @@ def test_parse_size():
     assert parse_size("5GB") == 5 * 10**9 and parse_size("2GiB") == 2 * 2**30 and parse_size(100) == 100
     with pytest.raises(MoePruneError):
         parse_size("lots")
+
+
+def test_names_come_from_the_conversion_table():
+    from moeprune.stream.names import CheckpointNames
+
+    with torch.device("meta"):
+        names = CheckpointNames(tiny_model("mixtral"))
+    role = names.role("model.layers.1.block_sparse_moe.experts.6.w3.weight")
+    assert (role.kind, role.layer, role.expert) == ("expert", 1, 6)
+    assert role.memory_name == "model.layers.1.mlp.experts.gate_up_proj"
+    assert role.renamed("model.layers.1.block_sparse_moe.experts.6.w3.weight", 2) == \
+        "model.layers.1.block_sparse_moe.experts.2.w3.weight"
+    router = names.role("model.layers.0.block_sparse_moe.gate.weight")
+    assert (router.kind, router.dim, router.memory_name) == ("router", 0, "model.layers.0.mlp.gate.weight")
+    assert names.role("model.layers.0.self_attn.q_proj.weight").kind == "copy"
+    with pytest.raises(MoePruneError, match="does not understand.*absmax"):
+        names.role("model.layers.0.block_sparse_moe.experts.3.w1.weight.absmax")
