@@ -20,6 +20,7 @@ import argparse
 import importlib.util
 import json
 import math
+import re
 from collections import Counter
 from pathlib import Path
 
@@ -108,6 +109,34 @@ def trivial_baselines(assets: Path) -> dict:
     return out
 
 
+def load_stage(path: Path) -> dict:
+    """A training stage's numbers: its summary.json, or (for a run stopped before writing one)
+    its train.log, counted up to the last checkpoint it saved (the eval@ lines)."""
+    if path.suffix == ".json":
+        return json.loads(path.read_text())
+    import ast
+    lines = path.read_text(encoding="utf-8").splitlines()
+    a = ast.literal_eval(next(l for l in lines if "] args: " in l).split("] args: ", 1)[1])
+    a.setdefault("aux_coef", 0.02)
+    ckpt_step = max([int(re.search(r"eval@(\d+)", l).group(1)) for l in lines if "eval@" in l] or [0])
+    st = [l for l in lines if re.search(r"\] step \d+/", l)]
+    rows = []
+    for l in st:
+        m = re.search(r"step (\d+)/\S+ loss \S+ ema (\S+) .* ([\d.]+)min", l)
+        rows.append((int(m.group(1)), float(m.group(2)), float(m.group(3))))
+    upto = [r for r in rows if r[0] <= ckpt_step] or rows[:1]
+    mix = dict(DEFAULT_MIX)
+    if a.get("mix"):
+        mix.update({k: float(v) for k, v in (i.split("=") for i in a["mix"].split(","))})
+    a["out"] = a["out"] + "/ckpt"
+    return {"steps": ckpt_step, "tokens": ckpt_step * a["batch"] * a["seq_len"],
+            "wall_s": upto[-1][2] * 60, "final_loss_ema": upto[-1][1], "args": a, "mix": mix,
+            "note": f"stopped early; the next stage continued from its step-{ckpt_step} checkpoint"}
+
+
+DEFAULT_MIX = {"arith": 0.32, "code": 0.14, "prose": 0.12, "json": 0.14, "program": 0.28}
+
+
 def write_model_card(out: Path, model, report: dict, summaries: list[dict], manifest_path: Path) -> None:
     cfg = model.config
     n_params = sum(p.numel() for p in model.parameters())
@@ -160,6 +189,14 @@ def write_model_card(out: Path, model, report: dict, summaries: list[dict], mani
         mix = ", ".join(f"{k} {v:g}" for k, v in s.get("mix", {}).items())
         w(f"| {i + 1} | {a.get('init_from') or 'scratch'} | {a['lr']:g} | {mix} | {s['steps']} | "
           f"{s['tokens'] / 1e6:.2f}M | {s['wall_s'] / 60:.1f} min | {s['final_loss_ema']:.3f} |")
+    for i, s in enumerate(summaries):
+        note = s.get("note")
+        if not note and s["wall_s"] < 0.9 * 60 * s["args"]["minutes"]:
+            note = (f"stopped after {s['wall_s'] / 60:.1f} of its {s['args']['minutes']:g} budgeted minutes "
+                    "(the script then sized a step-based cosine schedule from the throughput of the first "
+                    "20 steps; it now follows wall-clock time)")
+        if note:
+            w(f"\nStage {i + 1}: {note}.")
     w(f"\nTotal: {steps} steps, {tokens / 1e6:.2f}M tokens, {wall:.1f} min of training wall time "
       "(2 shared CPU cores; other jobs ran on the same cores, so throughput varied).")
     dl = summaries[-1].get("domain_loss", {})
@@ -197,15 +234,18 @@ def write_model_card(out: Path, model, report: dict, summaries: list[dict], mani
     w("```\npython scripts/build_corpus.py")
     for i, s in enumerate(summaries):
         a = s["args"]
-        cmd = f"python scripts/train_demo_moe.py --minutes {a['minutes']:g} --lr {a['lr']:g} --warmup {a['warmup']} --out {a['out']}"
+        cmd = (f"python scripts/train_demo_moe.py --minutes {a['minutes']:g} --lr {a['lr']:g} "
+               f"--warmup {a['warmup']} --out {a['out'].removesuffix('/ckpt')}")
         if a.get("init_from"):
             cmd += f" --init-from {a['init_from']}"
         if a.get("mix"):
             cmd += f" --mix {a['mix']}"
         w(cmd)
     w(f"cp -r {summaries[-1]['args']['out']}/final/* moeprune/assets/demo-moe/")
+    if any(s.get("note") for s in summaries):
+        w("# (stages marked 'stopped early' above were interrupted after their last checkpoint)")
     w("python scripts/demo_usage_report.py --model moeprune/assets/demo-moe --train-summary "
-      + " ".join(f"{s['args']['out']}/summary.json" for s in summaries))
+      + " ".join(s["_path"] for s in summaries))
     w("```\nTraining stops on a wall-clock budget, so the exact step count (and therefore the weights) "
       "depends on the machine's speed; the data and initialisation are seeded.\n")
     (out / "MODEL_CARD.md").write_text("\n".join(L), encoding="utf-8")
@@ -257,7 +297,7 @@ def main() -> None:
     if "heldout_greedy_exact_match" in report:
         print({d: v["acc"] for d, v in report["heldout_greedy_exact_match"].items()})
     if args.train_summary:
-        summaries = [json.loads(Path(p).read_text()) for p in args.train_summary]
+        summaries = [dict(load_stage(Path(p)), _path=p) for p in args.train_summary]
         write_model_card(out, model, report, summaries, Path(args.corpus) / "manifest.json")
 
 
