@@ -27,7 +27,7 @@ from torch import nn
 
 from moeprune.errors import MoePruneError
 
-__all__ = ["MixedBudget", "QuantResult", "quantize_model", "save_quantized", "SUPPORTED_BITS", "fake_quantize"]
+__all__ = ["MixedBudget", "QuantResult", "quantize_model", "save_quantized", "write_quantized", "SUPPORTED_BITS", "fake_quantize"]
 
 SUPPORTED_BITS = (4, 8)
 FORMAT_PACKED = "compressed-tensors/pack-quantized"
@@ -242,13 +242,20 @@ def save_quantized(model: nn.Module, result: QuantResult, out_dir: str | Path, *
                    source_dir: str | Path | None = None, provenance: dict | None = None,
                    overwrite: bool = False) -> Path:
     """Write the quantized model (from `quantize_model`) as a checkpoint stock transformers reloads."""
-    from moeprune.compress.save import write_checkpoint
     from moeprune.io import atomic_output_dir
 
-    record = {**(provenance or {}), "quantization": result.to_dict()}
     inputs = (source_dir,) if source_dir is not None else ()
     with atomic_output_dir(out_dir, inputs=inputs, overwrite=overwrite) as tmp:
-        write_checkpoint(model, tmp, source_dir=source_dir, provenance=record)
-        if result.format == FORMAT_PACKED:
-            _compress_checkpoint(tmp, result)
+        write_quantized(model, result, tmp, source_dir=source_dir, provenance=provenance)
     return Path(out_dir).expanduser().resolve()
+
+
+def write_quantized(model: nn.Module, result: QuantResult, folder: Path, *, source_dir: str | Path | None = None,
+                    provenance: dict | None = None) -> None:
+    """Write the quantized checkpoint into an existing (temporary) folder."""
+    from moeprune.compress.save import write_checkpoint
+
+    record = {**(provenance or {}), "quantization": result.to_dict()}
+    write_checkpoint(model, folder, source_dir=source_dir, provenance=record)
+    if result.format == FORMAT_PACKED:
+        _compress_checkpoint(Path(folder), result)

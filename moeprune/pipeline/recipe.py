@@ -51,6 +51,15 @@ class ReconstructConfig(BaseModel):
     max_tokens: int = Field(2048, ge=1, description="calibration tokens cached per layer")
 
 
+class QuantizeConfig(BaseModel):
+    model_config = _FORBID
+    bits: Literal[4, 8] = 8
+    group_size: int = Field(32, ge=1, description="weights per scale (uniform mode); must divide expert widths")
+    mixed_budget: float | None = Field(None, gt=0, description="average bits per expert weight: importance-aware "
+                                                                  "per-layer mix (needs bits: 8)")
+    importance: str = Field("reap", description="scoring method giving each layer's importance for the mix")
+
+
 class Recipe(BaseModel):
     model_config = _FORBID
     model: str = Field(..., description="local model folder, or 'demo'")
@@ -63,6 +72,7 @@ class Recipe(BaseModel):
     merge: MergeConfig = Field(default_factory=MergeConfig)
     reconstruct: ReconstructConfig = Field(default_factory=ReconstructConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    quantize: QuantizeConfig | None = Field(None, description="optional weight-only quantization after compression")
     output: str | None = None
     seed: int = 0
     dtype: Literal["float32", "bfloat16", "float16", "auto"] = "float32"

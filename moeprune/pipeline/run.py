@@ -158,19 +158,64 @@ def run_recipe(recipe: Recipe, *, out_dir: str | Path | None = None, overwrite: 
     with timer("eval_compressed"):
         comp_eval = _eval(model, tokenizer, recipe, progress)
     report = _build_report(recipe, src, adapter, obs, reused, selection, kept, before, after, base_eval, comp_eval)
+    quant = None
+    if recipe.quantize is not None:
+        with timer("quantize"):
+            quant = _quantize(model, recipe, obs, kept)
+        with timer("eval_quantized"):
+            quant_eval = _eval(model, tokenizer, recipe, progress)
+        report["quantization"] = quant.to_dict()
+        report["eval"]["quantized"] = quant_eval
+        report["eval"]["retained_quantized"] = _retained(base_eval, quant_eval)
+    report["sizes"] = _sizes(report, quant)
     if decision.merge_plan is not None:
         report["compression"]["merged"] = {str(i): c for i, c in decision.merge_plan.clusters.items()}
     with atomic_output_dir(out, inputs=(src,), overwrite=overwrite) as tmp:
         from moeprune.compress.save import write_checkpoint
 
         with timer("save"):
-            write_checkpoint(model, tmp, source_dir=src, provenance=_provenance(report, selection))
+            if quant is None:
+                write_checkpoint(model, tmp, source_dir=src, provenance=_provenance(report, selection))
+            else:
+                from moeprune.compress.quantize import write_quantized
+
+                write_quantized(model, quant, tmp, source_dir=src, provenance=_provenance(report, selection))
+            report["sizes"]["files_on_disk"] = sum(f.stat().st_size for f in tmp.glob("*.safetensors"))
             obs.save(tmp / "observations")
         report["timings"] = {**timer.timings}
         report["timings"]["total"] = round(sum(timer.timings.values()), 3)
         (tmp / "report.json").write_text(json.dumps(report, indent=2) + "\n")
         _write_markdown(tmp, report, obs, selection, log)
     return report
+
+
+def _quantize(model, recipe: Recipe, obs, kept: dict[int, list[int]]):
+    """Quantize the compressed model in place; layer importance = summed scores of its kept experts."""
+    from moeprune.compress.quantize import MixedBudget, quantize_model
+    from moeprune.score import score_layer
+
+    q = recipe.quantize
+    importance = None
+    mixed = None
+    if q.mixed_budget is not None:
+        mixed = MixedBudget(avg_bits=q.mixed_budget)
+        importance = {}
+        for i, experts in kept.items():
+            scores = score_layer(q.importance, obs.layers[i])[experts]
+            importance[i] = float(scores[torch.isfinite(scores)].clamp(min=0).sum())
+    return quantize_model(model, bits=q.bits, group_size=q.group_size, mixed=mixed, importance=importance)
+
+
+def _sizes(report: dict, quant) -> dict:
+    """The bytes/quality table: weights bytes of each stage and its scores."""
+    comp, ev = report["compression"], report["eval"]
+    rows = {"base": {"bytes": comp["bytes_before"], "scores": {t: r["score"] for t, r in ev["base"].items()}},
+            "compressed": {"bytes": comp["bytes_after"],
+                           "scores": {t: r["score"] for t, r in ev["compressed"].items()}}}
+    if quant is not None:
+        rows["compressed+quantized"] = {"bytes": quant.bytes_after,
+                                        "scores": {t: r["score"] for t, r in ev["quantized"].items()}}
+    return {"stages": rows}
 
 
 def _provenance(report: dict, selection) -> dict:

@@ -210,9 +210,30 @@ def _recipe(report: dict) -> list[str]:
     return ["## Recipe", "", "```yaml", text, "```", ""]
 
 
+def _sizes(report: dict) -> list[str]:
+    """Bytes and quality of each stage (base, compressed, compressed+quantized)."""
+    stages = (report.get("sizes") or {}).get("stages") or {}
+    if len(stages) < 2:
+        return []
+    tasks = list(dict.fromkeys(t for row in stages.values() for t in row.get("scores", {})))
+    base_bytes = stages.get("base", {}).get("bytes") or 0
+    lines = ["## Bytes and quality", "", "| stage | weight bytes | vs base | " + " | ".join(tasks) + " |",
+             "|---|---|---|" + "---|" * len(tasks)]
+    for name, row in stages.items():
+        rel = f"{100 * row['bytes'] / base_bytes:.1f}%" if base_bytes else "—"
+        cells = [_num(row.get("scores", {}).get(t)) for t in tasks]
+        lines.append(f"| {name} | {human_bytes(row['bytes'])} | {rel} | " + " | ".join(cells) + " |")
+    q = report.get("quantization")
+    if q:
+        lines += ["", f"Quantization: {q.get('format')}, {q.get('bits')}-bit"
+                  + (f", group size {q['group_size']}" if q.get("group_size") else "")
+                  + (f", per-layer bits {q['layer_bits']}" if q.get("layer_bits") else "") + "."]
+    return lines + [""]
+
+
 def render_report_md(report: dict, *, plot_lines: list[str] | None = None) -> str:
     """The markdown text of a report dict (no files written); `plot_lines` go before the recipe."""
-    lines = (_summary(report) + _eval_table(report) + _experts(report) + _calibration(report)
+    lines = (_summary(report) + _eval_table(report) + _sizes(report) + _experts(report) + _calibration(report)
              + _timings(report) + (plot_lines or []) + _recipe(report))
     if report.get("moeprune_version"):
         lines.append(f"_Written by moeprune {report['moeprune_version']}._")

@@ -113,3 +113,22 @@ def test_bad_pipeline_inputs(setup, tmp_path):
     assert "must be in (0, 1)" in _error(_invoke("prune", model, "-o", tmp_path / "o", "--method", "reap",
                                                  "--ratio", 1.2))
     assert not (tmp_path / "o").exists()
+
+
+def test_run_with_quantization_stage(setup, tmp_path, monkeypatch):
+    pytest.importorskip("compressed_tensors")
+    root, model, recipe = setup
+    monkeypatch.setenv("MOEPRUNE_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "q"
+    result = _invoke("run", recipe, "-o", out, "--no-progress", "--set", "quantize.bits=8")
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "report.json").read_text())
+    stages = report["sizes"]["stages"]
+    assert list(stages) == ["base", "compressed", "compressed+quantized"]
+    assert stages["compressed+quantized"]["bytes"] < stages["compressed"]["bytes"] < stages["base"]["bytes"]
+    assert report["quantization"]["bits"] == 8 and "tiny_add" in report["eval"]["quantized"]
+    assert report["sizes"]["files_on_disk"] < stages["compressed"]["bytes"]
+    assert "## Bytes and quality" in (out / "report.md").read_text()
+    code = (f"from transformers import AutoModelForCausalLM as A; import sys; m = A.from_pretrained({str(out)!r}); "
+            "assert 'moeprune' not in sys.modules; print(m.config.num_local_experts)")
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "4"
