@@ -14,6 +14,7 @@ from pathlib import Path
 
 from moeprune import __version__
 from moeprune.errors import MoePruneError
+from moeprune.units import human_bytes
 
 __all__ = ["FolderFacts", "read_facts", "render_card", "write_model_card", "ensure_provenance", "publish_folder",
            "PublishOutcome"]
@@ -72,16 +73,6 @@ def read_facts(out_dir: str | Path) -> FolderFacts:
     return facts
 
 
-def _human(n) -> str:
-    if not isinstance(n, (int, float)):
-        return "—"
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1000
-    return str(n)
-
-
 def _fmt(value) -> str:
     if value is None:
         return "—"
@@ -107,11 +98,11 @@ def _compression_section(f: FolderFacts) -> list[str]:
             ["parameters before → after",
              f"{c['params_before']:,} → {c['params_after']:,}" if "params_before" in c else None],
             ["weight bytes before → after",
-             f"{_human(c['bytes_before'])} → {_human(c['bytes_after'])}" if "bytes_before" in c else None],
+             f"{human_bytes(c['bytes_before'])} → {human_bytes(c['bytes_after'])}" if "bytes_before" in c else None],
             ["routed-expert bytes before → after",
-             f"{_human(c['expert_bytes_before'])} → {_human(c['expert_bytes_after'])}"
+             f"{human_bytes(c['expert_bytes_before'])} → {human_bytes(c['expert_bytes_after'])}"
              if "expert_bytes_before" in c else None],
-            ["safetensors on disk", _human(sum(p.stat().st_size for p in f.folder.glob("*.safetensors")))]]
+            ["safetensors on disk", human_bytes(sum(p.stat().st_size for p in f.folder.glob("*.safetensors")))]]
     return ["## Compression", ""] + _table(["", "value"], [r for r in rows if r[1] is not None]) + [""]
 
 
@@ -122,7 +113,7 @@ def _quantization_section(f: FolderFacts) -> list[str]:
     rows = [["format", q.get("format")], ["bits", q.get("bits")], ["group size", q.get("group_size")],
             ["bits per MoE layer", ", ".join(f"{k}: {v}" for k, v in (q.get("layer_bits") or {}).items()) or None],
             ["weight bytes before → after (estimate)",
-             f"{_human(q.get('bytes_before'))} → {_human(q.get('bytes_after'))}"]]
+             f"{human_bytes(q.get('bytes_before'))} → {human_bytes(q.get('bytes_after'))}"]]
     return ["## Quantization", ""] + _table(["", "value"], rows) + [""]
 
 

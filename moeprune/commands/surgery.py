@@ -10,16 +10,9 @@ import click
 from moeprune.cli import cli
 from moeprune.commands.pipeline_cmds import calibration_options, recipe_from_cli
 from moeprune.errors import MoePruneError
+from moeprune.units import human_bytes
 
 __all__ = ["inspect_cmd", "prune_cmd", "format_summary"]
-
-
-def _human(n: int) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1000
-    return str(n)
 
 
 def format_summary(summary) -> str:
@@ -34,9 +27,9 @@ def format_summary(summary) -> str:
     ]
     total = s.params["total"] or 1
     for kind in ("expert", "router", "shared", "other", "total"):
-        lines.append(f"{kind:<10}{s.params[kind]:>16,}{_human(s.bytes[kind]):>14}{100 * s.params[kind] / total:>7.1f}%")
+        lines.append(f"{kind:<10}{s.params[kind]:>16,}{human_bytes(s.bytes[kind]):>14}{100 * s.params[kind] / total:>7.1f}%")
     if s.files_bytes:
-        lines.append(f"\nsafetensors on disk: {_human(s.files_bytes)}")
+        lines.append(f"\nsafetensors on disk: {human_bytes(s.files_bytes)}")
     return "\n".join(lines)
 
 

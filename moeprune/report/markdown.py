@@ -11,24 +11,14 @@ from pathlib import Path
 
 import yaml
 
+from moeprune.units import human_bytes
+
 from moeprune.report.plots import plot_kept_map, plot_saliency, plot_usage_heatmap
 
 __all__ = ["write_report_md", "human_bytes", "render_report_md"]
 
 _DASH = "—"
 _MAX_LAYER_LINES = 16  # kept-expert lines before the list collapses to a summary
-
-
-def human_bytes(n: float | None) -> str:
-    """Decimal units: 1234567 -> '1.23 MB'."""
-    if n is None:
-        return _DASH
-    n = float(n)
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1000
-    return f"{n:.2f} TB"
 
 
 def _num(x, fmt: str = "{:.3f}") -> str:
