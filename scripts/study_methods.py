@@ -9,6 +9,8 @@ compresses a fresh copy of the model at each ratio and the copy is evaluated on 
     python scripts/study_methods.py --only domain        # REAP at 50% calibrated per domain
 
 Table 1 (`methods`): methods x ratios on the mixed calibration set, score and retained fraction.
+Table 3 (`quant`): bytes and quality of pruned only, quantized only, pruned + quantized and pruned +
+importance-aware mixed precision.
 Table 2 (`domain`): for each generative domain, REAP keeping 50% of experts calibrated on that
 domain alone, scored on that domain's task — the "calibrate on what you care about" setting.
 Prints the tables and a final JSON line; --out writes the JSON to a file as well.
@@ -92,6 +94,45 @@ def domain_table(model, tok, args) -> list[dict]:
     return rows
 
 
+def _weight_bytes(model) -> int:
+    from moeprune.inspect import summarize_module
+
+    return summarize_module(model).bytes["total"]
+
+
+def quant_table(model, tok, args) -> list[dict]:
+    """Bytes and quality: pruned only, quantized only, pruned + quantized, pruned + mixed precision.
+
+    Bytes are those of the weights as stored (bf16 for unquantized tensors, as the demo ships)."""
+    from moeprune.compress.quantize import MixedBudget, quantize_model
+    from moeprune.observe import observe
+    from moeprune.observe.calibration import load_calibration, parse_calibration_spec
+    from moeprune.score import score_layer
+
+    tasks = args.tasks.split(",")
+    calib = load_calibration(parse_calibration_spec(args.calib, max_length=256), tok, batch_size=8)
+    obs = observe(model, calib, progress=False)
+    bf16 = lambda m: _weight_bytes(m) // 2  # noqa: E731  (fp32 in memory, bf16 on disk)
+    rows = [{"setting": "base (bf16)", "bytes": bf16(model), **_evaluate(model, tok, tasks, args.limit)}]
+    pruned = _compress(model, obs, _recipe("demo", "reap", 0.5, args.calib), calib)
+    rows.append({"setting": "REAP 50%", "bytes": bf16(pruned), **_evaluate(pruned, tok, tasks, args.limit)})
+    kept = {i: list(range(pruned.config.num_local_experts)) for i in obs.layers}
+    for label, source, kw in (
+            ("int8 g32", model, dict(bits=8, group_size=32)),
+            ("int4 g32", model, dict(bits=4, group_size=32)),
+            ("REAP 50% + int8 g32", pruned, dict(bits=8, group_size=32)),
+            ("REAP 50% + int4 g32", pruned, dict(bits=4, group_size=32)),
+            ("REAP 50% + mixed (avg 12 bits)", pruned, dict(bits=8, mixed=MixedBudget(avg_bits=12.0)))):
+        m = copy.deepcopy(source)
+        if "mixed" in kw:
+            kw["importance"] = {i: float(score_layer("reap", obs.layers[i]).clamp(min=0).sum()) for i in kept}
+        res = quantize_model(m, **kw)
+        rows.append({"setting": label, "bytes": res.bytes_after, **_evaluate(m, tok, tasks, args.limit)})
+    for r in rows:
+        print(f"{r['setting']:<32}{r['bytes'] / 1e6:>8.2f} MB" + "".join(f"{r[t]:>10.3f}" for t in tasks), flush=True)
+    return rows
+
+
 def _print_row(row, tasks, base):
     cells = []
     for t in tasks:
@@ -109,7 +150,7 @@ def main(argv=None) -> int:
     ap.add_argument("--tasks", default="demo_arith,demo_json,demo_program,demo_prose")
     ap.add_argument("--calib", default="demo")
     ap.add_argument("--limit", type=int, default=100)
-    ap.add_argument("--only", choices=["methods", "domain"], default=None)
+    ap.add_argument("--only", choices=["methods", "domain", "quant"], default=None)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
@@ -125,6 +166,8 @@ def main(argv=None) -> int:
         result["methods"] = methods_table(model, tok, args)
     if args.only in (None, "domain"):
         result["domain"] = domain_table(model, tok, args)
+    if args.only in (None, "quant"):
+        result["quant"] = quant_table(model, tok, args)
     line = json.dumps({"study": "methods", **result})
     if args.out:
         with open(args.out, "w") as f:
