@@ -95,15 +95,14 @@ def domain_table(model, tok, args) -> list[dict]:
 
 
 def _weight_bytes(model) -> int:
-    from moeprune.inspect import summarize_module
-
-    return summarize_module(model).bytes["total"]
+    return sum(t.numel() * t.element_size() for t in model.state_dict().values())
 
 
 def quant_table(model, tok, args) -> list[dict]:
     """Bytes and quality: pruned only, quantized only, pruned + quantized, pruned + mixed precision.
 
-    Bytes are those of the weights as stored (bf16 for unquantized tensors, as the demo ships)."""
+    Bytes are those of the weights in the dtype of the run (float32 for unquantized tensors), counted
+    the same way for every row (tied embeddings once)."""
     from moeprune.compress.quantize import MixedBudget, quantize_model
     from moeprune.observe import observe
     from moeprune.observe.calibration import load_calibration, parse_calibration_spec
@@ -112,10 +111,9 @@ def quant_table(model, tok, args) -> list[dict]:
     tasks = args.tasks.split(",")
     calib = load_calibration(parse_calibration_spec(args.calib, max_length=256), tok, batch_size=8)
     obs = observe(model, calib, progress=False)
-    bf16 = lambda m: _weight_bytes(m) // 2  # noqa: E731  (fp32 in memory, bf16 on disk)
-    rows = [{"setting": "base (bf16)", "bytes": bf16(model), **_evaluate(model, tok, tasks, args.limit)}]
+    rows = [{"setting": "base (fp32)", "bytes": _weight_bytes(model), **_evaluate(model, tok, tasks, args.limit)}]
     pruned = _compress(model, obs, _recipe("demo", "reap", 0.5, args.calib), calib)
-    rows.append({"setting": "REAP 50%", "bytes": bf16(pruned), **_evaluate(pruned, tok, tasks, args.limit)})
+    rows.append({"setting": "REAP 50%", "bytes": _weight_bytes(pruned), **_evaluate(pruned, tok, tasks, args.limit)})
     kept = {i: list(range(pruned.config.num_local_experts)) for i in obs.layers}
     for label, source, kw in (
             ("int8 g32", model, dict(bits=8, group_size=32)),
