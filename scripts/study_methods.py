@@ -102,7 +102,7 @@ def quant_table(model, tok, args) -> list[dict]:
     """Bytes and quality: pruned only, quantized only, pruned + quantized, pruned + mixed precision.
 
     Bytes are those of the weights in the dtype of the run (float32 for unquantized tensors), counted
-    the same way for every row (tied embeddings once)."""
+    the same way for every row, as the quantizer counts them (state-dict tensors)."""
     from moeprune.compress.quantize import MixedBudget, quantize_model
     from moeprune.observe import observe
     from moeprune.observe.calibration import load_calibration, parse_calibration_spec
