@@ -71,6 +71,7 @@ class masked_routing:
 def capture_layer_inputs(model, batches, layer_indices, *, max_tokens: int) -> dict[int, torch.Tensor]:
     """Inputs (T, H) of the listed MoE blocks for non-padding calibration tokens, at most `max_tokens`."""
     adapter = MoEAdapter(model)
+    batches = getattr(batches, "batches", batches)  # a CalibrationSet or a list of batches
     seen: dict[int, list[torch.Tensor]] = {i: [] for i in layer_indices}
     state = {"mask": None}
     handles = []

@@ -132,3 +132,13 @@ def test_run_with_quantization_stage(setup, tmp_path, monkeypatch):
     code = (f"from transformers import AutoModelForCausalLM as A; import sys; m = A.from_pretrained({str(out)!r}); "
             "assert 'moeprune' not in sys.modules; print(m.config.num_local_experts)")
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "4"
+
+
+def test_prune_by_reconstruction_from_the_cli(setup, tmp_path, monkeypatch):
+    root, model, _ = setup
+    monkeypatch.setenv("MOEPRUNE_CACHE", str(tmp_path / "cache"))
+    result = _invoke("prune", model, "-o", tmp_path / "r", "--method", "reconstruct", "--keep-experts", 6,
+                     "--calib", root / "calib.txt", "--max-length", 32)
+    assert result.exit_code == 0, result.output
+    prov = json.loads((tmp_path / "r" / "moeprune.json").read_text())
+    assert prov["method"] == "reconstruct" and all(len(v) == 6 for v in prov["kept"].values())
