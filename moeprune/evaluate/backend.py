@@ -102,7 +102,7 @@ class HFBackend:
         eos = getattr(self.model.generation_config, "eos_token_id", None)
         return eos if eos is not None else self.tokenizer.eos_token_id
 
-    @torch.inference_mode()
+    @torch.no_grad()  # not inference_mode: quantized tensor subclasses refuse inference tensors
     def generate(self, prompts: Sequence[str], *, max_new_tokens: int, stop: Sequence[str] = (),
                  desc: str = "generate") -> list[str]:
         """Greedy completions of ``prompts`` (decoded without special tokens, cut at ``stop``)."""
@@ -134,7 +134,7 @@ class HFBackend:
         limits = [n for n in limits if isinstance(n, int) and 0 < n < 10**7]
         return min(limits) if limits else 2048
 
-    @torch.inference_mode()
+    @torch.no_grad()  # not inference_mode: quantized tensor subclasses refuse inference tensors
     def token_nll(self, texts: Sequence[str], *, desc: str = "nll") -> list[tuple[float, int]]:
         """Per text: (sum of NLL over tokens 2..L, L - 1). Texts longer than the model's context are truncated."""
         max_len = self._max_length()
