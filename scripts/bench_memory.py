@@ -74,15 +74,11 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="A 0.2 GB checkpoint.")
     args = ap.parse_args(argv)
     from bench_rewrite import half_plan
-    from make_random_checkpoint import make_checkpoint
+    from make_random_checkpoint import source_checkpoint
 
     with tempfile.TemporaryDirectory(prefix="bench-memory-", dir=args.workdir) as tmp:
         work = Path(tmp)
-        src = args.model_dir
-        if src is None:
-            src = work / "src"
-            kw = dict(size_gb=0.2, hidden=512, inter=1408, vocab=8000) if args.quick else dict(size_gb=args.size_gb)
-            make_checkpoint(src, **kw)
+        src = source_checkpoint(args.model_dir, work, quick=args.quick, size_gb=args.size_gb)
         size = sum(f.stat().st_size for f in src.glob("*.safetensors"))
         cap = max(int(args.fraction * size), int(args.min_cap_gb * 1e9))
         keep = half_plan(src)

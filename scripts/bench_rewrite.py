@@ -81,15 +81,11 @@ def main(argv=None) -> int:
     ap.add_argument("--workdir", type=Path, default=None, help="Where copies and outputs go (same disk as input).")
     ap.add_argument("--quick", action="store_true", help="0.2 GB checkpoint, 2 repeats.")
     args = ap.parse_args(argv)
-    from make_random_checkpoint import make_checkpoint
+    from make_random_checkpoint import source_checkpoint
 
     with tempfile.TemporaryDirectory(prefix="bench-rewrite-", dir=args.workdir) as tmp:
         work = Path(tmp)
-        src = args.model_dir
-        if src is None:
-            src = work / "src"
-            kw = dict(size_gb=0.2, hidden=512, inter=1408, vocab=8000) if args.quick else dict(size_gb=args.size_gb)
-            make_checkpoint(src, **kw)
+        src = source_checkpoint(args.model_dir, work, quick=args.quick, size_gb=args.size_gb)
         out = run(src, work, 2 if args.quick else args.repeats)
     out["quick"] = args.quick
     out["cpus"] = os.cpu_count()

@@ -51,17 +51,13 @@ def main(argv=None) -> int:
     ap.add_argument("--size-gb", type=float, default=5.0)
     ap.add_argument("--quick", action="store_true", help="0.2 GB generated checkpoint.")
     args = ap.parse_args(argv)
-    from make_random_checkpoint import make_checkpoint
+    from make_random_checkpoint import source_checkpoint
     from tiny_models import tiny_model
 
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench-size-") as tmp:
         work = Path(tmp)
-        src = args.model_dir
-        if src is None:
-            src = work / "src"
-            kw = dict(size_gb=0.2, hidden=512, inter=1408, vocab=8000) if args.quick else dict(size_gb=args.size_gb)
-            make_checkpoint(src, **kw)
+        src = source_checkpoint(args.model_dir, work, quick=args.quick, size_gb=args.size_gb)
         for k in (7, 6, 4, 2):
             rows.append(measure(src, work / f"out{k}", k))
         for model_type in ("qwen2_moe", "deepseek_v3", "olmoe", "gpt_oss"):

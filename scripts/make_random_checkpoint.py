@@ -108,3 +108,15 @@ def main(argv=None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+QUICK = dict(size_gb=0.2, hidden=512, inter=1408, vocab=8000)
+
+
+def source_checkpoint(model_dir: Path | None, work: Path, *, quick: bool, size_gb: float) -> Path:
+    """The checkpoint a benchmark runs on: `model_dir` when given, else one generated under `work`."""
+    if model_dir is not None:
+        return model_dir
+    src = work / "src"
+    make_checkpoint(src, **(QUICK if quick else dict(size_gb=size_gb)))
+    return src
