@@ -10,9 +10,9 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from capture import routed_to_kept
 from moeprune.compress import prune_experts, save_compressed
 from moeprune.models import ARCHS, MoEAdapter
+from moeprune.score.reconstruct import masked_routing
 from tiny_models import TINY, tiny_model
 
 HERE = Path(__file__).resolve().parent.parent
@@ -76,7 +76,7 @@ def test_logits_equal_reference_routing(roundtrip, model_type):
     ids, cases = roundtrip
     case = cases[model_type]
     adapter = MoEAdapter(case["original"])
-    with routed_to_kept(adapter, case["plan"]), torch.no_grad():
+    with masked_routing(adapter, case["plan"]), torch.no_grad():
         want = case["original"](ids).logits
     torch.testing.assert_close(case["reloaded"]["logits"], want, rtol=1e-4, atol=1e-5)
 
