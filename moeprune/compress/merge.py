@@ -163,11 +163,11 @@ METHOD_NEEDS = {"hc_smoe": ("all_means",), "m_smoe": ("router_gram",)}
 def plan_merge(obs, adapter: MoEAdapter, *, method: str, n_keep: int, linkage: str = "average",
                where: str = "merge") -> MergePlan:
     """Cluster every layer's experts from saved observations."""
-    from moeprune.score.select import _groups
+    from moeprune.score.select import routing_groups
 
     if method not in METHOD_NEEDS:
         raise MoePruneError(f"{where}: unknown merge method {method!r}; allowed: {', '.join(METHOD_NEEDS)}")
-    groups = _groups(adapter, n_keep, where)
+    groups = routing_groups(adapter, n_keep, where)
     clusters = {}
     for i, stats in obs.layers.items():
         if method == "hc_smoe":

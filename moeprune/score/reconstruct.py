@@ -19,7 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from moeprune.models import MoEAdapter, MoELayer
-from moeprune.score.select import Selection, _groups
+from moeprune.score.select import Selection, routing_groups
 
 __all__ = ["reconstruct_select", "capture_layer_inputs", "masked_routing", "layer_error"]
 
@@ -154,7 +154,7 @@ def reconstruct_select(model, batches, *, n_keep: int, budget: int = 5000, progr
                        progress: bool = True) -> Selection:
     """Choose the kept experts of every layer by reconstruction error (see module docstring)."""
     adapter = MoEAdapter(model)
-    groups = _groups(adapter, n_keep, "reconstruct")
+    groups = routing_groups(adapter, n_keep, "reconstruct")
     protected = protected or {}
     indices = adapter.layer_indices
     kept: dict[int, list[int]] = {}

@@ -14,7 +14,7 @@ from moeprune.models.routing import group_routing_active
 from moeprune.observe.stats import Observations
 from moeprune.score.scorers import score_layer
 
-__all__ = ["Selection", "select_experts", "super_experts", "experts_to_keep"]
+__all__ = ["Selection", "select_experts", "super_experts", "experts_to_keep", "routing_groups"]
 
 
 @dataclass
@@ -84,7 +84,7 @@ def _layer_keep(scores: torch.Tensor, n_keep: int, protected: set[int], groups: 
     return sorted(kept)
 
 
-def _groups(adapter: MoEAdapter, n_keep: int, where: str) -> int:
+def routing_groups(adapter: MoEAdapter, n_keep: int, where: str) -> int:
     gate = adapter.spec.gate
     if gate is None or not group_routing_active(gate, adapter.config):
         return 1
@@ -103,7 +103,7 @@ def select_experts(obs: Observations, adapter: MoEAdapter, *, method: str, ratio
         raise MoePruneError(f"{where}: allocation must be 'uniform' or 'global', got {allocation!r}")
     e = adapter.num_experts
     n_keep = experts_to_keep(e, ratio=ratio, keep=keep, top_k=adapter.top_k, where=where)
-    groups = _groups(adapter, n_keep, where)
+    groups = routing_groups(adapter, n_keep, where)
     num_layers = int(getattr(adapter.config, "num_hidden_layers", max(obs.layers) + 1))
     protected = super_experts(obs, num_layers) if protect_super else {}
     scores = {i: score_layer(method, s, seed=seed, layer=i) for i, s in obs.layers.items()}
