@@ -6,13 +6,14 @@ compresses a fresh copy of the model at each ratio and the copy is evaluated on 
 
     python scripts/study_methods.py                      # full study (both tables), ~tens of minutes
     python scripts/study_methods.py --quick              # small limits, for a smoke run
-    python scripts/study_methods.py --only domain        # REAP at 50% calibrated per domain
+    python scripts/study_methods.py --only domain        # per-domain calibration, 4 methods x ratios
 
 Table 1 (`methods`): methods x ratios on the mixed calibration set, score and retained fraction.
 Table 3 (`quant`): bytes and quality of pruned only, quantized only, pruned + quantized and pruned +
 importance-aware mixed precision.
-Table 2 (`domain`): for each generative domain, REAP keeping 50% of experts calibrated on that
-domain alone, scored on that domain's task — the "calibrate on what you care about" setting.
+Table 2 (`domain`): for each generative domain, REAP, EAN, frequency and random at each ratio,
+calibrated on that domain alone and scored on that domain's task — the "calibrate on what you care
+about" setting.
 Prints the tables and a final JSON line; --out writes the JSON to a file as well.
 """
 
@@ -77,20 +78,29 @@ def methods_table(model, tok, args) -> list[dict]:
 
 
 def domain_table(model, tok, args) -> list[dict]:
+    """Per generative domain: calibrate on that domain alone, compress with each of --domain-methods at
+    each ratio, score on that domain's task. One observation pass per domain serves every row."""
     from moeprune.observe import observe
     from moeprune.observe.calibration import load_calibration, parse_calibration_spec
 
+    methods = args.domain_methods.split(",")
+    ratios = [float(r) for r in args.ratios.split(",")]
+    print(f"{'domain':<10}{'base':>8}" + "".join(f"{m + '@' + format(r, 'g'):>18}" for r in ratios for m in methods))
     rows = []
     for domain, task in DOMAIN_TASKS.items():
         base = _evaluate(model, tok, [task], args.limit)[task]
         calib = load_calibration(parse_calibration_spec(f"demo/{domain}", max_length=256), tok, batch_size=8)
         obs = observe(model, calib, progress=False)
-        m = _compress(model, obs, _recipe("demo", "reap", 0.5, f"demo/{domain}"), calib)
-        score = _evaluate(m, tok, [task], args.limit)[task]
-        rows.append({"domain": domain, "task": task, "base": base, "reap50": score,
-                     "retained": round(score / base, 4) if base else None})
-        print(f"{domain:<10}{task:<16}base {base:.3f}  reap@50% {score:.3f}  retained "
-              f"{rows[-1]['retained']}", flush=True)
+        row = {"domain": domain, "task": task, "base": base, "scores": {}}
+        for ratio in ratios:
+            for method in methods:
+                m = _compress(model, obs, _recipe("demo", method, ratio, f"demo/{domain}"), calib)
+                score = _evaluate(m, tok, [task], args.limit)[task]
+                row["scores"][f"{method}@{ratio:g}"] = {"score": score,
+                                                        "retained": round(score / base, 4) if base else None}
+        rows.append(row)
+        print(f"{domain:<10}{base:>8.3f}" + "".join(
+            f"{v['score']:>9.3f} ({v['retained'] or 0:>4.0%})" for v in row["scores"].values()), flush=True)
     return rows
 
 
@@ -114,7 +124,9 @@ def quant_table(model, tok, args) -> list[dict]:
     rows = [{"setting": "base (fp32)", "bytes": _weight_bytes(model), **_evaluate(model, tok, tasks, args.limit)}]
     pruned = _compress(model, obs, _recipe("demo", "reap", 0.5, args.calib), calib)
     rows.append({"setting": "REAP 50%", "bytes": _weight_bytes(pruned), **_evaluate(pruned, tok, tasks, args.limit)})
-    kept = {i: list(range(pruned.config.num_local_experts)) for i in obs.layers}
+    from moeprune.models import MoEAdapter
+
+    kept = {i: list(range(MoEAdapter(pruned).num_experts)) for i in obs.layers}
     for label, source, kw in (
             ("int8 g32", model, dict(bits=8, group_size=32)),
             ("int4 g32", model, dict(bits=4, group_size=32)),
@@ -147,6 +159,8 @@ def main(argv=None) -> int:
     ap.add_argument("--ratios", default="0.25,0.5")
     ap.add_argument("--tasks", default="demo_arith,demo_json,demo_program,demo_prose")
     ap.add_argument("--calib", default="demo")
+    ap.add_argument("--domain-methods", default="reap,ean,frequency,random",
+                    help="methods of the per-domain table")
     ap.add_argument("--limit", type=int, default=100)
     ap.add_argument("--only", choices=["methods", "domain", "quant"], default=None)
     ap.add_argument("--quick", action="store_true")

@@ -172,18 +172,76 @@ def load_eval_rows(assets: Path, n: int | None = None) -> dict:
 # --------------------------------------------------------------------------- main
 
 
+def build_config(tok, args):
+    """Stock transformers config for --arch (mixtral: routed experts only; qwen2_moe: plus a shared expert)."""
+    common = dict(vocab_size=len(tok), hidden_size=args.hidden, num_hidden_layers=args.layers,
+                  num_attention_heads=args.heads, num_key_value_heads=args.kv_heads,
+                  max_position_embeddings=args.seq_len * 2, num_experts_per_tok=2, output_router_logits=True,
+                  router_aux_loss_coef=args.aux_coef, tie_word_embeddings=True,
+                  bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                  rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+    if args.arch == "mixtral":
+        from transformers import MixtralConfig
+        return MixtralConfig(intermediate_size=args.inter, num_local_experts=args.experts, **common)
+    from transformers import Qwen2MoeConfig
+    return Qwen2MoeConfig(moe_intermediate_size=args.inter, intermediate_size=args.shared_inter,
+                          shared_expert_intermediate_size=args.shared_inter, num_experts=args.experts,
+                          norm_topk_prob=True, qkv_bias=False, decoder_sparse_step=1, mlp_only_layers=[],
+                          use_sliding_window=False, **common)
+
+
 def build_model(tok, args):
-    from transformers import MixtralConfig, MixtralForCausalLM
-    cfg = MixtralConfig(
-        vocab_size=len(tok), hidden_size=args.hidden, intermediate_size=args.inter,
-        num_hidden_layers=args.layers, num_attention_heads=args.heads,
-        num_key_value_heads=args.kv_heads, max_position_embeddings=args.seq_len * 2,
-        num_local_experts=args.experts, num_experts_per_tok=2, output_router_logits=True,
-        router_aux_loss_coef=args.aux_coef, tie_word_embeddings=True,
-        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id, rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
-    )
-    return MixtralForCausalLM(cfg)
+    from transformers import AutoModelForCausalLM
+    return AutoModelForCausalLM.from_config(build_config(tok, args))
+
+
+def upcycle(src_dir: str, tok, args, log):
+    """Sparse upcycling of a trained routed-only MoE into the --arch shape.
+
+    Every source expert is cut into --split experts along its intermediate neurons (down projection
+    scaled by --split, router row copied with a little noise, so each piece starts as an equal share of
+    its parent); embeddings, attention and norms are copied; a shared expert (qwen2_moe) starts with a
+    zero down projection, i.e. as a no-op that training grows. Returns the new model.
+    """
+    from transformers import AutoModelForCausalLM
+
+    src = AutoModelForCausalLM.from_pretrained(src_dir, dtype=torch.float32)
+    s_cfg = src.config
+    n_src, i_src = s_cfg.num_local_experts, s_cfg.intermediate_size
+    if i_src % args.split:
+        raise SystemExit(f"--split {args.split} does not divide the source intermediate size {i_src}")
+    args.experts, args.inter = n_src * args.split, i_src // args.split
+    args.hidden, args.layers = s_cfg.hidden_size, s_cfg.num_hidden_layers
+    args.heads, args.kv_heads = s_cfg.num_attention_heads, s_cfg.num_key_value_heads
+    model = build_model(tok, args)
+    sd, new = src.state_dict(), model.state_dict()
+    gen = torch.Generator().manual_seed(args.seed)
+    piece = args.inter
+    with torch.no_grad():
+        for name, t in new.items():
+            if name in sd and sd[name].shape == t.shape:
+                t.copy_(sd[name])
+            elif name.endswith("mlp.gate.weight"):
+                rows = sd[name].repeat_interleave(args.split, dim=0)
+                t.copy_(rows + args.router_noise * rows.std() * torch.randn(rows.shape, generator=gen))
+            elif name.endswith("mlp.experts.gate_up_proj"):
+                g, u = sd[name].chunk(2, dim=1)  # (E, I, H) each
+                for e in range(n_src):
+                    for k in range(args.split):
+                        sl = slice(k * piece, (k + 1) * piece)
+                        t[e * args.split + k] = torch.cat([g[e, sl], u[e, sl]], dim=0)
+            elif name.endswith("mlp.experts.down_proj"):
+                for e in range(n_src):
+                    for k in range(args.split):
+                        t[e * args.split + k] = sd[name][e, :, k * piece:(k + 1) * piece] * args.split
+            elif name.endswith("shared_expert.down_proj.weight") or name.endswith("shared_expert_gate.weight"):
+                t.zero_()
+            elif "shared_expert." in name:
+                pass  # random init from the config
+            else:
+                raise SystemExit(f"upcycle: no rule for parameter {name} {tuple(t.shape)}")
+    log(f"upcycled {src_dir}: {n_src} experts x {i_src} -> {args.experts} x {args.inter} ({args.arch})")
+    return model
 
 
 def save_model(model, tok, path: Path):
@@ -216,6 +274,14 @@ def main() -> None:
     ap.add_argument("--kv-heads", type=int, default=4)
     ap.add_argument("--experts", type=int, default=8)
     ap.add_argument("--aux-coef", type=float, default=0.02)
+    ap.add_argument("--arch", choices=["mixtral", "qwen2_moe"], default="mixtral",
+                    help="mixtral: routed experts only; qwen2_moe: routed experts plus one shared expert")
+    ap.add_argument("--shared-inter", type=int, default=128, help="shared expert intermediate size (qwen2_moe)")
+    ap.add_argument("--upcycle-from", default=None,
+                    help="start from a trained model folder, splitting each of its experts into --split experts")
+    ap.add_argument("--split", type=int, default=2)
+    ap.add_argument("--router-noise", type=float, default=0.05,
+                    help="upcycling: noise added to copied router rows, relative to their std")
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--lr", type=float, default=3e-3)
@@ -248,10 +314,10 @@ def main() -> None:
     log(f"args: {vars(args)}")
     t0 = time.time()
     corpus, assets = Path(args.corpus), Path(args.assets)
-    if args.init_from:
+    if args.init_from or args.upcycle_from:
         from transformers import AutoTokenizer
 
-        tok = AutoTokenizer.from_pretrained(args.init_from)
+        tok = AutoTokenizer.from_pretrained(args.init_from or args.upcycle_from)
     else:
         tok = train_tokenizer(corpus, args.vocab, out / "tokenizer")
     log(f"tokenizer: vocab {len(tok)} trained in {time.time() - t0:.1f}s; "
@@ -265,12 +331,16 @@ def main() -> None:
             f"({time.time() - t1:.1f}s)")
 
     if args.init_from:
-        from transformers import MixtralForCausalLM
+        from transformers import AutoModelForCausalLM
 
-        model = MixtralForCausalLM.from_pretrained(args.init_from, dtype=torch.float32).to(args.device)
+        model = AutoModelForCausalLM.from_pretrained(args.init_from, dtype=torch.float32).to(args.device)
         model.config.output_router_logits = True
         model.config.router_aux_loss_coef = args.aux_coef
+        args.experts = getattr(model.config, "num_local_experts", None) or model.config.num_experts
+        args.layers = model.config.num_hidden_layers
         log(f"continuing from {args.init_from}")
+    elif args.upcycle_from:
+        model = upcycle(args.upcycle_from, tok, args, log).to(args.device)
     else:
         model = build_model(tok, args).to(args.device)
     n_params = sum(p.numel() for p in model.parameters())

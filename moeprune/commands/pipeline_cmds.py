@@ -8,7 +8,7 @@ import click
 
 from moeprune.cli import cli
 
-__all__ = ["observe_cmd", "run_cmd", "calibration_options", "recipe_from_cli"]
+__all__ = ["observe_cmd", "run_cmd", "calibration_options", "load_cli_calibration", "recipe_from_cli"]
 
 
 def calibration_options(fn):
@@ -19,6 +19,8 @@ def calibration_options(fn):
         click.option("--batch-size", default=8, show_default=True, help="Calibration sequences per forward pass."),
         click.option("--no-pack", is_flag=True, help="One text per sequence (padded) instead of packing."),
         click.option("--chat-template", is_flag=True, help="Apply the tokenizer's chat template."),
+        click.option("--text-field", default="text", show_default=True,
+                     help="Field holding the text in .jsonl/.json/.csv/.parquet/datasets sources."),
         click.option("--seed", default=0, show_default=True),
         click.option("--dtype", default="float32", show_default=True,
                      type=click.Choice(["float32", "bfloat16", "float16", "auto"])),
@@ -27,9 +29,22 @@ def calibration_options(fn):
     return fn
 
 
+def load_cli_calibration(calib: dict, tokenizer):
+    """The calibration set described by the `calibration_options` flags; says so when it is the default."""
+    from moeprune.observe.calibration import load_calibration, parse_calibration_spec
+
+    spec = parse_calibration_spec(calib["calib"], max_length=calib["max_length"], pack=not calib["no_pack"],
+                                  seed=calib["seed"], chat_template=calib["chat_template"],
+                                  text_field=calib.get("text_field") or "text")
+    data = load_calibration(spec, tokenizer, batch_size=calib["batch_size"])
+    if data.used_default:
+        click.echo("no calibration data given: using the built-in mixed calibration set (demo corpus calib split)")
+    return data
+
+
 def recipe_from_cli(model: str, *, method: str = "reap", ratio=None, keep=None, calib=None, max_length=512,
-                    batch_size=8, no_pack=False, chat_template=False, seed=0, dtype="float32", merge=None,
-                    protect=True, **_):
+                    batch_size=8, no_pack=False, chat_template=False, text_field="text", seed=0, dtype="float32",
+                    merge=None, protect=True, **_):
     from pydantic import ValidationError
 
     from moeprune.errors import MoePruneError
@@ -41,7 +56,7 @@ def recipe_from_cli(model: str, *, method: str = "reap", ratio=None, keep=None, 
             "model": model, "method": method, "ratio": ratio, "keep": keep, "seed": seed, "dtype": dtype,
             "merge": merge or {}, "protect_super_experts": protect,
             "calibration": {"spec": calib, "max_length": max_length, "batch_size": batch_size, "pack": not no_pack,
-                            "chat_template": chat_template},
+                            "chat_template": chat_template, "text_field": text_field},
         })
     except ValidationError as exc:
         raise MoePruneError(format_validation_error("command line", exc).replace("'keep'", "'--keep-experts'")) from None
@@ -58,17 +73,11 @@ def observe_cmd(model_dir, out_dir, collect, all_means_tokens, overwrite, **cali
     """Run calibration data through MODEL_DIR and save router/expert statistics."""
     from moeprune.io import atomic_output_dir, check_output_dir, load_model, load_tokenizer, resolve_model_dir
     from moeprune.observe import observe
-    from moeprune.observe.calibration import load_calibration, parse_calibration_spec
 
     src = resolve_model_dir(model_dir)
     check_output_dir(out_dir, inputs=(src,), overwrite=overwrite)
-    spec = parse_calibration_spec(calib["calib"], max_length=calib["max_length"], pack=not calib["no_pack"],
-                                  seed=calib["seed"], chat_template=calib["chat_template"])
     model = load_model(src, dtype=calib["dtype"])
-    tokenizer = load_tokenizer(src)
-    data = load_calibration(spec, tokenizer, batch_size=calib["batch_size"])
-    if data.used_default:
-        click.echo("no calibration data given: using the built-in mixed calibration set (demo corpus calib split)")
+    data = load_cli_calibration(calib, load_tokenizer(src))
     stats = tuple(s for s in collect.split(",") if s)
     obs = observe(model, data, collect=stats, all_means_tokens=all_means_tokens)
     with atomic_output_dir(out_dir, inputs=(src,), overwrite=overwrite) as tmp:

@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from moeprune.cli import cli
-from moeprune.commands.pipeline_cmds import calibration_options
+from moeprune.commands.pipeline_cmds import calibration_options, load_cli_calibration
 
 __all__ = ["prune_stream_cmd", "observe_stream_cmd"]
 
@@ -45,18 +45,13 @@ def observe_stream_cmd(model_dir, out_dir, collect, all_means_tokens, device, ma
     """Observe MODEL_DIR one decoder layer at a time (for models larger than memory); same output as `observe`."""
     from moeprune.errors import MoePruneError
     from moeprune.io import atomic_output_dir, check_output_dir, load_tokenizer, resolve_model_dir
-    from moeprune.observe.calibration import load_calibration, parse_calibration_spec
     from moeprune.stream import observe_layerwise
 
     src = resolve_model_dir(model_dir)
     check_output_dir(out_dir, inputs=(src,), overwrite=overwrite)
     if calib["dtype"] == "auto":
         raise MoePruneError("observe-stream needs an explicit --dtype (float32, bfloat16 or float16)")
-    spec = parse_calibration_spec(calib["calib"], max_length=calib["max_length"], pack=not calib["no_pack"],
-                                  seed=calib["seed"], chat_template=calib["chat_template"])
-    data = load_calibration(spec, load_tokenizer(src), batch_size=calib["batch_size"])
-    if data.used_default:
-        click.echo("no calibration data given: using the built-in mixed calibration set (demo corpus calib split)")
+    data = load_cli_calibration(calib, load_tokenizer(src))
     budget = None if max_ram_gb is None else int(max_ram_gb * 1e9)
     obs = observe_layerwise(src, data, collect=tuple(s for s in collect.split(",") if s),
                             all_means_tokens=all_means_tokens, device=device, dtype=calib["dtype"],

@@ -190,7 +190,7 @@ def _row(obj, *, text_field: str, prefer_messages: bool, where: str) -> Row:
         if has_text:
             return text
     raise MoePruneError(f"{where}: row has no '{text_field}' field (nor a 'messages' list); set "
-                        "calibration.text_field to the field that holds the text")
+                        "calibration.text_field (recipe) or --text-field (command line) to the field that holds the text")
 
 
 @_READERS.register(".jsonl")

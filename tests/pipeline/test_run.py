@@ -83,6 +83,19 @@ def test_observe_then_prune_from_observations(setup, tmp_path):
     assert prov["method"] == "ean" and all(len(v) == 6 for v in prov["kept"].values())
 
 
+def test_observe_text_field_option(setup, tmp_path):
+    root, model, _ = setup
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text("".join(json.dumps({"body": f"{i} plus {i} is {2 * i}"}) + "\n" for i in range(40)))
+    line = _error(_invoke("observe", model, "-o", tmp_path / "a", "--calib", rows, "--max-length", 32))
+    assert "no 'text' field" in line and "--text-field" in line
+    result = _invoke("observe", model, "-o", tmp_path / "b", "--calib", rows, "--max-length", 32,
+                     "--text-field", "body")
+    assert result.exit_code == 0, result.output
+    meta = json.loads((tmp_path / "b" / "observations.json").read_text())
+    assert meta["num_tokens"] > 0
+
+
 def _error(result):
     assert result.exit_code == 2, result.output
     last = result.output.strip().splitlines()[-1]
