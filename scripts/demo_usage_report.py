@@ -211,6 +211,19 @@ def write_model_card(out: Path, model, report: dict, summaries: list[dict], mani
         w(f"| {i + 1} | {init} | {a['lr']:g} | {mix} | {s['steps']} | "
           f"{s['tokens'] / 1e6:.2f}M | {s['wall_s'] / 60:.1f} min | {s['final_loss_ema']:.3f} |")
     for i, s in enumerate(summaries):
+        a = s["args"]
+        if a.get("domain_bias") or a.get("route_loss"):
+            w(f"\nStage {i + 1} used a training-time domain affinity (experts split into {len(DOMAINS)} "
+              "contiguous groups, one per domain, training rows labelled with their domain): the router "
+              f"logits of the row's domain group got +{a.get('domain_bias', 0):g}, decaying linearly to 0 at "
+              f"{a.get('domain_bias_until', 0):.0%} of the stage's budget, and a routing loss "
+              "(-log of the router's probability mass on the group, mean over tokens and layers) weighted "
+              f"{a.get('route_loss', 0):g}, decaying to 0 at {a.get('route_loss_until', 0):.0%}; the rest of "
+              "the stage trained a plain MoE. This is how the experts come to specialise by domain (the "
+              "idea of domain-expert MoEs such as DEMix or Branch-Train-MiX); the saved model is a stock "
+              "model with no bias, and its router alone decides at inference. The usage tables below are "
+              "measured on that model.")
+    for i, s in enumerate(summaries):
         note = s.get("note")
         if not note and s["wall_s"] < 0.9 * 60 * s["args"]["minutes"]:
             note = (f"stopped after {s['wall_s'] / 60:.1f} of its {s['args']['minutes']:g} budgeted minutes "
@@ -256,6 +269,10 @@ def write_model_card(out: Path, model, report: dict, summaries: list[dict], mani
                     f" --shared-inter {a['shared_inter']}")
         if a.get("aux_coef", 0.02) != 0.02:
             cmd += f" --aux-coef {a['aux_coef']:g}"
+        if a.get("domain_bias"):
+            cmd += f" --domain-bias {a['domain_bias']:g} --domain-bias-until {a['domain_bias_until']:g}"
+        if a.get("route_loss"):
+            cmd += f" --route-loss {a['route_loss']:g} --route-loss-until {a['route_loss_until']:g}"
         if a.get("mix"):
             cmd += f" --mix {a['mix']}"
         w(cmd)

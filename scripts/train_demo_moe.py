@@ -244,6 +244,63 @@ def upcycle(src_dir: str, tok, args, log):
     return model
 
 
+class DomainRouterBias:
+    """Training-time domain affinity between domains and groups of experts.
+
+    Experts are split into one contiguous group per domain. Two signals, both annealed to 0 well before
+    training ends (the script's schedule), make the experts and the router specialise by domain:
+    - a bias: `strength` is added to the router logits of the row's domain group, so group d's experts
+      see (and specialise on) domain d's tokens from the start;
+    - a routing loss: -log of the router's own (unbiased) probability mass on the group, which teaches
+      the router weights the same preference, so it survives when the bias is gone.
+    After both reach 0 the model trains as a plain MoE, and the saved model is a stock model with no
+    trace of either. Without them, a model this small and this briefly trained spreads every domain
+    over most experts (see docs/study.md).
+    """
+
+    def __init__(self, model, domains: list[str], num_experts: int):
+        self.groups = {d: g.tolist() for d, g in zip(domains, np.array_split(np.arange(num_experts), len(domains)))}
+        self.table = torch.zeros(len(domains), num_experts)
+        for i, d in enumerate(domains):
+            self.table[i, self.groups[d]] = 1.0
+        self.bias = None  # (rows * seq, E) while a biased batch runs
+        self.mask = None  # (rows * seq, E) group membership of each token's domain
+        self.logits = []  # the router's own (unbiased) logits of the current batch, per layer
+        for layer in model.model.layers:
+            router = layer.mlp.gate
+            router.forward = self._wrap(router, router.forward)
+
+    def _wrap(self, router, original):
+        def forward(hidden_states):
+            logits, scores, indices = original(hidden_states)
+            if self.mask is not None:
+                self.logits.append(logits)
+            if self.bias is None:
+                return logits, scores, indices
+            logits = logits + self.bias.to(logits.dtype)
+            probs = torch.softmax(logits.float(), dim=-1)
+            top, indices = torch.topk(probs, router.top_k, dim=-1)
+            if getattr(router, "norm_topk_prob", True):
+                top = top / top.sum(dim=-1, keepdim=True)
+            return logits, top.to(logits.dtype), indices
+        return forward
+
+    def set(self, domain_rows: list[int], seq_len: int, strength: float, supervise: bool) -> None:
+        rows = self.table[torch.as_tensor(domain_rows)].repeat_interleave(seq_len, dim=0)  # (B*T, E)
+        self.bias = rows * strength if strength > 0 else None
+        self.mask = rows if supervise else None
+        self.logits = []
+
+    def routing_loss(self) -> torch.Tensor:
+        """Mean over layers and tokens of -log(router probability mass on the token's domain group)."""
+        losses = [-(torch.softmax(z.float(), dim=-1) * self.mask).sum(-1).clamp_min(1e-9).log().mean()
+                  for z in self.logits]
+        return torch.stack(losses).mean()
+
+    def clear(self) -> None:
+        self.bias, self.mask, self.logits = None, None, []
+
+
 def save_model(model, tok, path: Path):
     import copy
     from transformers import GenerationConfig
@@ -280,6 +337,14 @@ def main() -> None:
     ap.add_argument("--upcycle-from", default=None,
                     help="start from a trained model folder, splitting each of its experts into --split experts")
     ap.add_argument("--split", type=int, default=2)
+    ap.add_argument("--domain-bias", type=float, default=0.0,
+                    help="training-time router logit bonus for the experts of each row's domain group (0: off)")
+    ap.add_argument("--domain-bias-until", type=float, default=0.6,
+                    help="fraction of the budget at which the domain bias has decayed linearly to 0")
+    ap.add_argument("--route-loss", type=float, default=0.0,
+                    help="weight of a training-time loss teaching the router itself the domain groups (0: off)")
+    ap.add_argument("--route-loss-until", type=float, default=0.7,
+                    help="fraction of the budget at which the routing loss weight has decayed linearly to 0")
     ap.add_argument("--router-noise", type=float, default=0.05,
                     help="upcycling: noise added to copied router rows, relative to their std")
     ap.add_argument("--seq-len", type=int, default=256)
@@ -343,6 +408,11 @@ def main() -> None:
         model = upcycle(args.upcycle_from, tok, args, log).to(args.device)
     else:
         model = build_model(tok, args).to(args.device)
+    affinity = None
+    if args.domain_bias > 0 or args.route_loss > 0:
+        affinity = DomainRouterBias(model, DOMAINS, args.experts)
+        log(f"domain router bias {args.domain_bias} -> 0 at {args.domain_bias_until:.0%} of the budget; "
+            f"routing loss {args.route_loss} -> 0 at {args.route_loss_until:.0%}; groups {affinity.groups}")
     n_params = sum(p.numel() for p in model.parameters())
     log(f"model: {n_params / 1e6:.2f}M params; config {model.config.to_diff_dict()}")
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
@@ -384,6 +454,11 @@ def main() -> None:
             g["lr"] = lr
 
         doms = rng.choice(len(mix_names), size=args.batch, p=mix_p)
+        if affinity is not None:
+            prog_b = step / total_steps if args.max_steps else (time.time() - t_start) / budget_s
+            strength = args.domain_bias * max(0.0, 1.0 - prog_b / args.domain_bias_until)
+            route_w = args.route_loss * max(0.0, 1.0 - prog_b / args.route_loss_until)
+            affinity.set([DOMAINS.index(mix_names[i]) for i in doms], args.seq_len, strength, route_w > 0)
         rows = [streams[mix_names[i]].sample(rng, args.seq_len) for i in doms]
         x = np.full((args.batch, args.seq_len), tok.pad_token_id, dtype=np.int64)
         for j, r in enumerate(rows):
@@ -393,6 +468,10 @@ def main() -> None:
         labels[labels == tok.pad_token_id] = -100
         outp = model(input_ids=ids, labels=labels, output_router_logits=True)
         loss = outp.loss
+        route_l = None
+        if affinity is not None and affinity.mask is not None:
+            route_l = affinity.routing_loss()
+            loss = loss + route_w * route_l
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -400,7 +479,7 @@ def main() -> None:
         step += 1
         tokens_seen += tokens_per_step
         aux = float(outp.aux_loss.detach())
-        lm = loss.item() - args.aux_coef * aux
+        lm = outp.loss.item() - args.aux_coef * aux
         ema_loss = lm if ema_loss is None else 0.95 * ema_loss + 0.05 * lm
 
         if step % args.log_every == 0:
@@ -419,7 +498,9 @@ def main() -> None:
                                                                 minlength=args.experts)
             el = time.time() - t_start
             dl = " ".join(f"{d}={np.mean(v[-20:]):.2f}" for d, v in dom_loss.items() if v)
-            log(f"step {step}/{total_steps if total_steps < 10**9 else '?'} loss {lm:.3f} "
+            bias_note = (f" bias {strength:.2f} route {route_w:.3f}x{route_l.item() if route_l is not None else 0:.3f}"
+                         if affinity is not None else "")
+            log(f"step {step}/{total_steps if total_steps < 10**9 else '?'} loss {lm:.3f}{bias_note} "
                 f"ema {ema_loss:.3f} aux {aux:.3f} lr {lr:.2e} "
                 f"tok {tokens_seen} {tokens_seen / el:.0f} tok/s {el / 60:.1f}min | {dl}")
             history.append({"step": step, "tokens": tokens_seen, "loss": lm, "ema": ema_loss,
@@ -430,6 +511,8 @@ def main() -> None:
                 if u.sum():
                     log(f"usage last-layer {d}: " + " ".join(f"{v / u.sum():.2f}" for v in u))
             usage = {d: np.zeros((args.layers, args.experts)) for d in DOMAINS}
+        if affinity is not None:
+            affinity.clear()
         if time.time() - last_eval > args.eval_every_min * 60:
             ev = greedy_eval(model, tok, eval_rows, args.device)
             log(f"eval@{step}: " + " ".join(f"{d}={v['acc']:.2f}" for d, v in ev.items())
