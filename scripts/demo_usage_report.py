@@ -143,6 +143,15 @@ def load_stage(path: Path) -> dict:
 DEFAULT_MIX = {"arith": 0.32, "code": 0.14, "prose": 0.12, "json": 0.14, "program": 0.28}
 
 
+def _upcycle_source(a: dict, summaries: list[dict], i: int, out: Path) -> str:
+    """The folder a stage upcycled from. A stage that upcycled the shipped model of its day (the folder
+    this card describes, since overwritten) is shown as the previous stage's output, which it equals."""
+    src = a["upcycle_from"]
+    if i > 0 and Path(src).resolve() == out.resolve():
+        return summaries[i - 1]["args"]["out"].removesuffix("/ckpt") + "/final"
+    return src
+
+
 def write_model_card(out: Path, model, report: dict, summaries: list[dict], manifest_path: Path) -> None:
     cfg = model.config
     n_params = sum(p.numel() for p in model.parameters())
@@ -206,7 +215,7 @@ def write_model_card(out: Path, model, report: dict, summaries: list[dict], mani
         mix = ", ".join(f"{k} {v:g}" for k, v in s.get("mix", {}).items())
         init = a.get("init_from") or "scratch"
         if a.get("upcycle_from"):
-            init = (f"{a['upcycle_from']}, upcycled to {a.get('arch', 'mixtral')} (each expert split into "
+            init = (f"{_upcycle_source(a, summaries, i, out)}, upcycled to {a.get('arch', 'mixtral')} (each expert split into "
                     f"{a.get('split', 2)})")
         w(f"| {i + 1} | {init} | {a['lr']:g} | {mix} | {s['steps']} | "
           f"{s['tokens'] / 1e6:.2f}M | {s['wall_s'] / 60:.1f} min | {s['final_loss_ema']:.3f} |")
@@ -214,7 +223,7 @@ def write_model_card(out: Path, model, report: dict, summaries: list[dict], mani
         a = s["args"]
         if a.get("domain_bias") or a.get("route_loss"):
             w(f"\nStage {i + 1} used a training-time domain affinity (experts split into {len(DOMAINS)} "
-              "contiguous groups, one per domain, training rows labelled with their domain): the router "
+              "round-robin groups, one per domain (expert e in group e mod 5), training rows labelled with their domain): the router "
               f"logits of the row's domain group got +{a.get('domain_bias', 0):g}, decaying linearly to 0 at "
               f"{a.get('domain_bias_until', 0):.0%} of the stage's budget, and a routing loss "
               "(-log of the router's probability mass on the group, mean over tokens and layers) weighted "
@@ -265,7 +274,7 @@ def write_model_card(out: Path, model, report: dict, summaries: list[dict], mani
         if a.get("init_from"):
             cmd += f" --init-from {a['init_from']}"
         if a.get("upcycle_from"):
-            cmd += (f" --upcycle-from {a['upcycle_from']} --arch {a['arch']} --split {a['split']}"
+            cmd += (f" --upcycle-from {_upcycle_source(a, summaries, i, out)} --arch {a['arch']} --split {a['split']}"
                     f" --shared-inter {a['shared_inter']}")
         if a.get("aux_coef", 0.02) != 0.02:
             cmd += f" --aux-coef {a['aux_coef']:g}"

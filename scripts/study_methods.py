@@ -152,6 +152,45 @@ def _print_row(row, tasks, base):
     print(f"{row['method']:<20}{row['ratio']:<6}" + "".join(f"{c:>16}" for c in cells), flush=True)
 
 
+def _cell(score, base, higher_is_better=True):
+    text = f"{score:.3f}" if higher_is_better else f"{score:.1f}"
+    return f"{text} ({score / base:.0%})" if base else text
+
+
+def to_markdown(result: dict) -> str:
+    """The study's tables as markdown (compressed / base in parentheses)."""
+    out = []
+    if "methods" in result:
+        rows = result["methods"]
+        tasks = [k for k in rows[0] if k not in ("method", "ratio", "seconds")]
+        base = rows[0]
+        out += ["| method | drop | " + " | ".join(tasks) + " |", "|---|---|" + "---|" * len(tasks)]
+        for r in rows:
+            label = "—" if r["method"] == "base" else f"{r['ratio']:.0%}"
+            cells = [_cell(r[t], None if r is base else base[t], "prose" not in t and "code" not in t)
+                     for t in tasks]
+            out.append(f"| {r['method']} | {label} | " + " | ".join(cells) + " |")
+        out.append("")
+    if "domain" in result:
+        rows = result["domain"]
+        keys = list(rows[0]["scores"])
+        out += ["| domain (task) | base | " + " | ".join(k.replace("@", " ") for k in keys) + " |",
+                "|---|---|" + "---|" * len(keys)]
+        for r in rows:
+            out.append(f"| {r['domain']} ({r['task']}) | {r['base']:.3f} | "
+                       + " | ".join(_cell(r["scores"][k]["score"], r["base"]) for k in keys) + " |")
+        out.append("")
+    if "quant" in result:
+        rows = result["quant"]
+        tasks = [k for k in rows[0] if k not in ("setting", "bytes")]
+        out += ["| setting | bytes | " + " | ".join(tasks) + " |", "|---|---|" + "---|" * len(tasks)]
+        for r in rows:
+            out.append(f"| {r['setting']} | {r['bytes'] / 1e6:.2f} MB | "
+                       + " | ".join(f"{r[t]:.3f}" if r[t] < 10 else f"{r[t]:.1f}" for t in tasks) + " |")
+        out.append("")
+    return "\n".join(out)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="demo")
@@ -165,6 +204,7 @@ def main(argv=None) -> int:
     ap.add_argument("--only", choices=["methods", "domain", "quant"], default=None)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--markdown", default=None, help="also write the tables as markdown to this file")
     args = ap.parse_args(argv)
     if args.quick:
         args.limit, args.ratios, args.methods = 10, "0.5", "reap,frequency,hc_smoe"
@@ -184,6 +224,9 @@ def main(argv=None) -> int:
     if args.out:
         with open(args.out, "w") as f:
             f.write(json.dumps(result, indent=2) + "\n")
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(to_markdown(result))
     print(line)
     return 0
 

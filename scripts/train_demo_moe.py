@@ -247,7 +247,7 @@ def upcycle(src_dir: str, tok, args, log):
 class DomainRouterBias:
     """Training-time domain affinity between domains and groups of experts.
 
-    Experts are split into one contiguous group per domain. Two signals, both annealed to 0 well before
+    Experts are split into one group per domain (round-robin). Two signals, both annealed to 0 well before
     training ends (the script's schedule), make the experts and the router specialise by domain:
     - a bias: `strength` is added to the router logits of the row's domain group, so group d's experts
       see (and specialise on) domain d's tokens from the start;
@@ -259,7 +259,9 @@ class DomainRouterBias:
     """
 
     def __init__(self, model, domains: list[str], num_experts: int):
-        self.groups = {d: g.tolist() for d, g in zip(domains, np.array_split(np.arange(num_experts), len(domains)))}
+        # round-robin groups: expert e belongs to domain e % len(domains). Upcycled experts cut from the
+        # same parent (neighbouring indices) land in different groups, which pulls them apart.
+        self.groups = {d: list(range(i, num_experts, len(domains))) for i, d in enumerate(domains)}
         self.table = torch.zeros(len(domains), num_experts)
         for i, d in enumerate(domains):
             self.table[i, self.groups[d]] = 1.0
