@@ -45,6 +45,13 @@ def group_routing_active(gate: GateSpec, config) -> bool:
     return getattr(config, key, None) == value
 
 
+def router_probabilities(logits: torch.Tensor, *, gate: GateSpec, config) -> torch.Tensor:
+    """The router's own score of every expert (T, E): its score function (softmax over all experts, or
+    sigmoid) on the logits, before top-k selection, correction biases, renormalisation or scaling."""
+    score_fn = getattr(config, gate.score_key, gate.score) if gate.score_key else gate.score
+    return _score(logits.float(), score_fn)
+
+
 def route_logits(logits: torch.Tensor, *, gate: GateSpec, config, top_k: int,
                  correction_bias: torch.Tensor | None = None, keep_mask: torch.Tensor | None = None):
     """Apply the gate rule to float logits (T, E); returns (weights (T, k), indices (T, k)).

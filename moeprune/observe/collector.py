@@ -30,6 +30,8 @@ class _LayerObserver:
         hidden = adapter.config.hidden_size
         e = layer.num_experts
         self.stats = LayerStats(num_experts=e, hidden_size=hidden)
+        if adapter.spec.gate is not None:
+            self.stats.reap_prob_sum = torch.zeros(e, dtype=torch.float64)
         if "routed_means" in collect:
             self.stats.out_sum = torch.zeros(e, hidden, dtype=torch.float64)
         if "all_means" in collect:
@@ -40,10 +42,12 @@ class _LayerObserver:
 
     # ---------------------------------------------------------------- per-pair statistics
     def add_pairs(self, expert_ids: torch.Tensor, gates: torch.Tensor, outputs: torch.Tensor,
-                  valid: torch.Tensor | None) -> None:
-        """expert_ids (S,), gates (S,), outputs (S, H) = f_j(x) before gating, valid (S,) bool."""
+                  valid: torch.Tensor | None, probs: torch.Tensor | None = None) -> None:
+        """expert_ids (S,), gates (S,), outputs (S, H) = f_j(x) before gating, valid (S,) bool,
+        probs (S,) the router's probability of each pair's expert (None: not available)."""
         if valid is not None:
             expert_ids, gates, outputs = expert_ids[valid], gates[valid], outputs[valid]
+            probs = None if probs is None else probs[valid]
         if expert_ids.numel() == 0:
             return
         s = self.stats
@@ -56,6 +60,8 @@ class _LayerObserver:
         s.gate_sum.index_add_(0, ids, g)
         s.norm_sum.index_add_(0, ids, norms)
         s.reap_sum.index_add_(0, ids, g * norms)
+        if s.reap_prob_sum is not None and probs is not None:
+            s.reap_prob_sum.index_add_(0, ids, probs.detach().double().cpu() * norms)
         s.max_abs.scatter_reduce_(0, ids, out64.abs().amax(dim=-1), reduce="amax")
         if s.out_sum is not None:
             s.out_sum.index_add_(0, ids, out64)
@@ -101,7 +107,9 @@ def _observed_experts_forward(observer: _LayerObserver, collector: "Collector"):
         final.index_add_(0, token, (out_pairs * gates.unsqueeze(-1)).to(final.dtype))
         valid = collector.token_mask
         with torch.no_grad():
-            observer.add_pairs(flat_e[order], gates, out_pairs, None if valid is None else valid[token])
+            p = adapter.router_probabilities(layer, hidden_states)
+            probs = None if p is None else p[token, flat_e[order]]
+            observer.add_pairs(flat_e[order], gates, out_pairs, None if valid is None else valid[token], probs)
             observer.add_tokens(hidden_states, valid)
         return final
 
@@ -180,7 +188,9 @@ class Collector:
                               for j in torch.unique(expert)])
             valid = None if self.token_mask is None else self.token_mask[token]
             with torch.no_grad():
-                observer.add_pairs(expert, scores[token, expert], outs, valid)
+                p = self.adapter.router_probabilities(layer, x)
+                probs = None if p is None else p[token, expert]
+                observer.add_pairs(expert, scores[token, expert], outs, valid, probs)
                 observer.add_tokens(x, self.token_mask)
 
         self._handles += [layer.block.register_forward_pre_hook(pre, with_kwargs=True),

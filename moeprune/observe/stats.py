@@ -7,6 +7,9 @@ gate, f_j the expert output before gating):
     gate_sum[j]   = sum_{x in X_j} g_j(x)                  (soft frequency)
     norm_sum[j]   = sum_{x in X_j} ||f_j(x)||_2            (EAN, sum form)
     reap_sum[j]   = sum_{x in X_j} g_j(x) ||f_j(x)||_2     (REAP numerator; REAP = reap_sum / count)
+    reap_prob_sum[j] = sum_{x in X_j} p_j(x) ||f_j(x)||_2  (p_j = the router's probability of j before top-k
+                                                        renormalisation; REAP as the reference code computes
+                                                        it for softmax routers)
     max_abs[j]    = max_{x in X_j} max |f_j(x)|            (super-expert detection)
     out_sum[j]    = sum_{x in X_j} f_j(x)      (H,)        (optional: "routed_means")
     all_out_sum[j]= sum_{x in S} f_j(x)        (H,)        (optional: "all_means", S = sampled tokens)
@@ -26,10 +29,11 @@ import torch
 
 from moeprune.errors import MoePruneError
 
-__all__ = ["LayerStats", "Observations", "OPTIONAL_STATS", "model_fingerprint"]
+__all__ = ["LayerStats", "Observations", "OPTIONAL_STATS", "STATS_VERSION", "model_fingerprint"]
 
 OPTIONAL_STATS = ("routed_means", "all_means", "router_gram")
 _CORE = ("count", "gate_sum", "norm_sum", "reap_sum", "max_abs")
+STATS_VERSION = 2  # bump when the collected statistics change (observation caches are keyed on it)
 
 
 @dataclass
@@ -43,6 +47,7 @@ class LayerStats:
     norm_sum: torch.Tensor = None
     reap_sum: torch.Tensor = None
     max_abs: torch.Tensor = None
+    reap_prob_sum: torch.Tensor | None = None  # None in observations saved before it existed
     out_sum: torch.Tensor | None = None
     all_out_sum: torch.Tensor | None = None
     all_count: int = 0
@@ -68,6 +73,13 @@ class LayerStats:
         return self.reap_sum / self.count.clamp(min=1)
 
     @property
+    def reap_prob(self) -> torch.Tensor:
+        if self.reap_prob_sum is None:
+            raise MoePruneError("these observations predate the router-probability statistic that reap_prob "
+                                "needs; re-run `moeprune observe` (or delete the cached observations)")
+        return self.reap_prob_sum / self.count.clamp(min=1)
+
+    @property
     def routed_mean(self) -> torch.Tensor:
         return self.out_sum / self.count.clamp(min=1).unsqueeze(1)
 
@@ -83,7 +95,7 @@ class LayerStats:
 
     def tensors(self) -> dict[str, torch.Tensor]:
         out = {name: getattr(self, name) for name in _CORE}
-        for name in ("out_sum", "all_out_sum", "logit_gram", "logit_sum"):
+        for name in ("reap_prob_sum", "out_sum", "all_out_sum", "logit_gram", "logit_sum"):
             if getattr(self, name) is not None:
                 out[name] = getattr(self, name)
         out["all_count"] = torch.tensor([self.all_count], dtype=torch.float64)
@@ -95,7 +107,7 @@ class LayerStats:
         e = t["count"].numel()
         hidden = t["out_sum"].shape[1] if "out_sum" in t else (t["all_out_sum"].shape[1] if "all_out_sum" in t else 0)
         stats = cls(num_experts=e, hidden_size=hidden, **{k: t[k] for k in _CORE})
-        for name in ("out_sum", "all_out_sum", "logit_gram", "logit_sum"):
+        for name in ("reap_prob_sum", "out_sum", "all_out_sum", "logit_gram", "logit_sum"):
             setattr(stats, name, t.get(name))
         stats.all_count = int(t["all_count"].item())
         stats.logit_count = int(t["logit_count"].item())

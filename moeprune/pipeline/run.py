@@ -49,7 +49,9 @@ def cache_dir() -> Path:
 
 
 def _cache_key(fingerprint: str, calibration: dict, collect: tuple[str, ...]) -> str:
-    blob = json.dumps([fingerprint, calibration, sorted(collect)], sort_keys=True)
+    from moeprune.observe.stats import STATS_VERSION
+
+    blob = json.dumps([fingerprint, calibration, sorted(collect), STATS_VERSION], sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
 

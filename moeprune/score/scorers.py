@@ -62,6 +62,15 @@ def reap(stats: LayerStats, **_) -> torch.Tensor:
     return stats.reap
 
 
+@SCORERS.register("reap_prob")
+def reap_prob(stats: LayerStats, **_) -> torch.Tensor:
+    """REAP with the router's probability (before top-k renormalisation) as the gate, as the reference
+    code computes it for softmax routers. With renormalised top-k gates every routed token's gates sum
+    to 1, so a token the router was unsure about weighs as much as a confident one; the probability
+    keeps that confidence."""
+    return stats.reap_prob
+
+
 @SCORERS.register("random")
 def random(stats: LayerStats, *, seed: int = 0, layer: int = 0, **_) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed * 100_003 + layer)

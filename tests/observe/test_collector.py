@@ -28,6 +28,10 @@ def _expert_by_hand(experts, j, x):
     return (F.silu(gate) * up) @ experts.down_proj[j].double().T
 
 
+# the router's probability of each expert, written out per architecture (not read from the table)
+ROUTER_PROB = {"mixtral": lambda z: torch.softmax(z, dim=-1), "deepseek_v3": torch.sigmoid}
+
+
 def _brute_force(model, batches):
     """Per layer, per valid token: the real gates (captured from the model) and hand-run experts."""
     adapter = MoEAdapter(model)
@@ -48,6 +52,7 @@ def _brute_force(model, batches):
     for layer in adapter.layers:
         e, hsz = layer.num_experts, model.config.hidden_size
         r = dict(count=torch.zeros(e), gate_sum=torch.zeros(e), norm_sum=torch.zeros(e), reap_sum=torch.zeros(e),
+                 reap_prob_sum=torch.zeros(e),
                  max_abs=torch.zeros(e), out_sum=torch.zeros(e, hsz), all_out_sum=torch.zeros(e, hsz),
                  gram=torch.zeros(e, e), n=0)
         r = {k: (v.double() if torch.is_tensor(v) else v) for k, v in r.items()}
@@ -57,6 +62,7 @@ def _brute_force(model, batches):
                 if not valid[t]:
                     continue
                 z = w_router @ x[t]
+                prob = ROUTER_PROB[model.config.model_type](z)
                 r["gram"] += torch.outer(z, z)
                 r["n"] += 1
                 for j in range(e):
@@ -69,6 +75,7 @@ def _brute_force(model, batches):
                     r["gate_sum"][j] += g
                     r["norm_sum"][j] += f.norm()
                     r["reap_sum"][j] += g * f.norm()
+                    r["reap_prob_sum"][j] += prob[j] * f.norm()
                     r["max_abs"][j] = max(r["max_abs"][j], f.abs().max())
                     r["out_sum"][j] += f
         out[layer.index] = r
@@ -86,11 +93,14 @@ def test_statistics_equal_brute_force(model_type):
     for i, s in obs.layers.items():
         r = want[i]
         assert int(s.count.sum()) == valid_tokens * MoEAdapter(model).top_k
-        for name in ("count", "gate_sum", "norm_sum", "reap_sum", "max_abs", "out_sum", "all_out_sum"):
+        for name in ("count", "gate_sum", "norm_sum", "reap_sum", "reap_prob_sum", "max_abs", "out_sum",
+                     "all_out_sum"):
             torch.testing.assert_close(getattr(s, name), r[name], rtol=1e-5, atol=1e-6, msg=name)
         torch.testing.assert_close(s.logit_gram, r["gram"], rtol=1e-5, atol=1e-6)
         assert s.all_count == r["n"] == s.logit_count
         torch.testing.assert_close(s.reap, r["reap_sum"] / r["count"].clamp(min=1))
+        # renormalised top-k gates and router probabilities differ, so the two REAP variants do too
+        assert not torch.allclose(s.reap_prob_sum, s.reap_sum)
 
 
 def test_observation_leaves_output_and_model_unchanged():
@@ -127,6 +137,17 @@ def test_observations_round_trip_and_fingerprint(tmp_path):
             assert torch.equal(back.layers[i].tensors()[name], t)
     back.check_model(model)
     from moeprune.errors import MoePruneError
+
+    # observations written before the router-probability statistic existed load, and say what to do
+    old = tmp_path / "old"
+    obs.save(old)
+    from safetensors.torch import load_file, save_file
+    raw = load_file(old / "observations.safetensors")
+    save_file({k: v for k, v in raw.items() if not k.endswith("reap_prob_sum")}, old / "observations.safetensors")
+    stale = Observations.load(old)
+    torch.testing.assert_close(stale.layers[0].reap, obs.layers[0].reap)
+    with pytest.raises(MoePruneError, match="re-run `moeprune observe`"):
+        stale.layers[0].reap_prob
 
     with pytest.raises(MoePruneError, match="different model"):
         back.check_model(tiny_model("mixtral", seed=1))
