@@ -38,6 +38,22 @@ def test_each_method_is_its_formula():
     assert set(SCORERS.names()) >= {"frequency", "soft_frequency", "ean", "ean_sum", "ean_mean", "reap", "random"}
 
 
+def test_reap_prob_weighs_tokens_by_router_confidence():
+    """Expert 0 carries many confident tokens with modest outputs; expert 1 a few unsure tokens (router
+    probability 0.1) with large outputs. Renormalised top-2 gates are ~0.5 for both, so `reap` prefers
+    the rare expert; `reap_prob` prefers the one the router relies on."""
+    t = lambda v: torch.tensor(v, dtype=torch.float64)  # noqa: E731
+    count, norm = [100, 3], [100 * 10.0, 3 * 30.0]
+    st = LayerStats(num_experts=2, hidden_size=4, count=t(count), gate_sum=t([50, 1.5]), norm_sum=t(norm),
+                    reap_sum=t([0.5 * 1000, 0.5 * 90]), max_abs=t([1, 1]),
+                    reap_prob_sum=t([0.45 * 1000, 0.1 * 90]))
+    assert score_layer("reap", st).argmax() == 1
+    assert score_layer("reap_prob", st).tolist() == [4.5, 3.0]
+    assert score_layer("reap_prob", st).argmax() == 0
+    with pytest.raises(MoePruneError, match="re-run `moeprune observe`"):
+        score_layer("reap_prob", S)  # statistics without the router-probability sums
+
+
 def test_unknown_method_lists_available():
     with pytest.raises(MoePruneError, match="available: .*reap"):
         score_layer("reapp", S)
