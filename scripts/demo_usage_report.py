@@ -168,7 +168,7 @@ def write_model_card(out: Path, model, report: dict, summaries: list[dict], mani
     shared = getattr(cfg, "shared_expert_intermediate_size", None)
     w(f"# demo-moe: a tiny {arch.removesuffix('ForCausalLM')}-architecture MoE trained on CPU\n")
     w("Shipped with moeprune as a self-contained demo model whose experts can be observed, pruned "
-      "and merged. It is a toy: a few million parameters, trained for well under an hour on 2 CPU "
+      f"and merged. It is a toy: a few million parameters, trained for {wall:.0f} minutes on 2 CPU "
       "cores. It is not useful as a language model beyond these five synthetic/stdlib domains.\n")
     w("## Architecture\n")
     w(f"- `{arch}` (stock transformers classes), {n_params / 1e6:.2f}M parameters, "
@@ -292,7 +292,12 @@ def write_model_card(out: Path, model, report: dict, summaries: list[dict], mani
       + " ".join(s["_path"] for s in summaries))
     w("```\nTraining stops on a wall-clock budget, so the exact step count (and therefore the weights) "
       "depends on the machine's speed; the data and initialisation are seeded.\n")
-    (out / "MODEL_CARD.md").write_text("\n".join(L), encoding="utf-8")
+    card = out / "MODEL_CARD.md"
+    old = card.read_text(encoding="utf-8") if card.exists() else ""
+    start, end = old.find("<!-- eval:start -->"), old.find("<!-- eval:end -->")
+    if 0 <= start < end:  # keep the evaluation section written by scripts/demo_eval_scores.py
+        L.append(old[start:end + len("<!-- eval:end -->")] + "\n")
+    card.write_text("\n".join(L), encoding="utf-8")
 
 
 def main() -> None:

@@ -27,7 +27,7 @@ import time
 
 import torch
 
-DEFAULT_METHODS = "frequency,soft_frequency,ean,reap,random,hc_smoe,hc_smoe:weighted,m_smoe,reconstruct"
+DEFAULT_METHODS = "frequency,soft_frequency,ean,reap,reap_prob,random,hc_smoe,hc_smoe:weighted,m_smoe,reconstruct"
 DOMAIN_TASKS = {"arith": "demo_arith", "json": "demo_json", "program": "demo_program"}
 
 
@@ -198,7 +198,7 @@ def main(argv=None) -> int:
     ap.add_argument("--ratios", default="0.25,0.5")
     ap.add_argument("--tasks", default="demo_arith,demo_json,demo_program,demo_prose")
     ap.add_argument("--calib", default="demo")
-    ap.add_argument("--domain-methods", default="reap,ean,frequency,random",
+    ap.add_argument("--domain-methods", default="reap,reap_prob,ean,frequency,random",
                     help="methods of the per-domain table")
     ap.add_argument("--limit", type=int, default=100)
     ap.add_argument("--only", choices=["methods", "domain", "quant"], default=None)

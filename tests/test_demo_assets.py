@@ -33,16 +33,16 @@ def test_model_loads_with_expected_architecture():
     from transformers import AutoModelForCausalLM
     model = AutoModelForCausalLM.from_pretrained(MODEL)
     cfg = model.config
-    assert cfg.model_type == "mixtral"
-    assert type(model).__name__ == "MixtralForCausalLM"
-    assert cfg.num_local_experts == 8
-    assert cfg.num_experts_per_tok == 2
+    assert cfg.model_type == "qwen2_moe"
+    assert type(model).__name__ == "Qwen2MoeForCausalLM"
+    assert cfg.num_experts == 16 and cfg.num_experts_per_tok == 2 and cfg.norm_topk_prob
+    assert cfg.shared_expert_intermediate_size > 0  # one always-on shared expert per layer
     n = sum(p.numel() for p in model.parameters())
     assert 1e6 < n < 8e6
     with torch.no_grad():
         out = model(input_ids=torch.tensor([[0, 5, 6, 7]]), output_router_logits=True)
     assert len(out.router_logits) == cfg.num_hidden_layers
-    assert out.router_logits[0].shape[-1] == 8
+    assert out.router_logits[0].shape[-1] == 16
 
 
 @needs_model
