@@ -128,10 +128,10 @@ def quant_table(model, tok, args) -> list[dict]:
 
     kept = {i: list(range(MoEAdapter(pruned).num_experts)) for i in obs.layers}
     for label, source, kw in (
-            ("int8 g32", model, dict(bits=8, group_size=32)),
-            ("int4 g32", model, dict(bits=4, group_size=32)),
-            ("REAP 50% + int8 g32", pruned, dict(bits=8, group_size=32)),
-            ("REAP 50% + int4 g32", pruned, dict(bits=4, group_size=32)),
+            ("int8 g16", model, dict(bits=8, group_size=16)),
+            ("int4 g16", model, dict(bits=4, group_size=16)),
+            ("REAP 50% + int8 g16", pruned, dict(bits=8, group_size=16)),
+            ("REAP 50% + int4 g16", pruned, dict(bits=4, group_size=16)),
             ("REAP 50% + mixed (avg 12 bits)", pruned, dict(bits=8, mixed=MixedBudget(avg_bits=12.0)))):
         m = copy.deepcopy(source)
         if "mixed" in kw:
