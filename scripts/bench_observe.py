@@ -23,6 +23,8 @@ import time
 
 import torch
 
+from moeprune.models import MoEAdapter
+
 
 def _random_mixtral(experts: int, top_k: int):
     from transformers import MixtralConfig, MixtralForCausalLM
@@ -94,8 +96,7 @@ def main(argv=None) -> int:
     for name, sec, tps in rows:
         print(f"{name:<28}{sec:>10.3f}{tps:>12.0f}")
     print(f"ratio observe/bare = {ratio:.3f} (target <= 1.3)")
-    print(json.dumps({"bench": "observe", "model": args.model, "experts": model.config.num_local_experts
-                      if hasattr(model.config, "num_local_experts") else None, "tokens": tokens, "bare_s": round(mb, 4),
+    print(json.dumps({"bench": "observe", "model": args.model, "experts": MoEAdapter(model).num_experts, "tokens": tokens, "bare_s": round(mb, 4),
                       "observe_s": round(mo, 4), "ratio": round(ratio, 4), "target": 1.3,
                       "observe_tokens_per_s": round(tokens / mo, 1), "repeats": args.repeats}))
     return 0
