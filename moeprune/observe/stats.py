@@ -75,8 +75,9 @@ class LayerStats:
     @property
     def reap_prob(self) -> torch.Tensor:
         if self.reap_prob_sum is None:
-            raise MoePruneError("these observations predate the router-probability statistic that reap_prob "
-                                "needs; re-run `moeprune observe` (or delete the cached observations)")
+            raise MoePruneError("these observations have no router-probability statistic, which reap_prob needs: "
+                                "they predate it (re-run `moeprune observe`, or delete the cached observations) "
+                                "or the architecture's router has no rule moeprune can re-simulate (PhiMoE: use reap)")
         return self.reap_prob_sum / self.count.clamp(min=1)
 
     @property
