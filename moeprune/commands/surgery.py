@@ -61,7 +61,7 @@ def _method_options(fn):
 @click.option("-o", "--output", "out_dir", required=True, type=click.Path(), help="Folder to write (must be new or empty).")
 @click.option("--keep", "keep_file", type=click.Path(), help="KEEP.json: {\"<layer>\": [kept expert indices]}.")
 @click.option("--method", default=None,
-              help="reap, ean, ean_mean, frequency, soft_frequency, random, reconstruct, reconstruct_progressive.")
+              help="reap, reap_prob, ean, ean_mean, frequency, soft_frequency, random, reconstruct, reconstruct_progressive.")
 @click.option("--no-protect", is_flag=True, help="Allow dropping super experts.")
 @_method_options
 def prune_cmd(model_dir: str, out_dir: str, keep_file: str | None, method: str | None, no_protect: bool,
