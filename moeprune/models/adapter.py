@@ -110,14 +110,14 @@ class MoEAdapter:
         bias = self.tensor(layer, self.spec.logit_bias) if self.spec.logit_bias else None
         return F.linear(hidden.float(), weight.float(), None if bias is None else bias.float())
 
-    def router_probabilities(self, layer: MoELayer, hidden: torch.Tensor) -> torch.Tensor | None:
-        """The router's probability of every expert (T, E) for hidden states (T, H): its score function
+    def router_probabilities(self, logits: torch.Tensor) -> torch.Tensor | None:
+        """The router's probability of every expert (T, E) given its logits (T, E): its score function
         before top-k renormalisation and scaling; None for routers without a table rule (PhiMoE)."""
         if self.spec.gate is None:
             return None
         from moeprune.models.routing import router_probabilities
 
-        return router_probabilities(self.router_logits(layer, hidden), gate=self.spec.gate, config=self.config)
+        return router_probabilities(logits, gate=self.spec.gate, config=self.config)
 
     def route(self, layer: MoELayer, logits: torch.Tensor, keep_mask: torch.Tensor | None = None):
         """Gates (T, k) and expert indices (T, k) exactly as the model's router computes them.

@@ -66,14 +66,17 @@ class _LayerObserver:
         if s.out_sum is not None:
             s.out_sum.index_add_(0, ids, out64)
 
-    def add_tokens(self, hidden: torch.Tensor, valid: torch.Tensor | None) -> None:
-        """Token-level statistics that do not depend on routing: router gram and all-token means."""
+    def add_tokens(self, hidden: torch.Tensor, valid: torch.Tensor | None, logits: torch.Tensor | None = None) -> None:
+        """Token-level statistics that do not depend on routing: router gram and all-token means.
+        `logits` (T, E), when given, are the router logits of `hidden` (saves recomputing them)."""
         if not self.collect & {"router_gram", "all_means"}:
             return
         x = hidden if valid is None else hidden[valid]
         s = self.stats
         if s.logit_gram is not None:
-            z = self.adapter.router_logits(self.layer, x).double().cpu()
+            if logits is None:
+                logits = self.adapter.router_logits(self.layer, hidden)
+            z = (logits if valid is None else logits[valid]).double().cpu()
             s.logit_gram += z.T @ z
             s.logit_sum += z.sum(0)
             s.logit_count += z.shape[0]
@@ -107,10 +110,11 @@ def _observed_experts_forward(observer: _LayerObserver, collector: "Collector"):
         final.index_add_(0, token, (out_pairs * gates.unsqueeze(-1)).to(final.dtype))
         valid = collector.token_mask
         with torch.no_grad():
-            p = adapter.router_probabilities(layer, hidden_states)
+            logits = adapter.router_logits(layer, hidden_states)  # once, for the probabilities and the gram
+            p = adapter.router_probabilities(logits)
             probs = None if p is None else p[token, flat_e[order]]
             observer.add_pairs(flat_e[order], gates, out_pairs, None if valid is None else valid[token], probs)
-            observer.add_tokens(hidden_states, valid)
+            observer.add_tokens(hidden_states, valid, logits)
         return final
 
     return forward
@@ -188,10 +192,11 @@ class Collector:
                               for j in torch.unique(expert)])
             valid = None if self.token_mask is None else self.token_mask[token]
             with torch.no_grad():
-                p = self.adapter.router_probabilities(layer, x)
+                logits = self.adapter.router_logits(layer, x)
+                p = self.adapter.router_probabilities(logits)
                 probs = None if p is None else p[token, expert]
                 observer.add_pairs(expert, scores[token, expert], outs, valid, probs)
-                observer.add_tokens(x, self.token_mask)
+                observer.add_tokens(x, self.token_mask, logits)
 
         self._handles += [layer.block.register_forward_pre_hook(pre, with_kwargs=True),
                           layer.router.register_forward_hook(router_hook),
