@@ -40,6 +40,16 @@ class _LayerObserver:
             self.stats.logit_gram = torch.zeros(e, e, dtype=torch.float64)
             self.stats.logit_sum = torch.zeros(e, dtype=torch.float64)
 
+    def add(self, hidden: torch.Tensor, token: torch.Tensor, expert_ids: torch.Tensor, gates: torch.Tensor,
+            outputs: torch.Tensor, token_mask: torch.Tensor | None) -> None:
+        """One call of the layer: hidden (T, H) its input, and per routed (token, expert) pair the token
+        index, expert, gate and expert output; token_mask (T,) marks non-padding tokens (None: all)."""
+        logits = self.adapter.router_logits(self.layer, hidden)  # once, for the probabilities and the gram
+        p = self.adapter.router_probabilities(logits)
+        probs = None if p is None else p[token, expert_ids]
+        self.add_pairs(expert_ids, gates, outputs, None if token_mask is None else token_mask[token], probs)
+        self.add_tokens(hidden, token_mask, logits)
+
     # ---------------------------------------------------------------- per-pair statistics
     def add_pairs(self, expert_ids: torch.Tensor, gates: torch.Tensor, outputs: torch.Tensor,
                   valid: torch.Tensor | None, probs: torch.Tensor | None = None) -> None:
@@ -66,16 +76,14 @@ class _LayerObserver:
         if s.out_sum is not None:
             s.out_sum.index_add_(0, ids, out64)
 
-    def add_tokens(self, hidden: torch.Tensor, valid: torch.Tensor | None, logits: torch.Tensor | None = None) -> None:
+    def add_tokens(self, hidden: torch.Tensor, valid: torch.Tensor | None, logits: torch.Tensor) -> None:
         """Token-level statistics that do not depend on routing: router gram and all-token means.
-        `logits` (T, E), when given, are the router logits of `hidden` (saves recomputing them)."""
+        `logits` (T, E) are the router logits of `hidden`."""
         if not self.collect & {"router_gram", "all_means"}:
             return
         x = hidden if valid is None else hidden[valid]
         s = self.stats
         if s.logit_gram is not None:
-            if logits is None:
-                logits = self.adapter.router_logits(self.layer, hidden)
             z = (logits if valid is None else logits[valid]).double().cpu()
             s.logit_gram += z.T @ z
             s.logit_sum += z.sum(0)
@@ -108,13 +116,8 @@ def _observed_experts_forward(observer: _LayerObserver, collector: "Collector"):
         gates = flat_w[order]
         final = torch.zeros_like(hidden_states)
         final.index_add_(0, token, (out_pairs * gates.unsqueeze(-1)).to(final.dtype))
-        valid = collector.token_mask
         with torch.no_grad():
-            logits = adapter.router_logits(layer, hidden_states)  # once, for the probabilities and the gram
-            p = adapter.router_probabilities(logits)
-            probs = None if p is None else p[token, flat_e[order]]
-            observer.add_pairs(flat_e[order], gates, out_pairs, None if valid is None else valid[token], probs)
-            observer.add_tokens(hidden_states, valid, logits)
+            observer.add(hidden_states, token, flat_e[order], gates, out_pairs, collector.token_mask)
         return final
 
     return forward
@@ -190,13 +193,8 @@ class Collector:
             token, expert = token[order], expert[order]
             outs = torch.cat([self.adapter.expert_forward(layer, int(j), x[token[expert == j]])
                               for j in torch.unique(expert)])
-            valid = None if self.token_mask is None else self.token_mask[token]
             with torch.no_grad():
-                logits = self.adapter.router_logits(layer, x)
-                p = self.adapter.router_probabilities(logits)
-                probs = None if p is None else p[token, expert]
-                observer.add_pairs(expert, scores[token, expert], outs, valid, probs)
-                observer.add_tokens(x, self.token_mask, logits)
+                observer.add(x, token, expert, scores[token, expert], outs, self.token_mask)
 
         self._handles += [layer.block.register_forward_pre_hook(pre, with_kwargs=True),
                           layer.router.register_forward_hook(router_hook),
