@@ -56,11 +56,11 @@ def check_output_dir(out: str | os.PathLike, *, inputs=(), overwrite: bool = Fal
             continue
         src = _resolved(src)
         if out == src:
-            raise MoePruneError(f"output folder {out} is the input {src}; choose another -o")
+            raise MoePruneError(f"output folder {out} is the input folder {src}; choose another -o")
         if src in out.parents:
-            raise MoePruneError(f"output folder {out} is inside the input {src}; choose a folder outside it")
+            raise MoePruneError(f"output folder {out} is inside the input folder {src}; choose a folder outside it")
         if out in src.parents:
-            raise MoePruneError(f"output folder {out} contains the input {src}; writing there could delete it, "
+            raise MoePruneError(f"output folder {out} contains the input folder {src}; writing there could delete it, "
                                 "choose another -o")
     for parent in out.parents:
         if parent.exists() and not parent.is_dir():
