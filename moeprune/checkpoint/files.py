@@ -9,7 +9,7 @@ from pathlib import Path
 
 from moeprune.errors import MoePruneError
 
-__all__ = ["safetensors_files", "files_bytes", "checkpoint_dtype", "DTYPE_NAMES"]
+__all__ = ["safetensors_files", "files_bytes", "checkpoint_dtype", "weights_summary", "DTYPE_NAMES"]
 
 # safetensors dtype codes -> torch dtype names
 DTYPE_NAMES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16"}
@@ -62,3 +62,20 @@ def checkpoint_dtype(folder: str | Path, config=None) -> str:
             if name in DTYPE_NAMES.values():
                 return name
     return "float32"
+
+
+def weights_summary(folder: str | Path, names=None) -> dict:
+    """Parameters and on-disk bytes of a checkpoint folder's weights, with the routed experts' share
+    (classified by `names`, a CheckpointNames of the model family, when given)."""
+    import math as _math
+
+    from moeprune.stream.safetensors_io import Checkpoint
+
+    ckpt = Checkpoint(folder)
+    params = sum(_math.prod(t.shape) for t in ckpt.tensors.values())
+    out = {"params": params, "bytes": files_bytes(folder)}
+    if names is not None:
+        experts = [t for t in ckpt.tensors.values() if names.role(t.name).kind in ("expert", "fused")]
+        out["expert_params"] = sum(_math.prod(t.shape) for t in experts)
+        out["expert_bytes"] = sum(t.nbytes for t in experts)
+    return out
