@@ -8,7 +8,7 @@ import click
 
 from moeprune.cli import cli
 
-__all__ = ["observe_cmd", "run_cmd", "calibration_options", "load_cli_calibration", "recipe_from_cli"]
+__all__ = ["observe_cmd", "observe_merge_cmd", "run_cmd", "calibration_options", "load_cli_calibration", "recipe_from_cli"]
 
 
 def calibration_options(fn):
@@ -83,6 +83,23 @@ def observe_cmd(model_dir, out_dir, collect, all_means_tokens, overwrite, **cali
     with atomic_output_dir(out_dir, inputs=(src,), overwrite=overwrite) as tmp:
         obs.save(tmp)
     click.echo(f"observed {obs.num_tokens} tokens over {len(obs.layers)} MoE layers -> {out_dir}")
+
+
+@cli.command("observe-merge")
+@click.argument("folders", nargs=-1, required=True, type=click.Path())
+@click.option("-o", "--output", "out_dir", required=True, type=click.Path(), help="Folder for the combined observations.")
+@click.option("--overwrite", is_flag=True)
+def observe_merge_cmd(folders, out_dir, overwrite):
+    """Combine observation FOLDERS of one model (e.g. from several machines) into one, exactly."""
+    from moeprune.io import atomic_output_dir, check_output_dir
+    from moeprune.observe import Observations
+    from moeprune.observe.combine import combine_observations
+
+    check_output_dir(out_dir, inputs=folders, overwrite=overwrite)
+    obs = combine_observations([Observations.load(f) for f in folders], sources=list(folders))
+    with atomic_output_dir(out_dir, inputs=folders, overwrite=overwrite) as tmp:
+        obs.save(tmp)
+    click.echo(f"combined {len(folders)} observation sets: {obs.num_tokens} tokens -> {out_dir}")
 
 
 @cli.command("run")

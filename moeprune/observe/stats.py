@@ -205,7 +205,8 @@ class LayerStats:
         if "count" not in t:
             raise MoePruneError(f"statistics without 'count' (have {sorted(t)})")
         e = t["count"].numel()
-        hidden = t["out_sum"].shape[-1] if "out_sum" in t else (t["all_out_sum"].shape[-1] if "all_out_sum" in t else 0)
+        hidden = next((t[n].shape[STATS[n].shape.index("H")] for n in STATS if n in t and "H" in STATS[n].shape
+                       and t[n].dim() == len(STATS[n].shape)), 0)
         return cls(num_experts=e, hidden_size=hidden, **{k: v.to(torch.float64) for k, v in t.items()})
 
 

@@ -82,9 +82,8 @@ def get_observations(model, tokenizer, recipe: Recipe, *, progress: bool = True,
     key = _cache_key(fingerprint, {**spec.to_dict(), "batch_size": recipe.calibration.batch_size,
                                    "all_means_tokens": all_means_tokens}, collect)
     cached = cache_dir() / key
-    if (cached / "observations.json").is_file():
-        obs = Observations.load(cached)
-        obs.check_model(model, where=f"cached observations {cached}")
+    obs = _load_cached(cached, model, log)
+    if obs is not None:
         log(f"reusing cached observations {cached} ({obs.num_tokens} tokens)")
         return obs, True
     calib = load_recipe_calibration(recipe, tokenizer)
@@ -92,13 +91,38 @@ def get_observations(model, tokenizer, recipe: Recipe, *, progress: bool = True,
         log("no calibration data given: using the built-in mixed calibration set (demo corpus calib split)")
     obs = observe(model, calib, collect=collect, all_means_tokens=all_means_tokens, progress=progress)
     obs.meta["used_default_calibration"] = calib.used_default
+    _store_cached(obs, cached)
+    return obs, False
+
+
+def _load_cached(cached: Path, model, log) -> Observations | None:
+    """The cache entry, or None when absent or damaged (a damaged entry is reported, then replaced)."""
+    if not cached.exists():
+        return None
+    try:
+        obs = Observations.load(cached)
+        obs.check_model(model, where=f"cached observations {cached}")
+        return obs
+    except MoePruneError as exc:
+        log(f"warning: ignoring a damaged observation cache entry ({exc}); observing again")
+        return None
+
+
+def _store_cached(obs: Observations, cached: Path) -> None:
+    """Write the entry beside the cache, then swap it in (a damaged entry in the way is replaced)."""
     tmp = cached.with_name(cached.name + f".tmp-{os.getpid()}")
     obs.save(tmp)
-    if not cached.exists():
+    if cached.exists():
+        old = cached.with_name(cached.name + f".old-{os.getpid()}")
+        try:
+            os.replace(cached, old)
+        except OSError:
+            pass
+        shutil.rmtree(old, ignore_errors=True)
+    try:
         os.replace(tmp, cached)
-    else:
+    except OSError:  # another process stored the same entry meanwhile
         shutil.rmtree(tmp, ignore_errors=True)
-    return obs, False
 
 
 def _eval(model, tokenizer, recipe: Recipe, progress: bool) -> dict:
