@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Iterator
 
@@ -119,40 +117,17 @@ def load_tokenizer(spec: str | os.PathLike, *, trust_remote_code: bool = False):
 
 def check_output_dir(out: str | os.PathLike, *, inputs: tuple[str | os.PathLike, ...] = (),
                      overwrite: bool = False) -> Path:
-    """Refuse an output folder that is an input (or inside one), a file, or not empty (unless `overwrite`)."""
-    out = Path(out).expanduser().resolve()
-    for src in inputs:
-        src = Path(src).expanduser().resolve()
-        if out == src or src in out.parents:
-            raise MoePruneError(f"output folder {out} is the input folder {src} (or inside it); choose another -o")
-    if out.exists():
-        if not out.is_dir():
-            raise MoePruneError(f"output path {out} is a file; choose a folder with -o")
-        if any(out.iterdir()) and not overwrite:
-            raise MoePruneError(f"output folder {out} is not empty; choose a new folder or pass --overwrite")
-    return out
+    """Refuse an output folder that is, contains or is inside an input, a file, or not empty."""
+    from moeprune.checkpoint.writer import check_output_dir as _check
+
+    return _check(out, inputs=inputs, overwrite=overwrite)
 
 
 @contextlib.contextmanager
 def atomic_output_dir(out: str | os.PathLike, *, inputs: tuple[str | os.PathLike, ...] = (),
                       overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary folder beside `out`; on success rename it to `out`.
+    """Yield a temporary folder beside `out`; on success it becomes `out` (see `OutputFolder`)."""
+    from moeprune.checkpoint.writer import OutputFolder
 
-    The checks of `check_output_dir` apply. On failure the temporary folder is removed and `out` is
-    left untouched.
-    """
-    out = check_output_dir(out, inputs=inputs, overwrite=overwrite)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with OutputFolder(out, inputs=inputs, overwrite=overwrite) as tmp:
         yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    old = None
-    if out.exists():
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
-        os.rename(out, old)
-    os.rename(tmp, out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)

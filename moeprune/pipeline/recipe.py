@@ -66,6 +66,7 @@ class Recipe(BaseModel):
     method: str = "reap"
     ratio: float | None = Field(None, description="fraction of experts to drop per layer, in (0, 1)")
     keep: int | None = Field(None, ge=1, description="experts to keep per layer (instead of ratio)")
+    keep_file: str | None = Field(None, description="KEEP.json ({layer: [experts]}) for method keep_file")
     allocation: Literal["uniform", "global"] = "uniform"
     protect_super_experts: bool = True
     calibration: CalibrationConfig = Field(default_factory=CalibrationConfig)
@@ -75,8 +76,15 @@ class Recipe(BaseModel):
     quantize: QuantizeConfig | None = Field(None, description="optional weight-only quantization after compression")
     output: str | None = None
     seed: int = 0
-    dtype: Literal["float32", "bfloat16", "float16", "auto"] = "float32"
-    device: str = "auto"
+    dtype: Literal["float32", "bfloat16", "float16", "auto"] = Field(
+        "auto", description="compute dtype; auto = the checkpoint's own (outputs always keep the source dtype)")
+    device: str = Field("auto", description="cpu, cuda, cuda:N; auto = CUDA when available")
+    execution: Literal["auto", "memory", "layerwise"] = Field(
+        "auto", description="memory: load the whole model; layerwise: one decoder layer at a time; auto: "
+                            "layerwise when the model does not fit in max_memory")
+    max_memory: int | str | None = Field(None, description="memory budget, e.g. 24GB (accelerate's convention); "
+                                                           "default: free memory of the device")
+    max_shard_size: int | str = Field("5GB", description="largest output safetensors file")
 
     @field_validator("ratio")
     @classmethod
@@ -87,16 +95,22 @@ class Recipe(BaseModel):
 
     @model_validator(mode="after")
     def _ratio_or_keep(self) -> "Recipe":
+        if self.method == "keep_file" or self.keep_file is not None:
+            if self.keep_file is None or self.method != "keep_file":
+                raise ValueError("method keep_file and keep_file: KEEP.json go together")
+            if self.ratio is not None or self.keep is not None:
+                raise ValueError("keep_file gives the experts to keep; drop 'ratio' and 'keep'")
+            return self
         if (self.ratio is None) == (self.keep is None):
             raise ValueError("give exactly one of 'ratio' (fraction of experts to drop) or 'keep'")
         return self
 
     @model_validator(mode="after")
     def _known_method(self) -> "Recipe":
-        from moeprune.pipeline.methods import all_methods
+        from moeprune.methods import method_names
 
-        if self.method not in all_methods():
-            raise ValueError(f"method: unknown method {self.method!r}; allowed: {', '.join(all_methods())}")
+        if self.method not in method_names():
+            raise ValueError(f"method: unknown method {self.method!r}; allowed: {', '.join(method_names())}")
         return self
 
 

@@ -143,19 +143,30 @@ def test_observations_of_another_expert_count_with_a_copied_fingerprint_are_refu
 
 
 def test_a_damaged_cache_entry_is_a_miss_and_is_replaced(tmp_path, monkeypatch):
-    from moeprune.pipeline.run import _load_cached, _store_cached
+    from moeprune.commands import surgery  # noqa: F401
+    from tiny_models import save_tiny
 
-    model = tiny_model("mixtral")
-    obs = observe(model, _batches(1), progress=False)
-    entry = tmp_path / "cache" / "k"
-    entry.mkdir(parents=True)
+    model = save_tiny(tmp_path / "tiny")
+    calib = tmp_path / "calib.txt"
+    calib.write_text("\n\n".join(f"{i} + {i} = {2 * i}, said the cat." for i in range(12)))
+    monkeypatch.setenv("MOEPRUNE_CACHE", str(tmp_path / "cache"))
+
+    def prune(out):
+        result = CliRunner().invoke(cli, ["prune", str(model), "-o", str(tmp_path / out), "--method", "frequency",
+                                          "--ratio", "0.5", "--calib", str(calib), "--max-length", "16"])
+        assert result.exit_code == 0, result.output
+        return result.output
+
+    prune("a")
+    (entry,) = (tmp_path / "cache" / "observations").iterdir()
     (entry / "observations.json").write_text("{truncated")
-    (entry / "observations.safetensors").write_bytes(b"")
-    logged = []
-    assert _load_cached(entry, model, logged.append) is None
-    assert "damaged" in logged[0] and str(entry) in logged[0]
-    _store_cached(obs, entry)
-    again = _load_cached(entry, model, logged.append)
-    assert again is not None and again.num_tokens == obs.num_tokens and len(logged) == 1
-    assert sorted(p.name for p in entry.parent.iterdir()) == ["k"]
+    assert "ignoring a damaged cache entry" in prune("b")
+    assert "reusing cached observations" in prune("c")  # replaced by a good entry
     assert json.loads((entry / "observations.json").read_text())["stats_version"] >= 3
+    for damage in ("observations.json", "observations.safetensors"):  # half-written entries too
+        (entry / damage).unlink()
+        assert "reusing" not in prune(f"d-{damage}")
+        assert "reusing cached observations" in prune(f"e-{damage}")
+    assert [p.name for p in (tmp_path / "cache" / "observations").iterdir()] == [entry.name]
+    assert json.loads((tmp_path / "b" / "moeprune.json").read_text())["kept"] == \
+        json.loads((tmp_path / "a" / "moeprune.json").read_text())["kept"]
