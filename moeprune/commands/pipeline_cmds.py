@@ -8,7 +8,7 @@ import click
 
 from moeprune.cli import cli
 
-__all__ = ["observe_cmd", "observe_merge_cmd", "run_cmd", "calibration_options", "execution_options", "load_cli_calibration",
+__all__ = ["observe_cmd", "observe_merge_cmd", "run_cmd", "calibration_options", "execution_options",
            "recipe_from_cli", "echo_result", "observe_to"]
 
 
@@ -34,8 +34,8 @@ def calibration_options(fn):
     """The calibration flags shared by `observe`, `prune --method` and `merge`."""
     for option in reversed([
         click.option("--calib", "calib", default=None, help="Calibration SOURCE[:N],... (default: built-in mixed set)."),
-        click.option("--max-length", default=512, show_default=True, type=click.IntRange(min=2),
-                     help="Tokens per calibration sequence."),
+        click.option("--max-length", default=None, type=click.IntRange(min=2),
+                     help="Tokens per calibration sequence [default: 512, or the model's context if shorter]."),
         click.option("--batch-size", default=8, show_default=True, type=click.IntRange(min=1),
                      help="Calibration sequences per forward pass."),
         click.option("--no-pack", is_flag=True, help="One text per sequence (padded) instead of packing."),
@@ -48,21 +48,8 @@ def calibration_options(fn):
     return execution_options(fn)
 
 
-def load_cli_calibration(calib: dict, tokenizer):
-    """The calibration set described by the `calibration_options` flags; says so when it is the default."""
-    from moeprune.observe.calibration import load_calibration, parse_calibration_spec
-
-    spec = parse_calibration_spec(calib["calib"], max_length=calib["max_length"], pack=not calib["no_pack"],
-                                  seed=calib["seed"], chat_template=calib["chat_template"],
-                                  text_field=calib.get("text_field") or "text")
-    data = load_calibration(spec, tokenizer, batch_size=calib["batch_size"])
-    if data.used_default:
-        click.echo("no calibration data given: using the built-in mixed calibration set (demo corpus calib split)")
-    return data
-
-
 def recipe_from_cli(model: str, *, method: str = "reap", ratio=None, keep=None, keep_file=None, calib=None,
-                    max_length=512, batch_size=8, no_pack=False, chat_template=False, text_field="text", seed=0,
+                    max_length=None, batch_size=8, no_pack=False, chat_template=False, text_field="text", seed=0,
                     dtype="auto", device="auto", execution="auto", max_memory=None, merge=None, protect=True,
                     all_means_tokens=None, **_):
     """A recipe from command-line flags: `prune` and `merge` run the same pipeline as `run`."""

@@ -126,9 +126,14 @@ def _model_bytes(meta, dtype: str) -> int:
     return n * _DTYPE_BYTES[dtype]
 
 
-def _check_context(recipe, config) -> None:
+def _context(config) -> int | None:
     ctx = getattr(config, "max_position_embeddings", None)
-    if isinstance(ctx, int) and ctx > 0 and recipe.calibration.max_length > ctx:
+    return ctx if isinstance(ctx, int) and ctx > 0 else None
+
+
+def _check_context(recipe, config) -> None:
+    ctx = _context(config)
+    if ctx and recipe.calibration.max_length is not None and recipe.calibration.max_length > ctx:
         raise MoePruneError(f"calibration.max_length: {recipe.calibration.max_length} tokens is beyond the model's "
                             f"context of {ctx} (max_position_embeddings); use at most {ctx}")
 
@@ -184,10 +189,11 @@ def _quantize(recipe, shape, execution: str) -> int | None:
     return q.group_size
 
 
-def _calibration(recipe):
+def _calibration(recipe, config):
     from moeprune.pipeline.run import calibration_spec
 
-    return calibration_spec(recipe)
+    _check_context(recipe, config)
+    return calibration_spec(recipe, context=_context(config))
 
 
 def make_plan(recipe, *, out_dir=None, overwrite: bool = False, needs_output: bool = True,
@@ -217,7 +223,6 @@ def make_plan(recipe, *, out_dir=None, overwrite: bool = False, needs_output: bo
     plan = Plan(recipe=recipe, src=src, shape=shape, method=method, n_keep=None, dtype=dtype,
                 source_dtype=source_dtype, device=device, execution=execution, execution_reason=reason,
                 model_bytes=model_bytes, max_memory=budget, input_bytes=files_bytes(src), output=output)
-    _check_context(recipe, shape.config)
     if observe_only:
         from moeprune.observe.collector import OPTIONAL_STATS
 
@@ -225,13 +230,13 @@ def make_plan(recipe, *, out_dir=None, overwrite: bool = False, needs_output: bo
         if unknown:
             raise MoePruneError(f"--collect: unknown statistic {unknown[0]!r}; available: {', '.join(OPTIONAL_STATS)}")
         plan.collect = tuple(collect)
-        plan.calibration = _calibration(recipe)
+        plan.calibration = _calibration(recipe, shape.config)
         return plan
     plan.n_keep = _check_ratio(recipe, shape)
     method.check(plan)
     plan.collect = tuple(method.needs)
     if method.needs_observations or method.needs_layer_inputs:
-        plan.calibration = _calibration(recipe)
+        plan.calibration = _calibration(recipe, shape.config)
     plan.quant_group_size = _quantize(recipe, shape, execution)
     if recipe.eval.tasks:
         from moeprune.evaluate import resolve_tasks

@@ -22,7 +22,8 @@ _FORBID = ConfigDict(extra="forbid")
 class CalibrationConfig(BaseModel):
     model_config = _FORBID
     spec: str | None = Field(None, description="SOURCE[:N],... (see docs/calibration.md); empty = built-in set")
-    max_length: int = Field(512, ge=2)
+    max_length: int | None = Field(None, ge=2, description="tokens per sequence; default 512, or the model's "
+                                                           "context when shorter")
     batch_size: int = Field(8, ge=1)
     pack: bool = True
     chat_template: bool = False

@@ -53,11 +53,16 @@ def _cache_key(fingerprint: str, calibration: dict, collect: tuple[str, ...], dt
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
 
-def calibration_spec(recipe: Recipe):
+DEFAULT_MAX_LENGTH = 512
+
+
+def calibration_spec(recipe: Recipe, *, context: int | None = None):
+    """The recipe's calibration spec; an unset max_length is 512 tokens, or the model's `context` if shorter."""
     from moeprune.observe.calibration import parse_calibration_spec
 
     c = recipe.calibration
-    return parse_calibration_spec(c.spec, max_length=c.max_length, pack=c.pack, seed=recipe.seed,
+    max_length = c.max_length or (min(DEFAULT_MAX_LENGTH, context) if context else DEFAULT_MAX_LENGTH)
+    return parse_calibration_spec(c.spec, max_length=max_length, pack=c.pack, seed=recipe.seed,
                                   chat_template=c.chat_template, text_field=c.text_field)
 
 
