@@ -19,9 +19,21 @@ import torch
 
 from moeprune.errors import MoePruneError
 
-__all__ = ["Context", "context", "shard", "reduce_observations", "broadcast_flag", "local_only", "is_main", "finish"]
+__all__ = ["Context", "RankDone", "context", "launched", "shard", "reduce_observations", "broadcast_flag", "local_only",
+           "is_main", "leave_unless_main", "finish"]
 
 _SOLO = {"on": False}
+
+
+class RankDone(Exception):
+    """Raised on ranks other than 0 once their share of the calibration is reduced: rank 0 alone scores
+    and writes. The CLI ends such a rank with status 0 and no output; Python callers catch it (or test
+    `is_main()` first)."""
+
+
+def launched() -> bool:
+    """True when a launcher (torchrun, accelerate launch, srun torchrun) started several processes."""
+    return _env_int("WORLD_SIZE", 1) > 1
 
 
 @dataclass(frozen=True)
@@ -89,6 +101,12 @@ def context() -> Context:
 def is_main() -> bool:
     """True on rank 0, and in a single process."""
     return context().is_main
+
+
+def leave_unless_main(ctx: Context | None = None) -> None:
+    """Raise `RankDone` on ranks other than 0 (nothing to do there after the reduction)."""
+    if not (ctx or context()).is_main:
+        raise RankDone
 
 
 @contextmanager

@@ -6,6 +6,7 @@ import json
 
 import click
 
+from moeprune import distributed
 from moeprune.cli import cli
 
 __all__ = ["observe_cmd", "observe_merge_cmd", "run_cmd", "calibration_options", "execution_options",
@@ -106,7 +107,8 @@ def observe_to(model_dir, out_dir, *, collect: str, all_means_tokens, overwrite:
     plan = make_plan(recipe, out_dir=out_dir, overwrite=overwrite, observe_only=True, collect=stats)
     click.echo(plan.summary())
     ex = make_executor(plan, log=click.echo)
-    obs = ex.observe()
+    obs = ex.observe()  # under torchrun: every rank its share, statistics all-reduced
+    distributed.leave_unless_main()  # rank 0 alone writes
     obs.meta["used_default_calibration"] = ex.calibration().used_default
     with plan.output as tmp:
         obs.save(tmp)
