@@ -228,7 +228,8 @@ def _sizes(report: dict, plan, folder: Path, *, stage: str) -> None:
     from moeprune.stream.names import CheckpointNames
 
     names = CheckpointNames(plan.shape.model)
-    before, after = weights_summary(plan.src, names), weights_summary(folder, names)
+    before = weights_summary(plan.src, names)
+    after = weights_summary(folder, names if stage == "compressed" else None)  # quantized names are not the model's
     comp = report["compression"]
     if stage == "compressed":
         comp.update({"params_before": before["params"], "params_after": after["params"],
