@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import os
 import sys
 
 import click
@@ -17,8 +18,16 @@ class _Group(click.Group):
     """Turns `MoePruneError` into a one-line message and exit code 2."""
 
     def invoke(self, ctx):
+        from moeprune import distributed
+
         try:
+            if distributed.launched():  # under torchrun: join the group; only rank 0 prints
+                ctx.call_on_close(distributed.finish)
+                if not distributed.context().is_main:
+                    sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (for the life of the process)
             return super().invoke(ctx)
+        except distributed.RankDone:
+            sys.exit(0)
         except MoePruneError as exc:
             click.echo(f"Error: {exc}", err=True)
             sys.exit(2)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from moeprune import __version__
+from moeprune import __version__, distributed
 from moeprune.pipeline.recipe import Recipe
 
 __all__ = ["run_recipe", "get_observations", "cache_dir", "calibration_spec", "load_recipe_calibration"]
@@ -92,16 +92,20 @@ def get_observations(executor, *, log=print, observations_dir=None):
     key = _cache_key(fingerprint, {**plan.calibration.to_dict(), "batch_size": plan.recipe.calibration.batch_size,
                                    "all_means_tokens": all_means}, plan.collect, plan.dtype)
     cached = cache_dir() / key
-    if (cached / "observations.json").is_file():
+    obs = None
+    if cached.exists() and distributed.is_main():  # rank 0 alone reads and writes the cache
         try:
             obs = Observations.load(cached)
             _check_fingerprint(obs, fingerprint, f"cached observations {cached}")
             log(f"reusing cached observations {cached} ({obs.num_tokens} tokens)")
-            return obs, True
         except MoePruneError as exc:  # a damaged cache entry is a miss, replaced below
             log(f"warning: ignoring a damaged cache entry ({exc})")
             shutil.rmtree(cached, ignore_errors=True)
-    obs = executor.observe()
+            obs = None
+    if distributed.broadcast_flag(obs is not None):  # rank 0's hit; other ranks hold None and leave
+        return obs, True
+    obs = executor.observe()  # under torchrun: every rank its share, statistics all-reduced
+    distributed.leave_unless_main()
     obs.meta["used_default_calibration"] = executor.calibration().used_default
     obs.meta["model_path"] = _portable(plan.src)
     try:
@@ -158,6 +162,7 @@ def run_recipe(recipe: Recipe, *, out_dir: str | Path | None = None, overwrite: 
         if plan.method.needs_observations:
             with timer("observe"):
                 obs, reused = get_observations(ex, log=log, observations_dir=observations_dir)
+        distributed.leave_unless_main()  # torchrun: rank 0 alone decides, evaluates and writes
         with timer("score"):
             decision = plan.method.decide(obs, plan, ex)
         if decision.selection.protected:
