@@ -1,20 +1,21 @@
 """Run model-written Python in a separate, restricted process.
 
 The evaluating process never executes generated code. Each program runs in a fresh interpreter
-(``python -I -B``) with:
+(``python -I -B``, the script ``sandbox_child.py``) with:
 
-- a wall-clock timeout; on expiry the child's whole process group is killed (SIGKILL);
-- ``RLIMIT_AS`` (address space), ``RLIMIT_CPU`` (CPU seconds), ``RLIMIT_FSIZE`` (largest file),
-  ``RLIMIT_CORE`` = 0, set inside the child before the program starts;
-- a fresh temporary working directory, removed afterwards, and a scrubbed environment;
-- a network namespace without interfaces (``unshare -n``) when the machine allows it;
-- an audit hook (``sys.addaudithook``) that refuses sockets and DNS, opening files for writing
-  outside the working directory, deleting/renaming/linking/chmod outside it, starting processes
-  (``subprocess``, ``os.system``, ``exec*``, ``fork``, ``posix_spawn``), signalling other
-  processes, ``ctypes`` and inspection hooks that could reach the audit hook itself.
+- a pass only when the child writes back a random nonce after the whole program, tests included,
+  has returned (exit status 0 alone is not enough);
+- user, PID, mount and network namespaces where the machine allows them (``sandbox_os``), so the
+  program cannot signal the evaluator and every process it started dies with the run;
+- a process limit (``RLIMIT_NPROC`` in the user namespace, or a ``pids`` cgroup as root);
+- a wall-clock timeout (SIGKILL to the whole tree), ``RLIMIT_AS``, ``RLIMIT_CPU``,
+  ``RLIMIT_FSIZE``, no core files, and ``setpriv --pdeathsig`` so it dies with the evaluator;
+- a fresh temporary working directory, always removed, and a scrubbed environment;
+- an audit hook (``sandbox_child.py``) refusing sockets, writes outside the working directory,
+  process creation, signals and ``ctypes``.
 
-This is a guard against accidents by ordinary generated code, not a security boundary: see
-``docs/evaluation.md`` for what it does not stop. Run untrusted code inside a container or VM.
+``docs/evaluation.md`` lists what this guarantees, what it does not, and what was measured.
+Run untrusted code inside a container or VM.
 """
 
 from __future__ import annotations
