@@ -66,8 +66,9 @@ def _make_hook(root, sep=os.sep, realpath=os.path.realpath, fsdecode=os.fsdecode
             for i in _PATH_EVENTS[event]:
                 if i < len(args) and args[i] is not None and not inside(args[i]):
                     refuse("%s outside the working directory" % event)
-        elif event == "object.__setattr__" and type(args[0]).__name__ == "function":
-            refuse("changing function objects")
+        elif (event == "object.__setattr__" and type(args[0]).__name__ == "function"
+              and args[1] == "__code__"):
+            refuse("replacing a function's " + args[1])
     return hook
 
 
