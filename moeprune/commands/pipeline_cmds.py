@@ -66,7 +66,7 @@ def recipe_from_cli(model: str, *, method: str = "reap", ratio=None, keep=None, 
 @click.argument("model_dir")
 @click.option("-o", "--output", "out_dir", required=True, type=click.Path(), help="Folder for the observations.")
 @click.option("--collect", default="", help="Extra statistics: routed_means,all_means,router_gram.")
-@click.option("--all-means-tokens", type=int, default=None, help="Token cap per batch for all_means.")
+@click.option("--all-means-tokens", type=click.IntRange(min=1), default=None, help="Token cap per batch for all_means.")
 @click.option("--overwrite", is_flag=True)
 @calibration_options
 def observe_cmd(model_dir, out_dir, collect, all_means_tokens, overwrite, **calib):

@@ -36,7 +36,7 @@ def prune_stream_cmd(model_dir: str, out_dir: str, keep_file: str, max_shard_siz
 @click.argument("model_dir")
 @click.option("-o", "--output", "out_dir", required=True, type=click.Path(), help="Folder for the observations.")
 @click.option("--collect", default="", help="Extra statistics: routed_means,all_means,router_gram.")
-@click.option("--all-means-tokens", type=int, default=None, help="Token cap per batch for all_means.")
+@click.option("--all-means-tokens", type=click.IntRange(min=1), default=None, help="Token cap per batch for all_means.")
 @click.option("--device", default=None, help="cuda, cuda:1, cpu (default: CUDA when available).")
 @click.option("--max-ram-gb", type=float, default=None, help="Spill hidden states to disk beyond this many GB.")
 @click.option("--overwrite", is_flag=True)
