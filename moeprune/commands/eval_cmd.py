@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 import time
@@ -14,6 +13,7 @@ import click
 from moeprune import __version__
 from moeprune.cli import cli
 from moeprune.errors import MoePruneError
+from moeprune import strict_json
 
 __all__ = ["eval_command", "format_table", "write_report"]
 
@@ -56,7 +56,7 @@ def write_report(path: Path, report: dict[str, Any]) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(report, fh, indent=2, allow_nan=True)
+            fh.write(strict_json.dumps(report, indent=2))  # NaN scores become null
             fh.write("\n")
         os.replace(tmp, path)
     except BaseException:

@@ -26,6 +26,7 @@ from moeprune.observe import Observations, model_fingerprint, observe
 from moeprune.pipeline.recipe import Recipe
 from moeprune.pipeline.methods import apply_decision, decide
 from moeprune.score import experts_to_keep
+from moeprune import strict_json
 
 __all__ = ["run_recipe", "get_observations", "cache_dir"]
 
@@ -186,7 +187,7 @@ def run_recipe(recipe: Recipe, *, out_dir: str | Path | None = None, overwrite: 
             obs.save(tmp / "observations")
         report["timings"] = {**timer.timings}
         report["timings"]["total"] = round(sum(timer.timings.values()), 3)
-        (tmp / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+        (tmp / "report.json").write_text(strict_json.dumps(report, indent=2) + "\n")
         _write_markdown(tmp, report, obs, selection, log)
     return report
 

@@ -62,3 +62,13 @@ def test_keep_file_that_is_not_an_object_is_refused(tmp_path):
     path.write_text("[[1, 2]]")
     with pytest.raises(MoePruneError, match="expected an object"):
         load_keep_file(path)
+
+
+def test_strict_json_writes_null_for_nan_and_inf():
+    import json
+
+    from moeprune import strict_json
+
+    text = strict_json.dumps({"a": float("nan"), "b": [1.5, float("inf"), -float("inf")], "c": (2,)})
+    assert "NaN" not in text and "Infinity" not in text
+    assert json.loads(text) == {"a": None, "b": [1.5, None, None], "c": [2]}
