@@ -90,8 +90,8 @@ def eval_command(model_dir: str, tasks: str, limit: int | None, batch_size: int,
     resolved = resolve_tasks(_split_tasks(tasks))  # fail on a bad task before loading the model
     if output is not None:
         check_report_path(output)
+    tokenizer = load_tokenizer(model_path)  # the quicker failure first
     model = load_model(model_path, dtype=dtype, device=device)
-    tokenizer = load_tokenizer(model_path)
     results = evaluate(model, tokenizer, resolved, limit=limit, batch_size=batch_size, progress=progress,
                        samples=samples)
     report = {

@@ -93,8 +93,9 @@ class PidsCgroup:
                 path = Path(tempfile.mkdtemp(prefix="moeprune-exec-", dir=base))
             except OSError:
                 continue
-            try:
-                (path / "pids.max").write_text(str(max_processes))
+            try:  # a real cgroup folder comes with its control files; never create them
+                with open(path / "pids.max", "r+") as f:
+                    f.write(str(max_processes))
                 self.path = path
                 return
             except OSError:
