@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 import time
@@ -14,6 +13,7 @@ import click
 from moeprune import __version__
 from moeprune.cli import cli
 from moeprune.errors import MoePruneError
+from moeprune import strict_json
 
 __all__ = ["eval_command", "format_table", "write_report"]
 
@@ -35,6 +35,18 @@ def format_table(results: dict[str, dict[str, Any]]) -> str:
     return "\n".join([line(header), line(["-" * w for w in widths]), *(line(r) for r in rows)])
 
 
+def check_report_path(path: Path) -> None:
+    """Refuse a report path that cannot be written, before any evaluation work starts."""
+    path = path.expanduser().resolve()
+    if path.is_dir():
+        raise MoePruneError(f"-o {path} is a folder; pass a file name such as {path / 'report.json'}")
+    parent = next((p for p in path.parents if p.exists()), None)
+    if parent is None or not parent.is_dir():
+        raise MoePruneError(f"-o {path}: {parent} is a file, not a folder; choose another report path")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise MoePruneError(f"-o {path}: folder {parent} is not writable; choose another report path")
+
+
 def write_report(path: Path, report: dict[str, Any]) -> None:
     """Write ``report`` as JSON via a temporary file and a rename, so readers never see half a file."""
     path = path.expanduser().resolve()
@@ -44,7 +56,7 @@ def write_report(path: Path, report: dict[str, Any]) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(report, fh, indent=2, allow_nan=True)
+            fh.write(strict_json.dumps(report, indent=2))  # NaN scores become null
             fh.write("\n")
         os.replace(tmp, path)
     except BaseException:
@@ -76,8 +88,10 @@ def eval_command(model_dir: str, tasks: str, limit: int | None, batch_size: int,
     start = time.perf_counter()
     model_path = resolve_model_dir(model_dir)
     resolved = resolve_tasks(_split_tasks(tasks))  # fail on a bad task before loading the model
+    if output is not None:
+        check_report_path(output)
+    tokenizer = load_tokenizer(model_path)  # the quicker failure first
     model = load_model(model_path, dtype=dtype, device=device)
-    tokenizer = load_tokenizer(model_path)
     results = evaluate(model, tokenizer, resolved, limit=limit, batch_size=batch_size, progress=progress,
                        samples=samples)
     report = {
