@@ -14,6 +14,7 @@ from moeprune import __version__
 from moeprune.cli import cli
 from moeprune.errors import MoePruneError
 from moeprune import strict_json
+from moeprune.commands.pipeline_cmds import execution_options
 
 __all__ = ["eval_command", "format_table", "write_report"]
 
@@ -71,13 +72,13 @@ def write_report(path: Path, report: dict[str, Any]) -> None:
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="Score only the first N rows of each task.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
 @click.option("-o", "--output", type=click.Path(path_type=Path), default=None, help="Write the JSON report here.")
-@click.option("--dtype", default="float32", show_default=True, help="torch dtype to load the model in, or 'auto'.")
-@click.option("--device", default=None, help="cuda, cpu, ... (default: cuda when available).")
 @click.option("--samples/--no-samples", default=False, show_default=True,
               help="Include per-row prompts, completions and scores in the report.")
 @click.option("--progress/--no-progress", default=True, show_default=True)
+@execution_options
 def eval_command(model_dir: str, tasks: str, limit: int | None, batch_size: int, output: Path | None,
-                 dtype: str, device: str | None, samples: bool, progress: bool) -> None:
+                 dtype: str, device: str, execution: str, max_memory: str | None, samples: bool,
+                 progress: bool) -> None:
     """Evaluate MODEL_DIR (a Hugging Face model folder, or 'demo') on --tasks.
 
     Example: moeprune eval demo --tasks demo_arith,demo_prose --limit 50 -o report.json
@@ -90,15 +91,28 @@ def eval_command(model_dir: str, tasks: str, limit: int | None, batch_size: int,
     resolved = resolve_tasks(_split_tasks(tasks))  # fail on a bad task before loading the model
     if output is not None:
         check_report_path(output)
+    from moeprune.io import meta_model
+    from moeprune.pipeline.plan import placement
+
+    where = placement(model_path, meta_model(model_path), dtype=dtype, device=device, execution=execution,
+                      max_memory=max_memory)
     tokenizer = load_tokenizer(model_path)  # the quicker failure first
-    model = load_model(model_path, dtype=dtype, device=device)
+    if where.execution == "layerwise":
+        from moeprune.stream.offload import offloaded_model
+
+        click.echo(f"layer-wise evaluation ({where.reason}): weights are read from the files on every forward",
+                   err=True)
+        model = offloaded_model(model_path, dtype=where.dtype, device=where.device, max_memory=where.max_memory)
+    else:
+        model = load_model(model_path, dtype=where.dtype, device=str(where.device))
     results = evaluate(model, tokenizer, resolved, limit=limit, batch_size=batch_size, progress=progress,
                        samples=samples)
     report = {
         "model": str(model_path),
         "tasks": results,
         "total_seconds": round(time.perf_counter() - start, 3),
-        "settings": {"limit": limit, "batch_size": batch_size, "dtype": dtype, "device": str(model.device)},
+        "settings": {"limit": limit, "batch_size": batch_size, "dtype": where.dtype, "device": str(where.device),
+                     "execution": where.execution},
         "moeprune_version": __version__,
     }
     click.echo(format_table(results))
