@@ -277,3 +277,16 @@ def test_network_namespace_holds_past_the_audit_hook(tmp_path, monkeypatch):
 def test_reading_proc_self_mem_is_refused():
     result = run_python("open('/proc/self/mem', 'rb')\n")
     assert result.status == "failed" and "PermissionError" in result.detail
+
+
+def test_process_limit_per_isolation():
+    import threading
+
+    from moeprune.evaluate.sandbox_os import Isolation, process_limit
+
+    assert process_limit(Isolation((), True, True, False, False), 16) == 16  # counted per namespace
+    plain = Isolation((), False, False, False, False)
+    if os.geteuid() == 0:
+        assert process_limit(plain, 16) == 0  # the kernel ignores RLIMIT_NPROC for root: a cgroup instead
+    else:  # the user's current tasks (this process's threads at least) plus the sandbox's allowance
+        assert process_limit(plain, 16) >= 16 + threading.active_count()
