@@ -8,7 +8,8 @@ same launcher the sandbox uses:
   outside it (``kill``, ``pidfd_open`` and ``/proc`` only know the namespace's own processes), and
   when the namespace's first process ends the kernel kills every process left in it, including
   ones that started a new session. ``RLIMIT_NPROC`` set inside a new user namespace counts only
-  that namespace's processes. Fallbacks drop the user namespace (``root``), then everything but
+  that namespace's processes (without one, :func:`process_limit` adds the user's current task
+  count). Fallbacks drop the user namespace (``root``), then everything but
   the network namespace (``unshare -n``), then everything.
 - ``setpriv --pdeathsig KILL``: the launcher is killed if the evaluating thread dies, and
   ``--kill-child`` passes that on to the namespace.
