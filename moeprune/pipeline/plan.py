@@ -268,7 +268,7 @@ def make_plan(recipe, *, out_dir=None, overwrite: bool = False, needs_output: bo
     plan.collect = tuple(method.needs)
     if method.needs_observations or method.needs_layer_inputs:
         plan.calibration = _calibration(recipe, shape.config)
-    plan.quant_group_size = _quantize(recipe, shape, execution)
+    plan.quant_group_size = _quantize(recipe, shape, plan.execution)
     if recipe.eval.tasks:
         from moeprune.evaluate import resolve_tasks
 
