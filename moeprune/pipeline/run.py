@@ -251,6 +251,8 @@ def _quantize_stage(report: dict, plan, ex, obs, decision, folder: Path, timer) 
     """Quantize the compressed in-memory model and replace the weights in `folder` by its quantized save."""
     from moeprune.compress.quantize import write_quantized
 
+    if plan.dtype != plan.source_dtype:  # the output keeps the source dtype (quantized tensors aside)
+        ex.model.to(getattr(torch, plan.source_dtype))
     with timer("quantize"):
         quant = _quantize(ex.model, plan, obs, decision.kept)
     with timer("eval_quantized"):
