@@ -68,7 +68,7 @@ def quantize_cmd(model_dir: str, out_dir: str, bits: str, group_size: str, avg_b
     --observations): each MoE layer's experts float8 or dense, the most important layers kept dense
     within the budget (transformers-only: vLLM does not load it, see docs/serving.md).
     """
-    from moeprune.compress.quantize import SUPPORTED_BITS, MixedBudget, quantize_model, save_quantized
+    from moeprune.compress.quantize import SUPPORTED_BITS, MixedBudget, quantize_model, save_quantized, serving_note
     from moeprune.compress.quantize_plan import parse_group_size
     from moeprune.io import check_output_dir, load_model, resolve_model_dir
 
@@ -93,19 +93,10 @@ def quantize_cmd(model_dir: str, out_dir: str, bits: str, group_size: str, avg_b
     widths = sorted(set(result.layer_bits.values()))
     click.echo(f"{result.format}{_grouping(result)}: layer widths {widths}, safetensors {before:,} -> {after:,} "
                f"bytes ({after / max(before, 1):.1%}) -> {out}")
-    click.echo(f"serves in: {serving_engines(result.format)}")
+    click.echo(f"serves in: {serving_note(result)}")
 
 
 def _grouping(result) -> str:
     if result.strategy == "channel":
         return ", one scale per output row (channel)"
     return f", group size {result.group_size}" if result.group_size else ""
-
-
-def serving_engines(fmt: str) -> str:
-    """Where a quantized format runs, as measured (docs/serving.md)."""
-    from moeprune.compress.quantize import FORMAT_MIXED
-
-    if fmt == FORMAT_MIXED:
-        return "transformers only (vLLM does not load torchao float8-per-layer checkpoints; see docs/serving.md)"
-    return "transformers, vLLM (see docs/serving.md)"

@@ -30,7 +30,7 @@ from moeprune.compress.quantize_plan import CHANNEL, SUPPORTED_BITS, check_quant
 from moeprune.errors import MoePruneError
 
 __all__ = ["MixedBudget", "QuantResult", "quantize_model", "save_quantized", "write_quantized", "SUPPORTED_BITS",
-           "fake_quantize", "check_quantize", "CHANNEL"]
+           "fake_quantize", "check_quantize", "CHANNEL", "serving_note"]
 
 FORMAT_PACKED = "compressed-tensors/pack-quantized"
 FORMAT_MIXED = "torchao/float8-per-layer"
@@ -69,7 +69,17 @@ class QuantResult:
         out = asdict(self)
         out.pop("expert_pattern")
         out.pop("kept_pattern")
+        out["serves_in"] = serving_note(self)
         return out
+
+
+def serving_note(result: "QuantResult | dict") -> str:
+    """Which engines load this quantized checkpoint, as measured (see docs/serving.md)."""
+    fmt = result["format"] if isinstance(result, dict) else result.format
+    if fmt == FORMAT_MIXED:
+        return "transformers only (vLLM does not load torchao float8-per-layer checkpoints; docs/serving.md)"
+    return ("transformers and vLLM (compressed-tensors; vLLM's CPU build serves 4-bit with group size 64/128 and "
+            "expert widths in multiples of 32 only; docs/serving.md)")
 
 
 def _qmax(bits: int) -> int:
