@@ -22,7 +22,7 @@ echo "vLLM environment ready after $(( $(date +%s) - stage_start ))s"
 VLLM_CPU_FAMILIES="${VLLM_CPU_FAMILIES:-mixtral qwen2_moe qwen3_moe olmoe granitemoe granitemoeshared phimoe}"
 
 mp() { python -m moeprune "$@" --overwrite >>"$WORK/moeprune.log" 2>&1 || { tail -n 20 "$WORK/moeprune.log"; exit 1; }; }
-mp observe demo -o "$WORK/obs" --collect all_means,router_gram --calib demo:256 --max-length 256
+mp observe demo -o "$WORK/obs" --collect all_means,router_gram --calib demo:64 --max-length 128
 mp prune demo --method reap --ratio 0.5 --observations "$WORK/obs" -o "$WORK/demo-reap50"
 mp merge demo --method hc_smoe --ratio 0.5 --observations "$WORK/obs" -o "$WORK/demo-hc_smoe50"
 mp merge demo --method m_smoe --ratio 0.5 --observations "$WORK/obs" -o "$WORK/demo-m_smoe50"
