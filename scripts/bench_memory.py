@@ -1,13 +1,21 @@
-"""Peak RSS of the streaming prune as a fraction of checkpoint size (target <= 0.25), under a memory cap.
+"""Peak memory of the out-of-core paths as a fraction of checkpoint size: the streaming prune and `moeprune run`.
 
-Each path runs in a child process whose address space is capped with RLIMIT_AS at
+Case `rewrite`: each path runs in a child process whose address space is capped with RLIMIT_AS at
 max(--fraction x checkpoint bytes, --min-cap-gb): the floor covers the interpreter with torch and
 transformers imported (~1.05 GB of address space before any weight is touched), so on checkpoints of
 4 x min-cap and more the cap is exactly fraction x size. The streaming rewrite (`prune_checkpoint`) must
 succeed under it; the whole-model in-memory path (load + `prune_experts` + `save_compressed`) is run
 under the same cap to show it fails. Peak RSS is the child's VmHWM.
 
-    python scripts/bench_memory.py --size-gb 5      # full size (run on an otherwise idle CPU)
+Case `run` (the end-to-end check of issue 11): `python -m moeprune run` of a recipe with `max_memory: 1GB`
+(REAP 50%, calibration `demo:8` at 128 tokens, eval `demo_prose` and `demo_json` with `limit: 4`, dtype
+auto) on the same random bf16 Mixtral-shaped checkpoint with the demo tokenizer copied in, as a child
+process, uncapped. It reports the child's peak RSS (ru_maxrss) / checkpoint bytes (target < 0.35), output
+safetensors bytes / input bytes (target < 0.62, bf16 kept) and report.json's "execution" (must be
+"layerwise", picked by itself).
+
+    python scripts/bench_memory.py --size-gb 5      # full size, both cases (peak RSS needs no idle CPU)
+    python scripts/bench_memory.py --case run --model-dir /tmp/rand-4gb
     python scripts/bench_memory.py --quick          # 0.2 GB: the import floor dominates, the cap is the floor
 """
 
@@ -23,7 +31,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-__all__ = ["run_capped", "main"]
+__all__ = ["run_capped", "run_recipe_child", "main"]
+
+RUN_TARGETS = {"rss_fraction": 0.35, "bytes_fraction": 0.62}
 
 _CHILD = r"""
 import json, resource, sys
@@ -62,36 +72,96 @@ def run_capped(mode: str, src: Path, out: Path, keep: dict, cap: int) -> dict:
     return json.loads(lines[-1])
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model-dir", type=Path, default=None, help="Existing checkpoint (default: generate one).")
-    ap.add_argument("--size-gb", type=float, default=5.0)
-    ap.add_argument("--fraction", type=float, default=0.25)
-    ap.add_argument("--min-cap-gb", type=float, default=1.2)
-    ap.add_argument("--workdir", type=Path, default=None)
-    ap.add_argument("--uncapped-in-memory", action="store_true",
-                    help="Also run the in-memory path without a cap to report its peak RSS (needs ~2x the checkpoint).")
-    ap.add_argument("--quick", action="store_true", help="A 0.2 GB checkpoint.")
-    args = ap.parse_args(argv)
-    from bench_rewrite import half_plan
-    from make_random_checkpoint import source_checkpoint
+_WRAPPER = r"""
+import json, resource, subprocess, sys
+proc = subprocess.run(sys.argv[1:], capture_output=True, text=True)
+print(json.dumps({"rc": proc.returncode, "peak_rss": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024,
+                  "stderr_tail": proc.stderr.strip().splitlines()[-3:], "stdout_tail": proc.stdout.strip().splitlines()[-3:]}))
+"""
 
-    with tempfile.TemporaryDirectory(prefix="bench-memory-", dir=args.workdir) as tmp:
-        work = Path(tmp)
-        src = source_checkpoint(args.model_dir, work, quick=args.quick, size_gb=args.size_gb)
-        size = sum(f.stat().st_size for f in src.glob("*.safetensors"))
-        cap = max(int(args.fraction * size), int(args.min_cap_gb * 1e9))
-        keep = half_plan(src)
-        stream = run_capped("stream", src, work / "stream", keep, cap)
-        memory = run_capped("memory", src, work / "memory", keep, cap)
-        free = run_capped("memory", src, work / "memory-free", keep, 1 << 62) if args.uncapped_in_memory else None
+
+def _weights_bytes(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.glob("*.safetensors"))
+
+
+def _with_tokenizer(src: Path, work: Path) -> Path:
+    """`src` if it has a tokenizer; else a folder of links to its files plus the demo tokenizer (src untouched)."""
+    from moeprune.io import DEMO_MODEL_DIR, TOKENIZER_FILES
+
+    if any((src / name).is_file() for name in TOKENIZER_FILES):
+        return src
+    view = work / "src-with-tokenizer"
+    view.mkdir()
+    for f in src.iterdir():
+        (view / f.name).symlink_to(f.resolve())
+    for name in TOKENIZER_FILES:
+        if (DEMO_MODEL_DIR / name).is_file():
+            (view / name).write_bytes((DEMO_MODEL_DIR / name).read_bytes())
+    return view
+
+
+def run_recipe_child(src: Path, work: Path, *, max_memory: str = "1GB", rss_target: bool = True) -> dict:
+    """`python -m moeprune run` of the issue-11 recipe on `src`, in a child; its peak RSS, sizes and execution."""
+    import yaml
+
+    model = _with_tokenizer(src, work)
+    recipe = {"model": str(model), "method": "reap", "ratio": 0.5, "max_memory": max_memory,
+              "calibration": {"spec": "demo:8", "max_length": 128, "batch_size": 8},
+              "eval": {"tasks": ["demo_prose", "demo_json"], "limit": 4}}
+    path, out = work / "recipe.yaml", work / "run-out"
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "TQDM_DISABLE": "1", "PYTHONPATH": f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    cmd = [sys.executable, "-m", "moeprune", "run", str(path), "-o", str(out), "--no-progress"]
+    proc = subprocess.run([sys.executable, "-c", _WRAPPER, *cmd], capture_output=True, text=True, env=env, cwd=root)
+    child = json.loads(proc.stdout.strip().splitlines()[-1]) if proc.stdout.strip() else {
+        "rc": proc.returncode, "peak_rss": None, "stderr_tail": proc.stderr.strip().splitlines()[-3:]}
+    size = _weights_bytes(src)
+    result = {"ok": child["rc"] == 0, "max_memory": max_memory, "checkpoint_bytes": size, "peak_rss": child["peak_rss"],
+              "rss_fraction": None if not child["peak_rss"] else round(child["peak_rss"] / size, 4),
+              "output_bytes": None, "bytes_fraction": None, "execution": None, "output_dtype": None,
+              "error": None if child["rc"] == 0 else " | ".join(child["stderr_tail"])}
+    if result["ok"]:
+        report = json.loads((out / "report.json").read_text())
+        result.update(execution=report.get("execution"), execution_reason=report.get("execution_reason"),
+                      output_bytes=_weights_bytes(out), output_dtype=json.loads((out / "config.json").read_text()).get(
+                          "dtype"), eval=report.get("eval"))
+        result["bytes_fraction"] = round(result["output_bytes"] / size, 4)
+    # on a small checkpoint the interpreter's ~0.5 GB dominates the RSS: only execution and bytes are judged
+    result["pass"] = bool(result["ok"] and result["execution"] == "layerwise"
+                          and (not rss_target or result["rss_fraction"] < RUN_TARGETS["rss_fraction"])
+                          and result["bytes_fraction"] < RUN_TARGETS["bytes_fraction"])
+    return result
+
+
+def _print_run(r: dict) -> None:
+    gb = lambda n: "-" if n is None else f"{n / 1e9:.3f} GB"  # noqa: E731
+    print(f"moeprune run, max_memory {r['max_memory']}: {'ok' if r['ok'] else 'FAILED'}; execution {r['execution']}"
+          f"; {'PASS' if r['pass'] else 'FAIL'}")
+    print(f"  peak RSS {gb(r['peak_rss'])} = {r['rss_fraction']} x checkpoint (target < {RUN_TARGETS['rss_fraction']})")
+    print(f"  output {gb(r['output_bytes'])} = {r['bytes_fraction']} x input (target < {RUN_TARGETS['bytes_fraction']}),"
+          f" dtype {r['output_dtype']}")
+    if r["error"]:
+        print(f"  {r['error']}")
+
+
+def _rewrite_case(src: Path, work: Path, args) -> dict:
+    """The streaming prune and the in-memory prune under RLIMIT_AS = max(fraction x size, min cap)."""
+    from bench_rewrite import half_plan
+
+    size = _weights_bytes(src)
+    cap = max(int(args.fraction * size), int(args.min_cap_gb * 1e9))
+    keep = half_plan(src)
+    stream = run_capped("stream", src, work / "stream", keep, cap)
+    memory = run_capped("memory", src, work / "memory", keep, cap)
+    free = run_capped("memory", src, work / "memory-free", keep, 1 << 62) if args.uncapped_in_memory else None
     frac = stream["peak_rss"] / size if stream["peak_rss"] else None
     out = {"checkpoint_bytes": size, "cap_bytes": cap, "cap_fraction": round(cap / size, 3),
            "stream_ok": stream["ok"], "stream_peak_rss": stream["peak_rss"], "stream_peak_vm": stream.get("peak_vm"),
            "stream_rss_fraction": None if frac is None else round(frac, 4), "target": args.fraction,
            "pass": bool(stream["ok"] and frac is not None and frac <= args.fraction),
            "in_memory_ok": memory["ok"], "in_memory_peak_rss": memory["peak_rss"],
-           "in_memory_error": memory.get("error"), "stream_error": stream.get("error"), "quick": args.quick,
+           "in_memory_error": memory.get("error"), "stream_error": stream.get("error"),
            "uncapped_in_memory_peak_rss": None if free is None else free["peak_rss"]}
     gb = lambda n: "-" if n is None else f"{n / 1e9:.3f} GB"  # noqa: E731
     print(f"{'checkpoint':<22}{gb(size)}\n{'cap (RLIMIT_AS)':<22}{gb(cap)} ({out['cap_fraction']:.3f} x checkpoint)")
@@ -102,6 +172,35 @@ def main(argv=None) -> int:
         print(f"{name:<22}{'ok' if r['ok'] else 'FAILED':<10}{gb(r['peak_rss']):>12}{share:>14}")
         if not r["ok"]:
             print(f"  {r['error']}")
+    return out
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model-dir", type=Path, default=None, help="Existing checkpoint (default: generate one).")
+    ap.add_argument("--size-gb", type=float, default=5.0)
+    ap.add_argument("--fraction", type=float, default=0.25)
+    ap.add_argument("--min-cap-gb", type=float, default=1.2)
+    ap.add_argument("--workdir", type=Path, default=None)
+    ap.add_argument("--uncapped-in-memory", action="store_true",
+                    help="Also run the in-memory path without a cap to report its peak RSS (needs ~2x the checkpoint).")
+    ap.add_argument("--quick", action="store_true", help="A 0.2 GB checkpoint.")
+    ap.add_argument("--case", choices=["all", "rewrite", "run"], default="all",
+                    help="rewrite: streaming prune under a cap; run: `moeprune run` with max_memory 1GB.")
+    ap.add_argument("--max-memory", default=None,
+                    help="The run case's recipe max_memory (default 1GB; 400MB with --quick: layer-wise is still picked).")
+    args = ap.parse_args(argv)
+    from make_random_checkpoint import source_checkpoint
+
+    out: dict = {"quick": args.quick}
+    with tempfile.TemporaryDirectory(prefix="bench-memory-", dir=args.workdir) as tmp:
+        work = Path(tmp)
+        src = source_checkpoint(args.model_dir, work, quick=args.quick, size_gb=args.size_gb)
+        if args.case in ("all", "rewrite"):
+            out["rewrite"] = _rewrite_case(src, work, args)
+        if args.case in ("all", "run"):
+            budget = args.max_memory or ("400MB" if args.quick else "1GB")
+            out["run"] = run_recipe_child(src, work, max_memory=budget, rss_target=not args.quick)
+            _print_run(out["run"])
     print(json.dumps(out))
     return 0
 

@@ -50,6 +50,7 @@ def _method_options(fn):
         click.option("--keep-experts", type=int, default=None, help="Experts to keep per layer (instead of --ratio)."),
         click.option("--observations", "obs_dir", type=click.Path(), default=None,
                      help="Saved observations (moeprune observe) instead of a calibration pass."),
+        click.option("--max-shard-size", default="5GB", show_default=True, help="Largest output shard, e.g. 5GB."),
         click.option("--overwrite", is_flag=True, help="Replace a non-empty output folder."),
     ]):
         fn = option(fn)
@@ -69,32 +70,21 @@ def prune_cmd(model_dir: str, out_dir: str, keep_file: str | None, method: str |
     """Remove experts from MODEL_DIR and write a checkpoint stock transformers loads.
 
     Either apply a selection computed elsewhere (--keep KEEP.json) or score experts with --method and
-    --ratio / --keep-experts, from --observations or a calibration pass (--calib).
+    --ratio / --keep-experts, from --observations or a calibration pass (--calib). Models larger than
+    memory run layer by layer (--execution layerwise, chosen by itself under --max-memory).
     """
-    from moeprune.compress import load_keep_file, prune_experts, save_compressed, validate_keep
-    from moeprune.io import check_output_dir, load_model, meta_model, resolve_model_dir
-    from moeprune.models import MoEAdapter
-    from moeprune.pipeline.methods import MERGE_METHODS
+    from moeprune.methods import get_method
 
-    src = resolve_model_dir(model_dir)
     if (keep_file is None) == (method is None):
         raise MoePruneError("prune needs either --keep KEEP.json or --method METHOD with --ratio/--keep-experts")
-    if method in MERGE_METHODS:
+    if method is not None and get_method(method, where="--method").kind == "merge":
         raise MoePruneError(f"{method} merges experts: use `moeprune merge --method {method}`")
-    if method is not None:
-        _compress_with_method(src, out_dir, method=method, protect=not no_protect, **opts)
+    if keep_file is not None:
+        if opts["ratio"] is not None or opts["keep_experts"] is not None:
+            raise MoePruneError("--keep KEEP.json lists the experts to keep; drop --ratio/--keep-experts")
+        _compress(model_dir, out_dir, method="keep_file", keep_file=keep_file, **opts)
         return
-    plan = load_keep_file(keep_file)
-    # Everything that can be checked is checked before the (possibly long) load of the weights.
-    validate_keep(MoEAdapter(meta_model(src)), plan, where=str(keep_file))
-    check_output_dir(out_dir, inputs=(src,), overwrite=opts["overwrite"])
-    model = load_model(src, dtype="auto", device="cpu")
-    kept = prune_experts(model, plan, where=str(keep_file))
-    save_compressed(model, out_dir, source_dir=src, overwrite=opts["overwrite"],
-                    provenance={"base_model": str(src), "method": "keep-file", "keep_file": str(keep_file),
-                                "kept": kept})
-    click.echo(f"kept {len(next(iter(kept.values())))} experts in each of {len(kept)} MoE layers -> "
-               f"{Path(out_dir).resolve()}")
+    _compress(model_dir, out_dir, method=method, protect=not no_protect, **opts)
 
 
 @cli.command("merge")
@@ -109,48 +99,18 @@ def prune_cmd(model_dir: str, out_dir: str, keep_file: str | None, method: str |
 @_method_options
 def merge_cmd(model_dir: str, out_dir: str, method: str, linkage: str, router: str, align: bool | None, **opts):
     """Merge clusters of experts of MODEL_DIR into one expert each; the checkpoint shrinks."""
-    from moeprune.io import resolve_model_dir
-
     merge = {"linkage": linkage, "router": router, "align": align}
-    _compress_with_method(resolve_model_dir(model_dir), out_dir, method=method, merge=merge, **opts)
+    _compress(model_dir, out_dir, method=method, merge=merge, **opts)
 
 
-def _compress_with_method(src, out_dir, *, method, ratio, keep_experts, obs_dir, overwrite, **calib):
-    from moeprune.compress import save_compressed
-    from moeprune.io import check_output_dir, load_model, load_tokenizer, meta_model
-    from moeprune.models import MoEAdapter
-    from moeprune.observe import Observations
-    from moeprune.pipeline.methods import apply_decision, decide, method_collect
-    from moeprune.pipeline.run import get_observations, load_recipe_calibration
-    from moeprune.score import experts_to_keep
+def _compress(model_dir, out_dir, *, method, ratio=None, keep_experts=None, obs_dir=None, overwrite=False,
+              max_shard_size="5GB", **calib):
+    """`prune` and `merge` build a recipe and run the same pipeline as `moeprune run` (no evaluation)."""
+    from moeprune.commands.pipeline_cmds import echo_result
+    from moeprune.pipeline.run import run_recipe
 
-    recipe = recipe_from_cli(str(src), method=method, ratio=ratio, keep=keep_experts, **calib)
-    shape = MoEAdapter(meta_model(src))
-    experts_to_keep(shape.num_experts, ratio=ratio, keep=keep_experts, top_k=shape.top_k,
-                    where="--ratio/--keep-experts")
-    check_output_dir(out_dir, inputs=(src,), overwrite=overwrite)
-    model = load_model(src, dtype=calib["dtype"])
-    tokenizer = load_tokenizer(src)
-    if obs_dir is not None:
-        obs = Observations.load(obs_dir)
-        obs.check_model(model, where=f"observations in {obs_dir}")
-        missing = set(method_collect(method)) - set(obs.meta.get("collected", []))
-        if missing:
-            raise MoePruneError(f"observations in {obs_dir} lack {sorted(missing)} needed by {method}; re-run "
-                                f"`moeprune observe --collect {','.join(sorted(missing))}`")
-    else:
-        obs, _ = get_observations(model, tokenizer, recipe, log=click.echo)
-    decision = decide(model, obs, recipe, calibration=lambda: load_recipe_calibration(recipe, tokenizer))
-    sel = decision.selection
-    if sel.protected:
-        click.echo(f"protected super experts: {sel.protected}")
-    kept = apply_decision(model, decision, obs, recipe)
-    provenance = {"base_model": str(src), "method": method, "ratio": ratio, "kept": kept, "dropped": sel.dropped,
-                  "protected": sel.protected, "scores": sel.scores, "calibration": obs.meta.get("calibration")}
-    if decision.merge_plan is not None:
-        provenance["merged"] = decision.merge_plan.clusters
-        provenance["merge_options"] = recipe.merge.model_dump()
-    save_compressed(model, out_dir, source_dir=src, overwrite=overwrite, provenance=provenance)
-    verb = "merged into" if decision.merge_plan is not None else "kept"
-    click.echo(f"{method}: {verb} {len(next(iter(kept.values())))} experts in each of {len(kept)} MoE layers -> "
-               f"{Path(out_dir).resolve()}")
+    recipe = recipe_from_cli(model_dir, method=method, ratio=ratio, keep=keep_experts, **calib)
+    recipe.max_shard_size = max_shard_size
+    report = run_recipe(recipe, out_dir=out_dir, overwrite=overwrite, log=click.echo, observations_dir=obs_dir,
+                        save_observations=False)
+    echo_result(report, Path(out_dir).expanduser().resolve())

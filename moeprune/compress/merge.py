@@ -29,7 +29,7 @@ from moeprune.errors import MoePruneError
 from moeprune.models import MoEAdapter
 
 __all__ = ["METHOD_NEEDS", "plan_merge", "MergePlan", "hc_smoe_clusters", "m_smoe_clusters", "align_to", "merge_weights", "apply_merge",
-           "LINKAGES", "ROUTER_RULES"]
+           "merge_layer", "LINKAGES", "ROUTER_RULES"]
 
 LINKAGES = ("average", "single", "complete", "ward")
 ROUTER_RULES = ("dominant", "weighted")
@@ -137,6 +137,21 @@ def _merge_router(adapter: MoEAdapter, layer, cluster: list[int], weights: torch
             t.index_copy_(dim, idx[:1], merged.to(t.dtype))
 
 
+def merge_layer(adapter: MoEAdapter, layer, clusters: list[list[int]], freq: torch.Tensor, *,
+                router: str = "dominant", align: bool = False) -> None:
+    """Merge every cluster of one loaded layer into its representative's slot (in place; nothing pruned)."""
+    for cluster in clusters:
+        if len(cluster) == 1:
+            continue
+        weights = freq[cluster]
+        members = [read_expert(adapter, layer, j) for j in cluster]
+        if align:
+            members = [members[0]] + [align_to(members[0], m)[0] for m in members[1:]]
+        write_expert(adapter, layer, cluster[0], merge_weights(members, weights))
+        if router == "weighted":
+            _merge_router(adapter, layer, cluster, weights)
+
+
 def apply_merge(model, plan: MergePlan, *, freq: dict[int, torch.Tensor], router: str = "dominant",
                 align: bool = False, where: str = "merge") -> dict[int, list[int]]:
     """Merge every cluster into its representative and prune the other members (in place)."""
@@ -144,16 +159,7 @@ def apply_merge(model, plan: MergePlan, *, freq: dict[int, torch.Tensor], router
         raise MoePruneError(f"{where}: router rule must be one of {', '.join(ROUTER_RULES)}; got {router!r}")
     adapter = MoEAdapter(model)
     for layer in adapter.layers:
-        for cluster in plan.clusters[layer.index]:
-            if len(cluster) == 1:
-                continue
-            weights = freq[layer.index][cluster]
-            members = [read_expert(adapter, layer, j) for j in cluster]
-            if align:
-                members = [members[0]] + [align_to(members[0], m)[0] for m in members[1:]]
-            write_expert(adapter, layer, cluster[0], merge_weights(members, weights))
-            if router == "weighted":
-                _merge_router(adapter, layer, cluster, weights)
+        merge_layer(adapter, layer, plan.clusters[layer.index], freq[layer.index], router=router, align=align)
     return prune_experts(model, plan.kept, where=where)
 
 

@@ -13,6 +13,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from moeprune.errors import MoePruneError
+from moeprune.inputs import read_text
 
 __all__ = ["Recipe", "CalibrationConfig", "EvalConfig", "load_recipe", "apply_overrides", "format_validation_error"]
 
@@ -22,7 +23,8 @@ _FORBID = ConfigDict(extra="forbid")
 class CalibrationConfig(BaseModel):
     model_config = _FORBID
     spec: str | None = Field(None, description="SOURCE[:N],... (see docs/calibration.md); empty = built-in set")
-    max_length: int = Field(512, ge=2)
+    max_length: int | None = Field(None, ge=2, description="tokens per sequence; default 512, or the model's "
+                                                           "context when shorter")
     batch_size: int = Field(8, ge=1)
     pack: bool = True
     chat_template: bool = False
@@ -68,6 +70,7 @@ class Recipe(BaseModel):
     method: str = "reap"
     ratio: float | None = Field(None, description="fraction of experts to drop per layer, in (0, 1)")
     keep: int | None = Field(None, ge=1, description="experts to keep per layer (instead of ratio)")
+    keep_file: str | None = Field(None, description="KEEP.json ({layer: [experts]}) for method keep_file")
     allocation: Literal["uniform", "global"] = "uniform"
     protect_super_experts: bool = True
     calibration: CalibrationConfig = Field(default_factory=CalibrationConfig)
@@ -77,8 +80,15 @@ class Recipe(BaseModel):
     quantize: QuantizeConfig | None = Field(None, description="optional weight-only quantization after compression")
     output: str | None = None
     seed: int = 0
-    dtype: Literal["float32", "bfloat16", "float16", "auto"] = "float32"
-    device: str = "auto"
+    dtype: Literal["float32", "bfloat16", "float16", "auto"] = Field(
+        "auto", description="compute dtype; auto = the checkpoint's own (outputs always keep the source dtype)")
+    device: str = Field("auto", description="cpu, cuda, cuda:N; auto = CUDA when available")
+    execution: Literal["auto", "memory", "layerwise"] = Field(
+        "auto", description="memory: load the whole model; layerwise: one decoder layer at a time; auto: "
+                            "layerwise when the model does not fit in max_memory")
+    max_memory: int | str | None = Field(None, description="memory budget, e.g. 24GB (accelerate's convention); "
+                                                           "default: free memory of the device")
+    max_shard_size: int | str = Field("5GB", description="largest output safetensors file")
 
     @field_validator("ratio")
     @classmethod
@@ -89,16 +99,22 @@ class Recipe(BaseModel):
 
     @model_validator(mode="after")
     def _ratio_or_keep(self) -> "Recipe":
+        if self.method == "keep_file" or self.keep_file is not None:
+            if self.keep_file is None or self.method != "keep_file":
+                raise ValueError("method keep_file and keep_file: KEEP.json go together")
+            if self.ratio is not None or self.keep is not None:
+                raise ValueError("keep_file gives the experts to keep; drop 'ratio' and 'keep'")
+            return self
         if (self.ratio is None) == (self.keep is None):
             raise ValueError("give exactly one of 'ratio' (fraction of experts to drop) or 'keep'")
         return self
 
     @model_validator(mode="after")
     def _known_method(self) -> "Recipe":
-        from moeprune.pipeline.methods import all_methods
+        from moeprune.methods import method_names
 
-        if self.method not in all_methods():
-            raise ValueError(f"method: unknown method {self.method!r}; allowed: {', '.join(all_methods())}")
+        if self.method not in method_names():
+            raise ValueError(f"method: unknown method {self.method!r}; allowed: {', '.join(method_names())}")
         return self
 
 
@@ -156,10 +172,9 @@ def apply_overrides(data: dict, overrides: list[str], *, source: str = "--set") 
 def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
     """Read, override and validate a recipe file; errors are one line naming file and field."""
     path = Path(path)
-    if not path.is_file():
-        raise MoePruneError(f"recipe {path} does not exist")
+    text = read_text(path, what="recipe")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(text) or {}
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""

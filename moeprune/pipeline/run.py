@@ -1,7 +1,9 @@
-"""`run_recipe`: observe -> score -> prune -> evaluate (base and compressed) -> write OUT/.
+"""`run_recipe`: plan -> observe -> decide -> evaluate the source -> compress and write -> evaluate the
+output -> (quantize -> evaluate) -> report. One code path for `run`, `prune --method`, `prune --keep`
+and `merge`, whatever the model's size: the plan picks the executor (in memory or layer-wise).
 
-OUT/ holds the compressed model (a stock checkpoint), `observations/`, `report.json` (the public
-contract documented in docs/report.md) and `report.md` with plots.
+OUT/ holds the compressed model (a stock checkpoint in the source dtype), `report.json` (the public
+contract documented in docs/report.md), `report.md` with plots and, for `run`, `observations/`.
 """
 
 from __future__ import annotations
@@ -16,18 +18,14 @@ from pathlib import Path
 
 import torch
 
-from moeprune import __version__
-from moeprune.compress.save import PROVENANCE_FILE
-from moeprune.errors import MoePruneError
-from moeprune.inspect import summarize_module
-from moeprune.io import atomic_output_dir, check_output_dir, load_model, load_tokenizer, meta_model, resolve_model_dir
-from moeprune.models import MoEAdapter
-from moeprune.observe import Observations, model_fingerprint, observe
+from moeprune import __version__, distributed
 from moeprune.pipeline.recipe import Recipe
-from moeprune.pipeline.methods import apply_decision, decide
-from moeprune.score import experts_to_keep
 
-__all__ = ["run_recipe", "get_observations", "cache_dir"]
+__all__ = ["run_recipe", "get_observations", "cache_dir", "calibration_spec", "load_recipe_calibration"]
+
+# recipe fields that say where and how a run executes, not what it computes (left out of moeprune.json,
+# so that the same recipe gives the same files under either executor)
+PLACEMENT_FIELDS = ("execution", "max_memory", "device", "output")
 
 
 class _Timer:
@@ -48,66 +46,93 @@ def cache_dir() -> Path:
     return Path(root) / "observations"
 
 
-def _cache_key(fingerprint: str, calibration: dict, collect: tuple[str, ...]) -> str:
+def _cache_key(fingerprint: str, calibration: dict, collect: tuple[str, ...], dtype: str) -> str:
     from moeprune.observe.stats import STATS_VERSION
 
-    blob = json.dumps([fingerprint, calibration, sorted(collect), STATS_VERSION], sort_keys=True)
+    blob = json.dumps([fingerprint, calibration, sorted(collect), STATS_VERSION, dtype], sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
 
-def _calibration_spec(recipe: Recipe):
+DEFAULT_MAX_LENGTH = 512
+
+
+def calibration_spec(recipe: Recipe, *, context: int | None = None):
+    """The recipe's calibration spec; an unset max_length is 512 tokens, or the model's `context` if shorter."""
     from moeprune.observe.calibration import parse_calibration_spec
 
     c = recipe.calibration
-    return parse_calibration_spec(c.spec, max_length=c.max_length, pack=c.pack, seed=recipe.seed,
+    max_length = c.max_length or (min(DEFAULT_MAX_LENGTH, context) if context else DEFAULT_MAX_LENGTH)
+    return parse_calibration_spec(c.spec, max_length=max_length, pack=c.pack, seed=recipe.seed,
                                   chat_template=c.chat_template, text_field=c.text_field)
 
 
 def load_recipe_calibration(recipe: Recipe, tokenizer):
     from moeprune.observe.calibration import load_calibration
 
-    return load_calibration(_calibration_spec(recipe), tokenizer, batch_size=recipe.calibration.batch_size)
+    return load_calibration(calibration_spec(recipe), tokenizer, batch_size=recipe.calibration.batch_size)
 
 
-def get_observations(model, tokenizer, recipe: Recipe, *, progress: bool = True,
-                     log=print) -> tuple[Observations, bool]:
-    """Observations for (model, calibration spec, method's needs): from the cache when present, else one
-    calibration pass."""
-    from moeprune.pipeline.methods import method_collect
+def get_observations(executor, *, log=print, observations_dir=None):
+    """Observations for (model, calibration, the method's needs): from `observations_dir` when given,
+    else from the cache when present, else one calibration pass (then cached)."""
+    from moeprune.errors import MoePruneError
+    from moeprune.observe import Observations
 
-    collect = method_collect(recipe.method)
-    all_means_tokens = recipe.merge.all_means_tokens if "all_means" in collect else None
-    spec = _calibration_spec(recipe)
-    fingerprint = model_fingerprint(model)
-    key = _cache_key(fingerprint, {**spec.to_dict(), "batch_size": recipe.calibration.batch_size,
-                                   "all_means_tokens": all_means_tokens}, collect)
-    cached = cache_dir() / key
-    if (cached / "observations.json").is_file():
-        obs = Observations.load(cached)
-        obs.check_model(model, where=f"cached observations {cached}")
-        log(f"reusing cached observations {cached} ({obs.num_tokens} tokens)")
+    plan = executor.plan
+    fingerprint = executor.fingerprint()
+    if observations_dir is not None:
+        obs = Observations.load(observations_dir)
+        _check_fingerprint(obs, fingerprint, f"observations in {observations_dir}")
+        missing = set(plan.collect) - set(obs.meta.get("collected", []))
+        if missing:
+            raise MoePruneError(f"observations in {observations_dir} lack {sorted(missing)} needed by "
+                                f"{plan.method.name}; re-run `moeprune observe --collect {','.join(sorted(missing))}`")
         return obs, True
-    calib = load_recipe_calibration(recipe, tokenizer)
-    if calib.used_default:
-        log("no calibration data given: using the built-in mixed calibration set (demo corpus calib split)")
-    obs = observe(model, calib, collect=collect, all_means_tokens=all_means_tokens, progress=progress)
-    obs.meta["used_default_calibration"] = calib.used_default
-    tmp = cached.with_name(cached.name + f".tmp-{os.getpid()}")
-    obs.save(tmp)
-    if not cached.exists():
-        os.replace(tmp, cached)
-    else:
-        shutil.rmtree(tmp, ignore_errors=True)
+    all_means = plan.recipe.merge.all_means_tokens if "all_means" in plan.collect else None
+    key = _cache_key(fingerprint, {**plan.calibration.to_dict(), "batch_size": plan.recipe.calibration.batch_size,
+                                   "all_means_tokens": all_means}, plan.collect, plan.dtype)
+    cached = cache_dir() / key
+    obs = None
+    if cached.exists() and distributed.is_main():  # rank 0 alone reads and writes the cache
+        try:
+            obs = Observations.load(cached)
+            _check_fingerprint(obs, fingerprint, f"cached observations {cached}")
+            log(f"reusing cached observations {cached} ({obs.num_tokens} tokens)")
+        except MoePruneError as exc:  # a damaged cache entry is a miss, replaced below
+            log(f"warning: ignoring a damaged cache entry ({exc})")
+            shutil.rmtree(cached, ignore_errors=True)
+            obs = None
+    if distributed.broadcast_flag(obs is not None):  # rank 0's hit; other ranks hold None and leave
+        return obs, True
+    obs = executor.observe()  # under torchrun: every rank its share, statistics all-reduced
+    distributed.leave_unless_main()
+    obs.meta["used_default_calibration"] = executor.calibration().used_default
+    obs.meta["model_path"] = _portable(plan.src)
+    try:
+        tmp = cached.with_name(cached.name + f".tmp-{os.getpid()}")
+        obs.save(tmp)
+        if not cached.exists():
+            os.replace(tmp, cached)
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
+    except OSError as exc:  # a cache that cannot be written costs a re-run later, not this run
+        log(f"warning: could not cache the observations in {cached.parent} ({exc.strerror or exc})")
     return obs, False
 
 
-def _eval(model, tokenizer, recipe: Recipe, progress: bool) -> dict:
-    from moeprune.evaluate import evaluate
+def _check_fingerprint(obs, fingerprint: str, where: str) -> None:
+    from moeprune.errors import MoePruneError
 
-    if not recipe.eval.tasks:
-        return {}
-    return evaluate(model, tokenizer, recipe.eval.tasks, limit=recipe.eval.limit,
-                    batch_size=recipe.eval.batch_size, progress=progress)
+    want = obs.meta.get("model_fingerprint")
+    if want != fingerprint:
+        raise MoePruneError(f"{where} were collected on a different model (fingerprint {want}, this model "
+                            f"{fingerprint}); re-run `moeprune observe` on this model")
+
+
+def _portable(path) -> str:
+    from moeprune.checkpoint import portable_path
+
+    return portable_path(path)
 
 
 def _retained(base: dict, compressed: dict) -> dict:
@@ -121,82 +146,129 @@ def _retained(base: dict, compressed: dict) -> dict:
 
 
 def run_recipe(recipe: Recipe, *, out_dir: str | Path | None = None, overwrite: bool = False,
-               progress: bool = True, log=print) -> dict:
+               progress: bool = True, log=print, observations_dir=None, save_observations: bool = True,
+               plan=None) -> dict:
     """Run the whole pipeline; returns the report dict written to OUT/report.json."""
-    out = out_dir or recipe.output
-    if not out:
-        raise MoePruneError("no output folder: pass -o OUT or set 'output' in the recipe")
-    src = resolve_model_dir(recipe.model)
-    check_output_dir(out, inputs=(src,), overwrite=overwrite)
-    shape = MoEAdapter(meta_model(src))  # feasibility before any weight is read
-    experts_to_keep(shape.num_experts, ratio=recipe.ratio, keep=recipe.keep, top_k=shape.top_k, where="recipe")
-    if recipe.eval.tasks:
-        from moeprune.evaluate import resolve_tasks
+    from moeprune.pipeline.executors import make_executor
+    from moeprune.pipeline.plan import make_plan
 
-        resolve_tasks(recipe.eval.tasks)  # fail on a bad task before any model work
+    plan = plan or make_plan(recipe, out_dir=out_dir, overwrite=overwrite)  # every early check, no weights
+    log(plan.summary())
     timer = _Timer()
     torch.manual_seed(recipe.seed)
-    with timer("load"):
-        device = None if recipe.device == "auto" else recipe.device
-        model = load_model(src, dtype=recipe.dtype, device=device)
-        tokenizer = load_tokenizer(src)
-    adapter = MoEAdapter(model)
-    with timer("observe"):
-        obs, reused = get_observations(model, tokenizer, recipe, progress=progress, log=log)
-    with timer("score"):
-        decision = decide(model, obs, recipe, calibration=lambda: load_recipe_calibration(recipe, tokenizer),
-                          progress=progress)
-    selection = decision.selection
-    if selection.protected:
-        log(f"protected super experts: {selection.protected}")
-    base_eval = {}
-    if recipe.eval.base:
-        with timer("eval_base"):
-            base_eval = _eval(model, tokenizer, recipe, progress)
-    before = summarize_module(model)
-    with timer("prune"):
-        kept = apply_decision(model, decision, obs, recipe)
-    after = summarize_module(model)
-    with timer("eval_compressed"):
-        comp_eval = _eval(model, tokenizer, recipe, progress)
-    report = _build_report(recipe, src, adapter, obs, reused, selection, kept, before, after, base_eval, comp_eval)
-    quant = None
-    if recipe.quantize is not None:
-        with timer("quantize"):
-            quant = _quantize(model, recipe, obs, kept)
-        with timer("eval_quantized"):
-            quant_eval = _eval(model, tokenizer, recipe, progress)
-        report["quantization"] = quant.to_dict()
-        report["eval"]["quantized"] = quant_eval
-        report["eval"]["retained_quantized"] = _retained(base_eval, quant_eval)
-    report["sizes"] = _sizes(report, quant)
-    if decision.merge_plan is not None:
-        report["compression"]["merged"] = {str(i): c for i, c in decision.merge_plan.clusters.items()}
-    with atomic_output_dir(out, inputs=(src,), overwrite=overwrite) as tmp:
-        from moeprune.compress.save import write_checkpoint
-
-        with timer("save"):
-            if quant is None:
-                write_checkpoint(model, tmp, source_dir=src, provenance=_provenance(report, selection))
-            else:
-                from moeprune.compress.quantize import write_quantized
-
-                write_quantized(model, quant, tmp, source_dir=src, provenance=_provenance(report, selection))
-            report["sizes"]["files_on_disk"] = sum(f.stat().st_size for f in tmp.glob("*.safetensors"))
-            obs.save(tmp / "observations")
-        report["timings"] = {**timer.timings}
-        report["timings"]["total"] = round(sum(timer.timings.values()), 3)
-        (tmp / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-        _write_markdown(tmp, report, obs, selection, log)
+    ex = make_executor(plan, progress=progress, log=log)
+    try:
+        obs, reused = None, False
+        if plan.method.needs_observations:
+            with timer("observe"):
+                obs, reused = get_observations(ex, log=log, observations_dir=observations_dir)
+        distributed.leave_unless_main()  # torchrun: rank 0 alone decides, evaluates and writes
+        with timer("score"):
+            decision = plan.method.decide(obs, plan, ex)
+        if decision.selection.protected:
+            log(f"protected super experts: {decision.selection.protected}")
+        base_eval = {}
+        if plan.tasks and recipe.eval.base:
+            with timer("eval_base"):
+                base_eval = ex.evaluate()
+        with plan.output as tmp:
+            report = _report_head(plan, obs, reused, decision)
+            with timer("compress"):
+                ex.compress(decision, obs, tmp, provenance=_provenance(plan, obs, decision))
+            comp_eval = {}
+            if plan.tasks:
+                with timer("eval_compressed"):
+                    comp_eval = ex.evaluate_output(tmp)
+            report["eval"] = {"base": base_eval, "compressed": comp_eval, "retained": _retained(base_eval, comp_eval)}
+            _sizes(report, plan, tmp, stage="compressed")
+            if recipe.quantize is not None:
+                _quantize_stage(report, plan, ex, obs, decision, tmp, timer)
+            if obs is not None and save_observations:
+                obs.save(tmp / "observations")
+            report["timings"] = {**timer.timings, "total": round(sum(timer.timings.values()), 3)}
+            _write_reports(tmp, report, obs, decision.selection, log)
+    finally:
+        ex.close()
     return report
 
 
-def _quantize(model, recipe: Recipe, obs, kept: dict[int, list[int]]):
+def _report_head(plan, obs, reused: bool, decision) -> dict:
+    recipe, sel = plan.recipe, decision.selection
+    n_after = len(next(iter(decision.kept.values())))
+    report = {
+        "moeprune_version": __version__,
+        "model": {"path": _portable(plan.src), "architecture": plan.shape.spec.name,
+                  "model_type": plan.shape.config.model_type},
+        "recipe": {**recipe.model_dump(mode="json"), "model": _portable(plan.src)},
+        "execution": plan.execution,
+        "execution_reason": plan.execution_reason,
+        "dtype": {"compute": plan.dtype, "source": plan.source_dtype, "output": plan.source_dtype},
+        "compression": {
+            "method": sel.method, "ratio": recipe.ratio, "keep": n_after, "allocation": sel.allocation,
+            "experts_before": plan.shape.num_experts, "experts_after": n_after,
+            "kept": {str(k): v for k, v in decision.kept.items()},
+            "dropped": {str(k): v for k, v in sel.dropped.items()},
+            "protected": {str(k): v for k, v in sel.protected.items()},
+            "never_routed": {str(k): v for k, v in sel.never_routed.items()},
+        },
+    }
+    if obs is not None:
+        report["calibration"] = {**obs.meta.get("calibration", {}), "num_tokens": obs.num_tokens,
+                                 "used_default": bool(obs.meta.get("used_default_calibration", False))}
+        report["observations"] = {"reused": reused, "num_tokens": obs.num_tokens,
+                                  "fingerprint": obs.meta.get("model_fingerprint")}
+    if decision.clusters is not None:
+        report["compression"]["merged"] = {str(i): c for i, c in decision.clusters.items()}
+    return report
+
+
+def _sizes(report: dict, plan, folder: Path, *, stage: str) -> None:
+    """Bytes are the weight files on disk (input files vs output files); parameters separately."""
+    from moeprune.checkpoint.files import weights_summary
+    from moeprune.stream.names import CheckpointNames
+
+    names = CheckpointNames(plan.shape.model)
+    before = weights_summary(plan.src, names)
+    after = weights_summary(folder, names if stage == "compressed" else None)  # quantized names are not the model's
+    comp = report["compression"]
+    if stage == "compressed":
+        comp.update({"params_before": before["params"], "params_after": after["params"],
+                     "bytes_before": before["bytes"], "bytes_after": after["bytes"],
+                     "expert_bytes_before": before["expert_bytes"], "expert_bytes_after": after["expert_bytes"]})
+    ev = report["eval"]
+    stages = report.setdefault("sizes", {"unit": "bytes of safetensors files on disk", "stages": {}})["stages"]
+    stages.setdefault("base", {"bytes": before["bytes"], "scores": {t: r["score"] for t, r in ev["base"].items()}})
+    scores = ev["compressed" if stage == "compressed" else "quantized"]
+    stages["compressed" if stage == "compressed" else "compressed+quantized"] = {
+        "bytes": after["bytes"], "scores": {t: r["score"] for t, r in scores.items()}}
+    report["sizes"]["files_on_disk"] = after["bytes"]
+
+
+def _quantize_stage(report: dict, plan, ex, obs, decision, folder: Path, timer) -> None:
+    """Quantize the compressed in-memory model and replace the weights in `folder` by its quantized save."""
+    from moeprune.compress.quantize import write_quantized
+
+    with timer("quantize"):
+        quant = _quantize(ex.model, plan, obs, decision.kept)
+    with timer("eval_quantized"):
+        quant_eval = ex._evaluate(ex.model, ex.tokenizer) if plan.tasks else {}
+    report["quantization"] = quant.to_dict()
+    report["eval"]["quantized"] = quant_eval
+    report["eval"]["retained_quantized"] = _retained(report["eval"]["base"], quant_eval)
+    record = json.loads((folder / "moeprune.json").read_text())
+    for f in [*folder.glob("*.safetensors"), folder / "model.safetensors.index.json"]:
+        f.unlink(missing_ok=True)
+    with timer("save"):
+        write_quantized(ex.model, quant, folder, source_dir=plan.src, provenance=record)
+    _sizes(report, plan, folder, stage="quantized")
+
+
+def _quantize(model, plan, obs, kept: dict[int, list[int]]):
     """Quantize the compressed model in place; layer importance = summed scores of its kept experts."""
     from moeprune.compress.quantize import MixedBudget, quantize_model
     from moeprune.score import score_layer
 
-    q = recipe.quantize
+    q = plan.recipe.quantize
     importance = None
     mixed = None
     if q.mixed_budget is not None:
@@ -205,58 +277,31 @@ def _quantize(model, recipe: Recipe, obs, kept: dict[int, list[int]]):
         for i, experts in kept.items():
             scores = score_layer(q.importance, obs.layers[i])[experts]
             importance[i] = float(scores[torch.isfinite(scores)].clamp(min=0).sum())
-    return quantize_model(model, bits=q.bits, group_size=q.group_size, mixed=mixed, importance=importance)
+    return quantize_model(model, bits=q.bits, group_size=plan.quant_group_size, mixed=mixed, importance=importance)
 
 
-def _sizes(report: dict, quant) -> dict:
-    """The bytes/quality table: weights bytes of each stage and its scores."""
-    comp, ev = report["compression"], report["eval"]
-    rows = {"base": {"bytes": comp["bytes_before"], "scores": {t: r["score"] for t, r in ev["base"].items()}},
-            "compressed": {"bytes": comp["bytes_after"],
-                           "scores": {t: r["score"] for t, r in ev["compressed"].items()}}}
-    if quant is not None:
-        rows["compressed+quantized"] = {"bytes": quant.bytes_after,
-                                        "scores": {t: r["score"] for t, r in ev["quantized"].items()}}
-    return {"stages": rows}
+def _provenance(plan, obs, decision) -> dict:
+    """moeprune.json: what was done to which model, with nothing that depends on where it ran."""
+    sel, recipe = decision.selection, plan.recipe.model_dump(mode="json")
+    recipe = {k: v for k, v in recipe.items() if k not in PLACEMENT_FIELDS}
+    recipe["model"] = _portable(plan.src)
+    record = {"base_model": _portable(plan.src), "method": sel.method, "ratio": plan.recipe.ratio,
+              "kept": decision.kept, "dropped": sel.dropped, "protected": sel.protected, "scores": sel.scores,
+              "calibration": obs.meta.get("calibration") if obs is not None else None, "recipe": recipe}
+    if decision.clusters is not None:
+        record["merged"] = decision.clusters
+    record.update(decision.details)
+    return record
 
 
-def _provenance(report: dict, selection) -> dict:
-    return {"merged": report["compression"].get("merged"),"base_model": report["model"]["path"], "method": selection.method,
-            "ratio": report["compression"]["ratio"], "kept": selection.kept, "dropped": selection.dropped,
-            "protected": selection.protected, "scores": selection.scores,
-            "calibration": report["calibration"], "recipe": report["recipe"]}
-
-
-def _write_markdown(folder: Path, report: dict, obs, selection, log) -> None:
-    """report.md is a convenience: a plotting failure is reported, it does not discard the compressed model."""
+def _write_reports(folder: Path, report: dict, obs, selection, log) -> None:
+    """report.json, and report.md (a convenience: a plotting failure is reported, it does not discard
+    the compressed model)."""
+    from moeprune.checkpoint import write_json
     from moeprune.report import write_report_md
 
+    write_json(folder / "report.json", report)
     try:
         write_report_md(folder, report, observations=obs, selection=selection)
-    except (OSError, ValueError, RuntimeError) as exc:
+    except (OSError, ValueError, RuntimeError, TypeError, KeyError) as exc:
         log(f"warning: report.md could not be written ({type(exc).__name__}: {exc}); report.json is complete")
-
-
-def _build_report(recipe, src, adapter, obs, reused, selection, kept, before, after, base_eval, comp_eval) -> dict:
-    n_after = len(next(iter(kept.values())))
-    return {
-        "moeprune_version": __version__,
-        "model": {"path": str(src), "architecture": adapter.spec.name, "model_type": adapter.config.model_type},
-        "recipe": recipe.model_dump(mode="json"),
-        "calibration": {**obs.meta.get("calibration", {}), "num_tokens": obs.num_tokens,
-                        "used_default": bool(obs.meta.get("used_default_calibration", False))},
-        "observations": {"reused": reused, "num_tokens": obs.num_tokens,
-                         "fingerprint": obs.meta.get("model_fingerprint")},
-        "compression": {
-            "method": selection.method, "ratio": recipe.ratio, "keep": n_after, "allocation": selection.allocation,
-            "experts_before": before.experts_per_layer[adapter.layer_indices[0]], "experts_after": n_after,
-            "params_before": before.params["total"], "params_after": after.params["total"],
-            "bytes_before": before.bytes["total"], "bytes_after": after.bytes["total"],
-            "expert_bytes_before": before.bytes["expert"], "expert_bytes_after": after.bytes["expert"],
-            "kept": {str(k): v for k, v in kept.items()},
-            "dropped": {str(k): v for k, v in selection.dropped.items()},
-            "protected": {str(k): v for k, v in selection.protected.items()},
-            "never_routed": {str(k): v for k, v in selection.never_routed.items()},
-        },
-        "eval": {"base": base_eval, "compressed": comp_eval, "retained": _retained(base_eval, comp_eval)},
-    }

@@ -21,7 +21,8 @@ from tqdm.auto import tqdm
 from moeprune.models import MoEAdapter, MoELayer
 from moeprune.score.select import Selection, routing_groups
 
-__all__ = ["reconstruct_select", "capture_layer_inputs", "masked_routing", "layer_error"]
+__all__ = ["reconstruct_select", "search_layers", "subset_chooser", "selection_from_search", "capture_layer_inputs",
+           "masked_routing", "layer_error"]
 
 
 class masked_routing:
@@ -149,17 +150,14 @@ def _search(adapter, layer, x, n_keep: int, budget: int, groups: int, protected:
     return sorted(keep), err(keep), "greedy", alone
 
 
-def reconstruct_select(model, batches, *, n_keep: int, budget: int = 5000, progressive: bool = False,
-                       max_tokens: int = 2048, protected: dict[int, list[int]] | None = None,
-                       progress: bool = True) -> Selection:
-    """Choose the kept experts of every layer by reconstruction error (see module docstring)."""
+def search_layers(model, batches, choose, *, max_tokens: int, progressive: bool = False,
+                  progress: bool = True) -> dict[int, list[int]]:
+    """For every MoE layer of a loaded model, `choose(adapter, layer, x)` -> kept experts, where x (T, H)
+    holds the layer's calibration inputs (at most `max_tokens`). Progressive: each layer's inputs come
+    from the model with the earlier layers already pruned (routing masks, equal to pruning)."""
     adapter = MoEAdapter(model)
-    groups = routing_groups(adapter, n_keep, "reconstruct")
-    protected = protected or {}
     indices = adapter.layer_indices
     kept: dict[int, list[int]] = {}
-    scores: dict[int, list[float]] = {}
-    modes: dict[int, str] = {}
     inputs = None if progressive else capture_layer_inputs(model, batches, indices, max_tokens=max_tokens)
     for i in tqdm(indices, desc="subset search", unit="layer", disable=not progress):
         if progressive:
@@ -167,10 +165,37 @@ def reconstruct_select(model, batches, *, n_keep: int, budget: int = 5000, progr
                 x = capture_layer_inputs(model, batches, [i], max_tokens=max_tokens)[i]
         else:
             x = inputs[i]
-        keep, _err, modes[i], alone = _search(adapter, adapter.layer(i), x, n_keep, budget, groups,
-                                              set(protected.get(i, [])))
-        kept[i], scores[i] = keep, alone
+        kept[i] = choose(adapter, adapter.layer(i), x)
+    return kept
+
+
+def subset_chooser(*, n_keep: int, budget: int, groups: int, protected: dict[int, list[int]],
+                   record: dict[int, dict]):
+    """The `choose` of the reconstruction search; per-layer details go into `record`."""
+
+    def choose(adapter, layer, x):
+        keep, err, mode, alone = _search(adapter, layer, x, n_keep, budget, groups, set(protected.get(layer.index, [])))
+        record[layer.index] = {"mode": mode, "error": err, "alone": alone}
+        return keep
+
+    return choose
+
+
+def reconstruct_select(model, batches, *, n_keep: int, budget: int = 5000, progressive: bool = False,
+                       max_tokens: int = 2048, protected: dict[int, list[int]] | None = None,
+                       progress: bool = True) -> Selection:
+    """Choose the kept experts of every layer by reconstruction error (see module docstring)."""
+    adapter = MoEAdapter(model)
+    groups = routing_groups(adapter, n_keep, "reconstruct")
+    protected = protected or {}
+    record: dict[int, dict] = {}
+    choose = subset_chooser(n_keep=n_keep, budget=budget, groups=groups, protected=protected, record=record)
+    kept = search_layers(model, batches, choose, max_tokens=max_tokens, progressive=progressive, progress=progress)
+    return selection_from_search(adapter, kept, record, protected, progressive)
+
+
+def selection_from_search(adapter, kept, record, protected, progressive: bool) -> Selection:
     dropped = {i: [j for j in range(adapter.layer(i).num_experts) if j not in k] for i, k in kept.items()}
     method = "reconstruct_progressive" if progressive else "reconstruct"
     return Selection(method=method, allocation="uniform", kept=kept, dropped=dropped, protected=protected,
-                     scores=scores)
+                     scores={i: r["alone"] for i, r in record.items()})

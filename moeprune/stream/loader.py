@@ -32,18 +32,12 @@ class WeightLoader:
             memory, pattern = names.memory_name(disk)
             expert = names.expert_index(disk, pattern) if pattern is not None and "*" in pattern else 0
             self.sources[memory].append((pattern, expert, disk))
-        self._handles: dict = {}
 
     def close(self) -> None:
-        self._handles.clear()
+        """Nothing to release: tensors are read with positioned reads, no file stays open or mapped."""
 
     def _read(self, disk: str) -> torch.Tensor:
-        from safetensors import safe_open
-
-        file = self.ckpt.tensors[disk].file
-        if file not in self._handles:
-            self._handles[file] = safe_open(file, framework="pt", device="cpu")
-        return self._handles[file].get_tensor(disk)
+        return self.ckpt.load(disk)
 
     def tensor(self, name: str) -> torch.Tensor:
         """The in-memory tensor `name` as the stock loader would build it."""
@@ -88,6 +82,27 @@ class WeightLoader:
 
         for name in names:
             set_module_tensor_to_device(model, name, "meta")
+        trim_heap()
+
+
+def trim_heap() -> None:
+    """Hand freed heap memory back to the system (glibc keeps freed tensors' pages otherwise, which makes a
+    layer-by-layer pass grow by the fragmentation of every layer); a no-op where malloc_trim is missing."""
+    global _LIBC
+    if _LIBC is None:
+        import ctypes
+        import ctypes.util
+
+        try:
+            _LIBC = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+            _LIBC.malloc_trim.argtypes = [ctypes.c_size_t]
+        except (OSError, AttributeError):
+            _LIBC = False
+    if _LIBC:
+        _LIBC.malloc_trim(0)
+
+
+_LIBC = None
 
 
 def _is_param(model: nn.Module, name: str) -> bool:

@@ -25,7 +25,7 @@ from moeprune.errors import MoePruneError
 from moeprune.stream.names import CheckpointNames, TensorRole
 from moeprune.stream.safetensors_io import INDEX_FILE, SINGLE_FILE, Checkpoint, OutTensor, TensorInfo, write_shard
 
-__all__ = ["RewriteResult", "plan_rewrite", "prune_checkpoint", "parse_size"]
+__all__ = ["RewriteResult", "plan_rewrite", "prune_checkpoint", "write_rewrite", "parse_size"]
 
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20,
           "GIB": 2**30, "TIB": 2**40}
@@ -88,8 +88,20 @@ def _sliced(ckpt: Checkpoint, info: TensorInfo, role: TensorRole, idx: list[int]
     return OutTensor(info.name, info.dtype, shape, info, make=_select(ckpt, info, role.dim, idx))
 
 
-def plan_rewrite(ckpt: Checkpoint, names: CheckpointNames, plan: Mapping[int, Sequence[int]]) -> list[OutTensor]:
-    """The output tensors (in source order) of keeping `plan[layer]` experts in every MoE layer."""
+def _replaced(t: OutTensor, replacements) -> OutTensor:
+    """`t` with its bytes taken from `replacements` (merged tensors) when it is one of them."""
+    if replacements is None or t.name not in replacements:
+        return t
+    if tuple(replacements.shape(t.name)) != tuple(t.shape):
+        raise MoePruneError(f"{t.name}: the rewritten tensor has shape {list(replacements.shape(t.name))}, the "
+                            f"checkpoint expects {list(t.shape)}")
+    return OutTensor(t.name, t.dtype, t.shape, t.source, make=replacements.bytes_as(t.name, t.dtype))
+
+
+def plan_rewrite(ckpt: Checkpoint, names: CheckpointNames, plan: Mapping[int, Sequence[int]],
+                 replacements=None) -> list[OutTensor]:
+    """The output tensors (in source order) of keeping `plan[layer]` experts in every MoE layer; tensors
+    named in `replacements` (on-disk names after renumbering) take their bytes from there."""
     n_before = {layer.index: layer.num_experts for layer in names.adapter.layers}
     out: list[OutTensor] = []
     seen: dict[tuple[int, str], set[int]] = defaultdict(set)
@@ -103,11 +115,13 @@ def plan_rewrite(ckpt: Checkpoint, names: CheckpointNames, plan: Mapping[int, Se
             kept = plan[role.layer]
             if role.expert in kept:
                 new = role.renamed(info.name, kept.index(role.expert))
-                out.append(OutTensor(new, info.dtype, info.shape, info, ranges=[(info.begin, info.end)]))
+                out.append(_replaced(OutTensor(new, info.dtype, info.shape, info, ranges=[(info.begin, info.end)]),
+                                     replacements))
         else:
             if role.kind == "fused":
                 sliced_layers.add(role.layer)
-            out.append(_sliced(ckpt, info, role, list(plan[role.layer]), n_before[role.layer]))
+            out.append(_replaced(_sliced(ckpt, info, role, list(plan[role.layer]), n_before[role.layer]),
+                                 replacements))
     for (layer, pattern), found in seen.items():
         if found != set(range(n_before[layer])):
             raise MoePruneError(f"{ckpt.folder}: layer {layer} has experts {sorted(found)} for {pattern!r} on disk, "
@@ -157,6 +171,30 @@ def _write_config(src: Path, folder: Path, names: CheckpointNames, n_after: int)
     config.save_pretrained(folder)
 
 
+def write_rewrite(src: Path, folder: Path, names: CheckpointNames, kept: Mapping[int, Sequence[int]], *,
+                  replacements=None, max_shard_size: int | str = "5GB", provenance: dict | None = None) -> RewriteResult:
+    """Write the compressed checkpoint of `src` into the existing (temporary) `folder`: weights shard by
+    shard, config with the new expert count, tokenizer and generation files, `moeprune.json`."""
+    from moeprune import __version__
+    from moeprune.checkpoint.writer import write_json
+    from moeprune.compress.save import PROVENANCE_FILE
+    from moeprune.io import TOKENIZER_FILES
+
+    start = time.perf_counter()
+    ckpt = Checkpoint(src)
+    tensors = plan_rewrite(ckpt, names, kept, replacements)
+    shards = _write_tensors(folder, tensors, max_bytes=parse_size(max_shard_size),
+                            metadata=ckpt.metadata or {"format": "pt"})
+    _write_config(src, folder, names, len(next(iter(kept.values()))))
+    for name in (*TOKENIZER_FILES, "generation_config.json"):
+        if (src / name).is_file():
+            shutil.copy2(src / name, folder / name)
+    write_json(folder / PROVENANCE_FILE, {"moeprune_version": __version__, **(provenance or {})})
+    return RewriteResult(out_dir=folder, kept=dict(kept), bytes_before=ckpt.total_bytes,
+                         bytes_after=sum(t.nbytes for t in tensors), tensors_written=len(tensors), shards=shards,
+                         seconds=time.perf_counter() - start)
+
+
 def prune_checkpoint(model_dir: str | Path, out_dir: str | Path, keep: Mapping[int, Sequence[int]], *,
                      overwrite: bool = False, max_shard_size: int | str = "5GB", provenance: dict | None = None,
                      where: str = "keep") -> RewriteResult:
@@ -165,28 +203,16 @@ def prune_checkpoint(model_dir: str | Path, out_dir: str | Path, keep: Mapping[i
     Memory stays O(largest sliced router tensor), whatever the checkpoint size. Tokenizer files and the
     generation config are copied; `moeprune.json` records the provenance.
     """
-    from moeprune import __version__
+    from moeprune.checkpoint.writer import OutputFolder, portable_path
     from moeprune.compress.prune import validate_keep
-    from moeprune.compress.save import PROVENANCE_FILE
-    from moeprune.io import TOKENIZER_FILES, atomic_output_dir, check_output_dir, meta_model, resolve_model_dir
+    from moeprune.io import meta_model, resolve_model_dir
 
-    start = time.perf_counter()
     src = resolve_model_dir(model_dir)
     names = CheckpointNames(meta_model(src))
     kept = validate_keep(names.adapter, keep, where=where)
-    check_output_dir(out_dir, inputs=(src,), overwrite=overwrite)
-    ckpt = Checkpoint(src)
-    tensors = plan_rewrite(ckpt, names, kept)
-    with atomic_output_dir(out_dir, inputs=(src,), overwrite=overwrite) as tmp:
-        shards = _write_tensors(tmp, tensors, max_bytes=parse_size(max_shard_size),
-                                metadata=ckpt.metadata or {"format": "pt"})
-        _write_config(src, tmp, names, len(next(iter(kept.values()))))
-        for name in (*TOKENIZER_FILES, "generation_config.json"):
-            if (src / name).is_file():
-                shutil.copy2(src / name, tmp / name)
-        record = {"moeprune_version": __version__, "base_model": str(src), "streaming": True, "kept": kept,
-                  **(provenance or {})}
-        (tmp / PROVENANCE_FILE).write_text(json.dumps(record, indent=2) + "\n")
-    return RewriteResult(out_dir=Path(out_dir).expanduser().resolve(), kept=kept, bytes_before=ckpt.total_bytes,
-                         bytes_after=sum(t.nbytes for t in tensors), tensors_written=len(tensors), shards=shards,
-                         seconds=time.perf_counter() - start)
+    folder = OutputFolder(out_dir, inputs=(src,), overwrite=overwrite)
+    record = {"base_model": portable_path(src), "kept": kept, **(provenance or {})}
+    with folder as tmp:
+        res = write_rewrite(src, tmp, names, kept, max_shard_size=max_shard_size, provenance=record)
+    res.out_dir = folder.path
+    return res

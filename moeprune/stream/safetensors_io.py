@@ -10,6 +10,7 @@ memory) and falling back to a small buffer where the file system refuses it.
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 from dataclasses import dataclass
@@ -17,7 +18,7 @@ from pathlib import Path
 
 from moeprune.errors import MoePruneError
 
-__all__ = ["TensorInfo", "Checkpoint", "read_header", "write_shard", "OutTensor", "DTYPE_SIZES", "INDEX_FILE",
+__all__ = ["TensorInfo", "Checkpoint", "read_header", "read_tensor", "TORCH_DTYPES", "write_shard", "OutTensor", "DTYPE_SIZES", "INDEX_FILE",
            "SINGLE_FILE"]
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -43,18 +44,84 @@ class TensorInfo:
         return self.end - self.begin
 
 
+# safetensors dtype codes -> torch dtype attribute names (those this torch may lack are skipped on use)
+TORCH_DTYPES = {"F64": "float64", "I64": "int64", "U64": "uint64", "F32": "float32", "I32": "int32",
+                "U32": "uint32", "F16": "float16", "BF16": "bfloat16", "I16": "int16", "U16": "uint16",
+                "I8": "int8", "U8": "uint8", "BOOL": "bool", "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2",
+                "F8_E8M0": "float8_e8m0fnu"}
+_MAX_HEADER = 100_000_000  # the safetensors format's own limit
+
+
+def _damaged(path: Path, why: str) -> MoePruneError:
+    return MoePruneError(f"{path}: damaged safetensors file ({why}); re-download or re-save this shard")
+
+
 def read_header(path: Path) -> tuple[dict, int]:
-    """(header dict, absolute offset of the data section) of one safetensors file."""
-    with open(path, "rb") as f:
-        raw = f.read(8)
-        if len(raw) != 8:
-            raise MoePruneError(f"{path}: not a safetensors file (shorter than 8 bytes)")
-        (size,) = struct.unpack("<Q", raw)
-        try:
-            header = json.loads(f.read(size))
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise MoePruneError(f"{path}: unreadable safetensors header ({exc})") from exc
-    return header, 8 + size
+    """(header dict, absolute offset of the data section) of one safetensors file.
+
+    Every entry is checked against the file: a known dtype, a shape whose byte count equals its data
+    range, and a data range inside the file, so a truncated or garbled shard fails here, named.
+    """
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            raw = f.read(8)
+            if len(raw) != 8:
+                raise _damaged(path, f"{size} bytes, shorter than the 8-byte header length")
+            (n,) = struct.unpack("<Q", raw)
+            if n > min(_MAX_HEADER, size - 8):
+                raise _damaged(path, f"header length {n} exceeds the file's {size} bytes")
+            header = json.loads(f.read(n))
+    except OSError as exc:
+        raise MoePruneError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise _damaged(path, f"unreadable header: {exc}") from None
+    if not isinstance(header, dict):
+        raise _damaged(path, "the header is not a JSON object")
+    for name, h in header.items():
+        if name != "__metadata__":
+            _check_entry(path, name, h, size - 8 - n)
+    return header, 8 + n
+
+
+def _check_entry(path: Path, name: str, h, data_size: int) -> None:
+    try:
+        dtype, shape, (b, e) = h["dtype"], [int(d) for d in h["shape"]], [int(x) for x in h["data_offsets"]]
+    except (TypeError, KeyError, ValueError):
+        raise _damaged(path, f"tensor {name!r} has no valid dtype/shape/data_offsets") from None
+    if dtype not in DTYPE_SIZES:
+        raise _damaged(path, f"tensor {name!r} has unknown dtype {dtype!r}")
+    if not 0 <= b <= e or e - b != DTYPE_SIZES[dtype] * math.prod(shape):
+        raise _damaged(path, f"tensor {name!r}: data_offsets {[b, e]} do not match {dtype} {shape}")
+    if e > data_size:
+        raise _damaged(path, f"truncated: tensor {name!r} ends at data byte {e}, the file holds {data_size}")
+
+
+def read_tensor(info: TensorInfo):
+    """The tensor `info` as a new CPU torch tensor, read with positioned reads (the file is never mapped,
+    so nothing of it stays resident once the tensor is freed)."""
+    import torch
+
+    dtype = getattr(torch, TORCH_DTYPES.get(info.dtype, ""), None)
+    if dtype is None:
+        raise MoePruneError(f"{info.file}: tensor {info.name!r} has dtype {info.dtype}, which this torch cannot hold")
+    out = torch.empty(info.nbytes, dtype=torch.uint8)
+    view = memoryview(out.numpy()) if info.nbytes else memoryview(b"")
+    try:
+        fd = os.open(info.file, os.O_RDONLY)
+    except OSError as exc:
+        raise MoePruneError(f"{info.file}: cannot read ({exc.strerror or exc})") from None
+    try:
+        pos = 0
+        while pos < info.nbytes:
+            k = os.preadv(fd, [view[pos:]], info.begin + pos)
+            if k <= 0:
+                raise _damaged(info.file, f"truncated: tensor {info.name!r} ends at byte {info.end}, the file "
+                                          f"has {os.fstat(fd).st_size}")
+            pos += k
+    finally:
+        os.close(fd)
+    return out.view(dtype).reshape(info.shape)
 
 
 class Checkpoint:
@@ -64,8 +131,7 @@ class Checkpoint:
         self.folder = Path(folder)
         index = self.folder / INDEX_FILE
         if index.is_file():
-            weight_map = json.loads(index.read_text())["weight_map"]
-            files = list(dict.fromkeys(weight_map.values()))
+            files = _index_files(index)
         elif (self.folder / SINGLE_FILE).is_file():
             files = [SINGLE_FILE]
         else:
@@ -77,7 +143,8 @@ class Checkpoint:
             if not path.is_file():
                 raise MoePruneError(f"{path} is listed in {INDEX_FILE} but does not exist")
             header, start = read_header(path)
-            self.metadata.update(header.pop("__metadata__", None) or {})
+            meta = header.pop("__metadata__", None) or {}
+            self.metadata.update(meta if isinstance(meta, dict) else {})
             # file order, by data offset: reading follows the disk
             for name, h in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
                 b, e = h["data_offsets"]
@@ -89,11 +156,20 @@ class Checkpoint:
 
     def load(self, name: str, *, device: str = "cpu"):
         """One tensor as a torch tensor (a copy; the file is not kept mapped)."""
-        from safetensors import safe_open
+        t = read_tensor(self.tensors[name])
+        return t if str(device) == "cpu" else t.to(device)
 
-        info = self.tensors[name]
-        with safe_open(info.file, framework="pt", device=device) as f:
-            return f.get_tensor(name)
+
+def _index_files(index: Path) -> list[str]:
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+        files = list(dict.fromkeys(weight_map.values()))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
+        raise MoePruneError(f"{index}: not a readable safetensors index ({type(exc).__name__}: {exc}); "
+                            "it needs a \"weight_map\" of tensor name -> shard file") from None
+    if not all(isinstance(f, str) and f for f in files):
+        raise MoePruneError(f"{index}: weight_map values must be shard file names")
+    return files
 
 
 @dataclass
@@ -127,7 +203,7 @@ def _write_all(dst, data) -> None:
         view = view[dst.write(view):]
 
 
-def _copy_range(src_fd: int, dst, begin: int, end: int, buf: bytearray) -> None:
+def _copy_range(src_fd: int, dst, begin: int, end: int, buf: bytearray, src: Path) -> None:
     pos = begin
     while pos < end:
         try:
@@ -139,7 +215,7 @@ def _copy_range(src_fd: int, dst, begin: int, end: int, buf: bytearray) -> None:
             while pos < end:
                 k = os.preadv(src_fd, [view[:min(len(buf), end - pos)]], pos)
                 if k <= 0:
-                    raise MoePruneError(f"unexpected end of file while copying tensor bytes ({pos} of {end})")
+                    raise _damaged(src, f"truncated: ends at byte {pos} while copying tensor bytes up to {end}")
                 _write_all(dst, view[:k])
                 pos += k
             return
@@ -172,7 +248,7 @@ def write_shard(path: Path, tensors: list[OutTensor], *, metadata: dict[str, str
                 if fd is None:
                     fd = fds[t.source.file] = os.open(t.source.file, os.O_RDONLY)
                 for b, e in t.ranges:
-                    _copy_range(fd, out, b, e, buf)
+                    _copy_range(fd, out, b, e, buf, t.source.file)
     finally:
         for fd in fds.values():
             os.close(fd)

@@ -54,7 +54,8 @@ def test_streaming_equals_in_memory(tmp_path, model_type):
     assert result.shards > 1 and (tmp_path / "stream/model.safetensors.index.json").is_file()
     for name in ("tokenizer.json", "generation_config.json", "moeprune.json"):
         assert (tmp_path / "stream" / name).is_file()
-    assert json.loads((tmp_path / "stream/moeprune.json").read_text())["streaming"] is True
+    record = json.loads((tmp_path / "stream/moeprune.json").read_text())
+    assert record["kept"] == {str(k): v for k, v in keep.items()} and not Path(record["base_model"]).is_absolute()
 
 
 def test_reloads_with_stock_loader_and_matches_logits(tmp_path):

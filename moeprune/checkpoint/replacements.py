@@ -1,0 +1,71 @@
+"""Tensors that compression rewrote (merged experts, merged router rows), kept on disk until the output
+checkpoint is written, so that memory holds at most one layer of them whatever the model's size."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import torch
+
+__all__ = ["Replacements", "to_disk_names"]
+
+_ST_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64"}
+
+
+def to_disk_names(model, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """In-memory tensors (fused experts, router rows) under the names and layout the checkpoint stores,
+    by transformers' own conversion table run in reverse (the inverse of what loading does)."""
+    from transformers.core_model_loading import revert_weight_conversion
+
+    return revert_weight_conversion(model, dict(tensors))
+
+
+class Replacements:
+    """on-disk tensor name -> replacement tensor, spilled to one safetensors file per layer."""
+
+    def __init__(self):
+        self._dir = tempfile.TemporaryDirectory(prefix="moeprune-replaced-")
+        self._where: dict[str, Path] = {}
+        self._shapes: dict[str, tuple[int, ...]] = {}
+
+    def add(self, layer: int, tensors: dict[str, torch.Tensor]) -> None:
+        from safetensors.torch import save_file
+
+        if not tensors:
+            return
+        path = Path(self._dir.name) / f"layer-{layer}.safetensors"
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, path)
+        for name, t in tensors.items():
+            self._where[name] = path
+            self._shapes[name] = tuple(t.shape)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._where
+
+    def __len__(self) -> int:
+        return len(self._where)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._shapes[name]
+
+    def load(self, name: str) -> torch.Tensor:
+        from safetensors import safe_open
+
+        with safe_open(self._where[name], framework="pt") as f:
+            return f.get_tensor(name)
+
+    def bytes_as(self, name: str, st_dtype: str):
+        """A callable giving the replacement's bytes in the on-disk dtype `st_dtype` (e.g. "BF16")."""
+        target = {v: k for k, v in _ST_DTYPES.items()}.get(st_dtype)
+
+        def make() -> bytes:
+            t = self.load(name)
+            if target is not None:
+                t = t.to(target)
+            return t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+
+        return make
+
+    def close(self) -> None:
+        self._dir.cleanup()

@@ -1,0 +1,257 @@
+"""Two executors behind one interface: the whole model in memory, or one decoder layer at a time.
+
+Both answer the same questions for `run_recipe`: observe the calibration set, run a per-layer search,
+evaluate the source, write the compressed checkpoint, evaluate the output. Decisions come from the same
+method objects and the output is written by the same shard-by-shard rewrite of the source files (merged
+tensors substituted), so the two produce the same files; only where the weights live differs.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from moeprune.errors import MoePruneError
+
+__all__ = ["Executor", "MemoryExecutor", "LayerwiseExecutor", "make_executor", "changed_tensors"]
+
+
+def changed_tensors(plan, adapter, layer, decision, names) -> dict[str, torch.Tensor]:
+    """On-disk name -> tensor for what a method rewrote in one loaded layer (merged experts, merged
+    router rows), in the compressed layout (kept experts renumbered 0..n-1)."""
+    from moeprune.checkpoint.replacements import to_disk_names
+
+    changed = decision.changed_experts(layer.index)
+    router = plan.method.changed_router(plan) and bool(changed)
+    if not changed:
+        return {}
+    spec = adapter.spec
+    kept = decision.kept[layer.index]
+    idx = torch.tensor(kept, dtype=torch.long)
+    prefix = f"{spec.layers}.{layer.index}.{spec.block}"
+    mem = {f"{prefix}.{spec.experts}.{t}": getattr(layer.experts, t).detach().index_select(0, idx.to(
+        getattr(layer.experts, t).device)) for t in spec.layout.tensors}
+    if router:
+        for path, dim in spec.router_tensors:
+            t = adapter.tensor(layer, path).detach()
+            mem[f"{prefix}.{path}"] = t.index_select(dim, idx.to(t.device))
+    new_index = {kept.index(j) for j in changed}
+    out = {}
+    for name, t in to_disk_names(plan.shape.model, mem).items():
+        role = names.role(name)
+        if role.kind == "expert" and role.expert not in new_index:
+            continue  # untouched expert: copied byte for byte from the source
+        if role.kind == "router" and not router:
+            continue
+        out[name] = t
+    return out
+
+
+class Executor:
+    """Common parts: the tokenizer, the calibration set, writing the compressed checkpoint."""
+
+    mode = ""
+
+    def __init__(self, plan, *, progress: bool = True, log=print):
+        self.plan, self.progress, self.log = plan, progress, log
+        self._tokenizer = None
+        self._calib = None
+
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            from moeprune.io import load_tokenizer
+
+            self._tokenizer = load_tokenizer(self.plan.src)
+        return self._tokenizer
+
+    def calibration(self):
+        if self._calib is None:
+            from moeprune.observe.calibration import load_calibration
+
+            self._calib = load_calibration(self.plan.calibration, self.tokenizer,
+                                           batch_size=self.plan.recipe.calibration.batch_size)
+            if self._calib.used_default:
+                self.log("no calibration data given: using the built-in mixed calibration set (demo corpus "
+                         "calib split)")
+        return self._calib
+
+    def _all_means_tokens(self):
+        return self.plan.recipe.merge.all_means_tokens if "all_means" in self.plan.collect else None
+
+    def _write(self, folder: Path, decision, replacements, provenance: dict):
+        from moeprune.stream.rewrite import write_rewrite
+
+        return write_rewrite(self.plan.src, folder, self._names(), decision.kept, replacements=replacements,
+                             max_shard_size=self.plan.recipe.max_shard_size, provenance=provenance)
+
+    def _names(self):
+        from moeprune.stream.names import CheckpointNames
+
+        return CheckpointNames(self.plan.shape.model)
+
+    def _evaluate(self, model, tokenizer) -> dict:
+        from moeprune.evaluate import evaluate
+
+        ev = self.plan.recipe.eval
+        if not self.plan.tasks:
+            return {}
+        return evaluate(model, tokenizer, self.plan.tasks, limit=ev.limit, batch_size=ev.batch_size,
+                        progress=self.progress)
+
+    def close(self) -> None:
+        pass
+
+
+class MemoryExecutor(Executor):
+    """The whole model loaded on one device in the compute dtype."""
+
+    mode = "memory"
+
+    def __init__(self, plan, **kw):
+        super().__init__(plan, **kw)
+        self._model = None
+
+    @property
+    def model(self):
+        if self._model is None:
+            from moeprune.io import load_model
+
+            if self._several_gpus():
+                self._model = self._load_across_gpus()
+            else:
+                self._model = load_model(self.plan.src, dtype=self.plan.dtype, device=str(self.plan.device))
+        return self._model
+
+    def _several_gpus(self) -> bool:
+        return (self.plan.recipe.device == "auto" and self.plan.device.type == "cuda"
+                and torch.cuda.device_count() > 1)
+
+    def _load_across_gpus(self):
+        """accelerate's placement over every visible GPU (pipeline placement: one GPU works at a time)."""
+        from transformers import AutoModelForCausalLM
+
+        self.log(f"placing the model across {torch.cuda.device_count()} GPUs (device_map=auto)")
+        model = AutoModelForCausalLM.from_pretrained(self.plan.src, dtype=getattr(torch, self.plan.dtype),
+                                                     device_map="auto", local_files_only=True)
+        return model.eval()
+
+    def fingerprint(self) -> str:
+        from moeprune.observe import model_fingerprint
+
+        return model_fingerprint(self.model)
+
+    def observe(self):
+        from moeprune.observe import observe
+
+        return observe(self.model, self.calibration(), collect=self.plan.collect,
+                       all_means_tokens=self._all_means_tokens(), progress=self.progress)
+
+    def layer_search(self, choose, *, max_tokens: int, progressive: bool):
+        from moeprune.score.reconstruct import search_layers
+
+        return search_layers(self.model, self.calibration(), choose, max_tokens=max_tokens, progressive=progressive,
+                             progress=self.progress)
+
+    def evaluate(self) -> dict:
+        return self._evaluate(self.model, self.tokenizer)
+
+    def compress(self, decision, obs, folder: Path, provenance: dict):
+        from moeprune.checkpoint.replacements import Replacements
+        from moeprune.compress import prune_experts
+        from moeprune.models import MoEAdapter
+
+        adapter, names, replaced = MoEAdapter(self.model), self._names(), Replacements()
+        try:
+            for layer in adapter.layers:
+                if decision.changed_experts(layer.index):
+                    self.plan.method.apply_layer(adapter, layer, decision, obs, self.plan)
+                    replaced.add(layer.index, changed_tensors(self.plan, adapter, layer, decision, names))
+            prune_experts(self.model, decision.kept, where="decision")  # the compressed model, for evaluation
+            return self._write(folder, decision, replaced, provenance)
+        finally:
+            replaced.close()
+
+    def evaluate_output(self, folder: Path) -> dict:
+        return self._evaluate(self.model, self.tokenizer)
+
+
+class LayerwiseExecutor(Executor):
+    """The model never whole in memory: one decoder layer at a time, read from the safetensors files."""
+
+    mode = "layerwise"
+
+    def _hidden_budget(self) -> int:
+        return max(self.plan.max_memory // 2, 64 * 2**20)
+
+    def _source(self, src=None):
+        from moeprune.pipeline.layerpass import LayerSource
+
+        return LayerSource(src or self.plan.src, dtype=self.plan.dtype, device=self.plan.device)
+
+    def fingerprint(self) -> str:
+        source = self._source()
+        try:
+            return source.fingerprint()
+        finally:
+            source.close()
+
+    def observe(self):
+        from moeprune.stream import observe_layerwise
+
+        return observe_layerwise(self.plan.src, self.calibration(), collect=self.plan.collect,
+                                 all_means_tokens=self._all_means_tokens(), device=self.plan.device,
+                                 dtype=self.plan.dtype, max_ram_bytes=self._hidden_budget(), progress=self.progress)
+
+    def layer_search(self, choose, *, max_tokens: int, progressive: bool):
+        from moeprune.pipeline.layerpass import layerwise_search
+
+        return layerwise_search(self.plan.src, self.calibration(), choose, dtype=self.plan.dtype,
+                                device=self.plan.device, max_tokens=max_tokens, progressive=progressive,
+                                max_ram_bytes=self._hidden_budget(), progress=self.progress)
+
+    def compress(self, decision, obs, folder: Path, provenance: dict):
+        from moeprune.checkpoint.replacements import Replacements
+
+        replaced = Replacements()
+        source = None
+        try:
+            layers = [i for i in self.plan.shape.layer_indices if decision.changed_experts(i)]
+            if layers:
+                source = self._source()
+                spec = source.adapter.spec
+                for i in layers:
+                    names = source.layer_names(i, spec.block)
+                    source.load(names)
+                    layer = source.adapter.layer(i)
+                    self.plan.method.apply_layer(source.adapter, layer, decision, obs, self.plan)
+                    replaced.add(i, changed_tensors(self.plan, source.adapter, layer, decision, source.names))
+                    source.release(names)
+            return self._write(folder, decision, replaced, provenance)
+        finally:
+            replaced.close()
+            if source is not None:
+                source.close()
+
+    def _offloaded(self, folder: Path):
+        try:
+            from moeprune.stream.offload import offloaded_model
+        except ImportError:  # pragma: no cover - the offloaded evaluator ships with the layer-wise path
+            raise MoePruneError("evaluation under layer-wise execution needs moeprune.stream.offload") from None
+        return offloaded_model(folder, dtype=self.plan.dtype, device=self.plan.device,
+                               max_memory=self.plan.max_memory)
+
+    def evaluate(self) -> dict:
+        if not self.plan.tasks:
+            return {}
+        return self._evaluate(self._offloaded(self.plan.src), self.tokenizer)
+
+    def evaluate_output(self, folder: Path) -> dict:
+        if not self.plan.tasks:
+            return {}
+        return self._evaluate(self._offloaded(folder), self.tokenizer)
+
+
+def make_executor(plan, **kw) -> Executor:
+    return {"memory": MemoryExecutor, "layerwise": LayerwiseExecutor}[plan.execution](plan, **kw)

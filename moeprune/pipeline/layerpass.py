@@ -1,0 +1,121 @@
+"""A layer-by-layer pass over calibration batches for models that do not fit in memory.
+
+The model is built without weights; the inputs of every decoder layer are captured once by the model's
+own forward (see moeprune/stream/layerwise.py), then each decoder layer is loaded from the safetensors
+files, every batch goes through it, and it is freed. `layerwise_search` runs the per-layer subset search
+of the reconstruction methods on that pass; with `progressive` each layer's outputs are computed with
+its experts already pruned (routing masks), so later layers see the pruned model, as in memory.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+__all__ = ["layerwise_search", "LayerSource"]
+
+
+class LayerSource:
+    """The weightless model of a checkpoint plus a loader of its tensors, one layer at a time."""
+
+    def __init__(self, src: Path, *, dtype: str, device: torch.device):
+        from moeprune.stream.layerwise import _skeleton
+        from moeprune.stream.loader import WeightLoader
+        from moeprune.stream.names import CheckpointNames
+        from moeprune.stream.safetensors_io import Checkpoint
+
+        self.src, self.device, self.dtype = src, device, getattr(torch, dtype)
+        self.model = _skeleton(src, self.dtype)
+        self.names = CheckpointNames(self.model)
+        self.adapter = self.names.adapter
+        self.loader = WeightLoader(Checkpoint(src), self.names)
+
+    def layer_names(self, i: int, sub: str = "") -> list[str]:
+        prefix = f"{self.adapter.spec.layers}.{i}." + (f"{sub}." if sub else "")
+        return [k for k in self.model.state_dict(keep_vars=True) if k.startswith(prefix)]
+
+    def load(self, names: list[str]) -> None:
+        self.loader.materialise(self.model, names, self.device)
+
+    def release(self, names: list[str]) -> None:
+        self.loader.release(self.model, names)
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def fingerprint(self) -> str:
+        """The digest `model_fingerprint` gives the loaded model, from the router tensors on disk alone."""
+        import hashlib
+        import json
+
+        a = self.adapter
+        h = hashlib.sha256()
+        h.update(json.dumps([a.config.model_type, a.layer_indices, [layer.num_experts for layer in a.layers]]).encode())
+        for layer in a.layers:
+            name = f"{a.spec.layers}.{layer.index}.{a.spec.block}.{a.spec.router_tensors[0][0]}"
+            w = self.loader.tensor(name).to(self.dtype)  # as the loaded model holds it
+            h.update(w.detach().float().cpu().contiguous().numpy().tobytes())
+        return h.hexdigest()[:16]
+
+    def close(self) -> None:
+        self.loader.close()
+
+
+def _forward_all(layer, i: int, store, calls, batches, device, state: dict, *, write: bool) -> None:
+    for b, (_, mask) in enumerate(batches):
+        state["mask"] = mask.to(device).reshape(-1).bool()
+        args, kwargs = calls[b][i]
+        out = layer(store.get(b), *args, **kwargs)
+        if write:
+            store.put(b, out[0] if isinstance(out, tuple) else out)
+
+
+def layerwise_search(src: Path, calibration, choose, *, dtype: str, device: torch.device, max_tokens: int,
+                     progressive: bool = False, max_ram_bytes: int | None = None,
+                     progress: bool = True) -> dict[int, list[int]]:
+    """`moeprune.score.reconstruct.search_layers` one decoder layer at a time (same inputs, same result)."""
+    from moeprune.score.reconstruct import masked_routing
+    from moeprune.stream.layerwise import HiddenStore, _batches, _capture, _move_buffers, _outer_names
+
+    source = LayerSource(src, dtype=dtype, device=device)
+    model, adapter, spec = source.model, source.adapter, source.adapter.spec
+    layers = model.get_submodule(spec.layers)
+    batches = _batches(calibration)
+    _move_buffers(model, device)
+    store = HiddenStore(max_ram_bytes=max_ram_bytes, device=device)
+    kept: dict[int, list[int]] = {}
+    state: dict = {"mask": None}
+    try:
+        with torch.no_grad():
+            outer = _outer_names(model, spec.layers, source.loader)
+            source.load(outer)
+            calls = _capture(model, layers, batches, device, store)
+            source.release(outer)
+            for i in tqdm(range(len(layers)), desc="subset search", unit="layer", disable=not progress):
+                names = source.layer_names(i)
+                source.load(names)
+                if i not in adapter.layer_indices:
+                    _forward_all(layers[i], i, store, calls, batches, device, state, write=True)
+                else:
+                    moe = adapter.layer(i)
+                    seen: list[torch.Tensor] = []
+
+                    def grab(_m, args, kwargs):
+                        h = args[0] if args else kwargs["hidden_states"]
+                        seen.append(h.reshape(-1, h.shape[-1])[state["mask"]].detach().float().cpu())
+
+                    handle = moe.block.register_forward_pre_hook(grab, with_kwargs=True)
+                    try:
+                        _forward_all(layers[i], i, store, calls, batches, device, state, write=not progressive)
+                    finally:
+                        handle.remove()
+                    kept[i] = choose(adapter, moe, torch.cat(seen)[:max_tokens])
+                    if progressive:
+                        with masked_routing(adapter, {i: kept[i]}):
+                            _forward_all(layers[i], i, store, calls, batches, device, state, write=True)
+                source.release(names)
+    finally:
+        store.close()
+        source.close()
+    return kept

@@ -1,0 +1,278 @@
+"""The plan: every decision that needs no weights, computed once from `config.json` and the recipe.
+
+`make_plan` builds the model on the meta device (no memory, no weights) and settles the method object
+and what it needs, the experts kept per layer and the routing-group rule, the compute dtype (`auto` = the
+checkpoint's own), the device, the execution mode (`auto` picks layer-wise when the model does not fit
+in `max_memory`), the quantization scheme, the eval tasks, the calibration sources and the output
+folder. Everything knowable here fails here, in one line, before a byte of weights is read.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from moeprune.errors import MoePruneError
+
+__all__ = ["Plan", "Placement", "placement", "make_plan", "parse_memory", "resolve_device", "free_memory", "MEMORY_MARGIN"]
+
+# `auto` keeps the model in memory when its weights in the compute dtype, times this factor, plus
+# `MEMORY_HEADROOM` bytes (activations, the interpreter, calibration batches) fit in max_memory.
+MEMORY_MARGIN = 1.2
+MEMORY_HEADROOM = 256 * 2**20
+
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20,
+          "GIB": 2**30, "TIB": 2**40}
+_DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "float64": 8}
+
+
+def parse_memory(value, *, field_name: str = "max_memory") -> int | None:
+    """Bytes from an int or a string such as "24GB", "500MiB" (accelerate's convention)."""
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        raise MoePruneError(f"{field_name}: expected a size such as 24GB or 500MiB, got {value!r}")
+    if isinstance(value, (int, float)):
+        n = int(value)
+    else:
+        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", str(value))
+        if m is None or m.group(2).upper() not in _UNITS:
+            raise MoePruneError(f"{field_name}: {value!r} is not a size such as 24GB, 500MiB or 1073741824")
+        n = int(float(m.group(1)) * _UNITS[m.group(2).upper()])
+    if n <= 0:
+        raise MoePruneError(f"{field_name}: must be positive, got {value!r}")
+    return n
+
+
+def resolve_device(spec: str | None) -> torch.device:
+    """`auto`/None -> CUDA when available, else CPU; anything else must be a device this torch can use."""
+    if spec in (None, "", "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(spec)
+    except (RuntimeError, TypeError):
+        raise MoePruneError(f"device: {spec!r} is not a device; use cpu, cuda or cuda:N (or auto)") from None
+    if dev.type == "cpu":
+        return dev
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise MoePruneError(f"device: {spec!r} needs CUDA, which this torch build or machine does not have; "
+                                "use cpu (or auto)")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise MoePruneError(f"device: {spec!r} does not exist; this machine has {torch.cuda.device_count()} "
+                                "CUDA device(s)")
+        return dev
+    backend = getattr(torch, dev.type, None)
+    if backend is None or not getattr(backend, "is_available", lambda: False)():
+        raise MoePruneError(f"device: {spec!r} is not available to this torch; use cpu, cuda or auto")
+    return dev
+
+
+def free_memory(device: torch.device) -> int:
+    """Free memory of the device: CUDA's free bytes, or the host's available memory."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES"))
+
+
+@dataclass
+class Plan:
+    """Everything decided before any weight is read (see the module docstring)."""
+
+    recipe: object
+    src: Path
+    shape: object  # MoEAdapter over the model built on the meta device
+    method: object  # a moeprune.methods.Method
+    n_keep: int | None
+    dtype: str  # compute dtype
+    source_dtype: str  # what the checkpoint stores (outputs keep it)
+    device: torch.device
+    execution: str  # "memory" | "layerwise"
+    execution_reason: str
+    model_bytes: int  # weights in the compute dtype
+    max_memory: int
+    input_bytes: int  # safetensors files on disk
+    collect: tuple[str, ...] = ()
+    quant_group_size: int | None = None
+    tasks: list = field(default_factory=list)
+    calibration: object = None  # CalibrationSpec
+    output: object = None  # OutputFolder
+    keep_plan: dict | None = None
+
+    def summary(self) -> str:
+        gb = lambda n: f"{n / 1e9:.2f} GB"  # noqa: E731
+        return (f"plan: {self.method.name} on {self.shape.spec.name}, {self.dtype} on {self.device}, "
+                f"execution {self.execution} ({self.execution_reason})")
+
+
+def _model_bytes(meta, dtype: str) -> int:
+    seen, n = set(), 0
+    for p in meta.parameters():
+        if id(p) not in seen:
+            seen.add(id(p))
+            n += p.numel()
+    return n * _DTYPE_BYTES[dtype]
+
+
+def _context(config) -> int | None:
+    ctx = getattr(config, "max_position_embeddings", None)
+    return ctx if isinstance(ctx, int) and ctx > 0 else None
+
+
+def _check_context(recipe, config) -> None:
+    ctx = _context(config)
+    if ctx and recipe.calibration.max_length is not None and recipe.calibration.max_length > ctx:
+        raise MoePruneError(f"calibration.max_length: {recipe.calibration.max_length} tokens is beyond the model's "
+                            f"context of {ctx} (max_position_embeddings); use at most {ctx}")
+
+
+def _check_ratio(recipe, shape) -> int | None:
+    from moeprune.score import experts_to_keep
+    from moeprune.score.select import routing_groups
+
+    if recipe.ratio is None and recipe.keep is None:
+        return None
+    e = shape.num_experts
+    n_keep = experts_to_keep(e, ratio=recipe.ratio, keep=recipe.keep, top_k=shape.top_k, where="recipe")
+    if n_keep >= e:
+        lowest = 1 / e
+        what = f"ratio {recipe.ratio}" if recipe.ratio is not None else f"keep {recipe.keep}"
+        raise MoePruneError(f"recipe: {what} of {e} experts drops none; use a ratio of at least {lowest:.4g} "
+                            f"(one expert) or keep fewer than {e}")
+    routing_groups(shape, n_keep, "recipe")
+    return n_keep
+
+
+@dataclass
+class Placement:
+    """Where a model's weights live for a run: compute dtype, device, executor and memory budget."""
+
+    dtype: str
+    source_dtype: str
+    device: torch.device
+    execution: str
+    reason: str
+    max_memory: int
+    model_bytes: int
+
+
+def placement(src: Path, meta, *, dtype: str = "auto", device: str = "auto", execution: str = "auto",
+              max_memory=None) -> Placement:
+    """Resolve dtype (`auto` = the checkpoint's), device and execution (`auto` = layer-wise when the model
+    does not fit in `max_memory`) for the model folder `src`, whose model built on meta is `meta`."""
+    from types import SimpleNamespace
+
+    from moeprune.checkpoint import checkpoint_dtype
+
+    if execution not in ("auto", "memory", "layerwise"):
+        raise MoePruneError(f"execution: {execution!r} is not one of auto, memory, layerwise")
+    source_dtype = checkpoint_dtype(src, meta.config)
+    dtype = source_dtype if dtype in (None, "auto") else dtype
+    if dtype not in _DTYPE_BYTES:
+        raise MoePruneError(f"dtype: {dtype!r} is not one of auto, float32, bfloat16, float16")
+    dev = resolve_device(device)
+    model_bytes = _model_bytes(meta, dtype)
+    mode, reason, budget = _execution(SimpleNamespace(execution=execution, max_memory=max_memory), model_bytes, dev)
+    return Placement(dtype, source_dtype, dev, mode, reason, budget, model_bytes)
+
+
+def _execution(recipe, model_bytes: int, device: torch.device) -> tuple[str, str, int]:
+    budget = parse_memory(recipe.max_memory)
+    if budget is None:
+        budget = free_memory(device)
+        where = f"free memory of {device.type}"
+    else:
+        where = "max_memory"
+    need = int(model_bytes * MEMORY_MARGIN) + MEMORY_HEADROOM
+    if recipe.execution != "auto":
+        return recipe.execution, "asked for", budget
+    if need <= budget:
+        return "memory", f"{need / 1e9:.2f} GB needed <= {budget / 1e9:.2f} GB {where}", budget
+    return "layerwise", f"{need / 1e9:.2f} GB needed > {budget / 1e9:.2f} GB {where}", budget
+
+
+def _quantize(recipe, shape, execution: str) -> int | None:
+    q = recipe.quantize
+    if q is None:
+        return None
+    if execution == "layerwise":
+        raise MoePruneError("quantize: the quantization stage needs the compressed model in memory, and this run is "
+                            "layer-wise; drop the quantize section and run `moeprune quantize OUT` on the "
+                            "compressed output (it is smaller), or set execution: memory with a larger max_memory")
+    if q.mixed_budget is not None and q.bits != 8:
+        raise MoePruneError("quantize.mixed_budget mixes 4- and 8-bit layers; set quantize.bits: 8")
+    for layer in shape.layers:
+        for name in shape.spec.layout.tensors[:2]:
+            width = int(getattr(layer.experts, name).shape[-1 if not shape.spec.layout.transposed else -2])
+            if q.group_size and width % q.group_size:
+                raise MoePruneError(f"quantize.group_size: {q.group_size} does not divide the expert width {width} "
+                                    f"({name} of layer {layer.index}); choose a group size that divides it")
+    return q.group_size
+
+
+def _calibration(recipe, config):
+    from moeprune.pipeline.run import calibration_spec
+
+    _check_context(recipe, config)
+    return calibration_spec(recipe, context=_context(config))
+
+
+def make_plan(recipe, *, out_dir=None, overwrite: bool = False, needs_output: bool = True,
+              observe_only: bool = False, collect: tuple[str, ...] = ()) -> "Plan":
+    """Validate the recipe against the model's config and decide everything that needs no weights.
+
+    `observe_only`: the plan of `moeprune observe` (statistics `collect`, no method, no compression)."""
+    from moeprune.checkpoint import OutputFolder, files_bytes
+    from moeprune.io import meta_model, resolve_model_dir
+    from moeprune.methods import get_method
+    from moeprune.models import MoEAdapter
+
+    src = resolve_model_dir(recipe.model)
+    out = out_dir or recipe.output
+    output = None
+    if needs_output:
+        if not out:
+            raise MoePruneError("no output folder: pass -o OUT or set 'output' in the recipe")
+        output = OutputFolder(out, inputs=(src,), overwrite=overwrite)
+    shape = MoEAdapter(meta_model(src))
+    where = placement(src, shape.model, dtype=recipe.dtype, device=recipe.device, execution=recipe.execution,
+                      max_memory=recipe.max_memory)
+    method = get_method(recipe.method, where="method")
+    plan = Plan(recipe=recipe, src=src, shape=shape, method=method, n_keep=None, dtype=where.dtype,
+                source_dtype=where.source_dtype, device=where.device, execution=where.execution,
+                execution_reason=where.reason, model_bytes=where.model_bytes, max_memory=where.max_memory,
+                input_bytes=files_bytes(src), output=output)
+    if observe_only:
+        from moeprune.observe.collector import OPTIONAL_STATS
+
+        unknown = sorted(set(collect) - set(OPTIONAL_STATS))
+        if unknown:
+            raise MoePruneError(f"--collect: unknown statistic {unknown[0]!r}; available: {', '.join(OPTIONAL_STATS)}")
+        plan.collect = tuple(collect)
+        plan.calibration = _calibration(recipe, shape.config)
+        return plan
+    plan.n_keep = _check_ratio(recipe, shape)
+    method.check(plan)
+    plan.collect = tuple(method.needs)
+    if method.needs_observations or method.needs_layer_inputs:
+        plan.calibration = _calibration(recipe, shape.config)
+    plan.quant_group_size = _quantize(recipe, shape, plan.execution)
+    if recipe.eval.tasks:
+        from moeprune.evaluate import resolve_tasks
+
+        plan.tasks = resolve_tasks(recipe.eval.tasks)
+    if math.isnan(plan.model_bytes):  # pragma: no cover - defensive
+        raise MoePruneError("could not size the model")
+    return plan
