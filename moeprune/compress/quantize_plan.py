@@ -86,7 +86,7 @@ def quant_targets(model: nn.Module, adapter=None) -> QuantTargets:
     return targets
 
 
-def parse_group_size(value) -> int | None:
+def parse_group_size(value, option: str = "--group-size") -> int | None:
     """A user's group size: None/"auto" -> None, "channel"/-1 -> CHANNEL, else a positive integer."""
     if value is None or value == "auto":
         return None
@@ -97,29 +97,29 @@ def parse_group_size(value) -> int | None:
     except (TypeError, ValueError):
         number = 0
     if number <= 0 or str(number) != str(value).strip():
-        raise MoePruneError(f"--group-size must be a positive integer, 'auto' or 'channel', got {value!r}")
+        raise MoePruneError(f"{option} must be a positive integer, 'auto' or 'channel', got {value!r}")
     return number
 
 
-def resolve_group_size(widths: dict[int, str], group_size) -> int:
+def resolve_group_size(widths: dict[int, str], group_size, option: str = "--group-size") -> int:
     """The group size to use for these input widths (see the module docstring); CHANNEL or a divisor."""
-    group = parse_group_size(group_size)
+    group = parse_group_size(group_size, option)
     if group == CHANNEL:
         return CHANNEL
     if group is None:
         return next((g for g in AUTO_GROUP_SIZES if all(w % g == 0 for w in widths)), CHANNEL)
     for width, name in sorted(widths.items()):
         if width % group:
-            raise MoePruneError(f"input width {width} of {name} is not a multiple of --group-size {group}; "
+            raise MoePruneError(f"input width {width} of {name} is not a multiple of {option} {group}; "
                                 f"choose a group size that divides every quantized width, or 'auto'")
     return group
 
 
-def check_quantize(model: nn.Module, bits: int, group_size=None) -> int:
+def check_quantize(model: nn.Module, bits: int, group_size=None, *, option: str = "--group-size") -> int:
     """Check a uniform quantization of `model` (weights may be on the meta device); the group size to use.
 
     Raises MoePruneError for unsupported bits, a bad group size, or one that does not divide a width.
     """
     if bits not in SUPPORTED_BITS:
         raise MoePruneError(f"--bits {bits} is not supported; choose one of {', '.join(map(str, SUPPORTED_BITS))}")
-    return resolve_group_size(quant_targets(model).widths(), group_size)
+    return resolve_group_size(quant_targets(model).widths(), group_size, option)
