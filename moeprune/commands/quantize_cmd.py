@@ -49,7 +49,9 @@ def _disk_bytes(folder: Path) -> int:
 @click.argument("model_dir")
 @click.option("-o", "--output", "out_dir", required=True, type=click.Path(), help="Folder to write (new or empty).")
 @click.option("--bits", default="4", show_default=True, help="Weight width: 4 or 8.")
-@click.option("--group-size", default="128", show_default=True, help="Weights per scale (uniform mode).")
+@click.option("--group-size", default="auto", show_default=True,
+              help="Weights per scale (uniform mode): an integer, 'channel' (one scale per row), or 'auto' "
+                   "(the largest of 128/64/32 dividing every quantized width, else 'channel').")
 @click.option("--mixed-budget", "avg_bits", default=None,
               help="Mixed precision: average bits per routed-expert weight (scales included).")
 @click.option("--max-bytes", default=None, help="Mixed precision: total bytes allowed for all weights.")
@@ -61,17 +63,19 @@ def quantize_cmd(model_dir: str, out_dir: str, bits: str, group_size: str, avg_b
                  max_bytes: str | None, obs_dir: str | None, method: str, overwrite: bool) -> None:
     """Quantize the weights of MODEL_DIR (experts included) into a checkpoint stock transformers reloads.
 
-    Uniform: every expert and linear layer at --bits (compressed-tensors pack-quantized). Mixed
-    (--mixed-budget or --max-bytes, with --observations): each MoE layer's experts float8 or dense,
-    the most important layers kept dense within the budget.
+    Uniform: every expert and linear layer at --bits (compressed-tensors pack-quantized); routers,
+    shared-expert gates and lm_head stay in the source dtype. Mixed (--mixed-budget or --max-bytes, with
+    --observations): each MoE layer's experts float8 or dense, the most important layers kept dense
+    within the budget (transformers-only: vLLM does not load it, see docs/serving.md).
     """
-    from moeprune.compress.quantize import SUPPORTED_BITS, MixedBudget, quantize_model, save_quantized
+    from moeprune.compress.quantize import SUPPORTED_BITS, MixedBudget, quantize_model, save_quantized, serving_note
+    from moeprune.compress.quantize_plan import parse_group_size
     from moeprune.io import check_output_dir, load_model, resolve_model_dir
 
     n_bits = parse_number(bits, option="--bits", integer=True)
     if n_bits not in SUPPORTED_BITS:
         raise MoePruneError(f"--bits {bits} is not supported; choose one of {', '.join(map(str, SUPPORTED_BITS))}")
-    group = parse_number(group_size, option="--group-size", integer=True)
+    group = parse_group_size(group_size)
     mixed = None
     if avg_bits is not None or max_bytes is not None:
         mixed = MixedBudget(avg_bits=parse_number(avg_bits, option="--mixed-budget"),
@@ -87,5 +91,12 @@ def quantize_cmd(model_dir: str, out_dir: str, bits: str, group_size: str, avg_b
     out = save_quantized(model, result, out_dir, source_dir=src, provenance=provenance, overwrite=overwrite)
     before, after = _disk_bytes(src), _disk_bytes(out)
     widths = sorted(set(result.layer_bits.values()))
-    click.echo(f"{result.format}: layer widths {widths}, safetensors {before:,} -> {after:,} bytes "
-               f"({after / max(before, 1):.1%}) -> {out}")
+    click.echo(f"{result.format}{_grouping(result)}: layer widths {widths}, safetensors {before:,} -> {after:,} "
+               f"bytes ({after / max(before, 1):.1%}) -> {out}")
+    click.echo(f"serves in: {serving_note(result)}")
+
+
+def _grouping(result) -> str:
+    if result.strategy == "channel":
+        return ", one scale per output row (channel)"
+    return f", group size {result.group_size}" if result.group_size else ""

@@ -46,7 +46,7 @@ def no_weights(monkeypatch):
     ({"eval": {"tasks": ["no_such_task"]}}, "no_such_task"),
     ({"device": "tpu9"}, "device"),
     ({"device": "cuda:0"}, "CUDA"),
-    ({"quantize": {"bits": 4, "group_size": 48}}, "does not divide"),
+    ({"quantize": {"bits": 4, "group_size": 48}}, "not a multiple of quantize.group_size 48"),
     ({"max_memory": "lots"}, "max_memory"),
     ({"method": "reap", "execution": "layerwise", "quantize": {"bits": 8}}, "layer-wise"),
 ])
