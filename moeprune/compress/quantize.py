@@ -77,7 +77,7 @@ def serving_note(result: "QuantResult | dict") -> str:
     """Which engines load this quantized checkpoint, as measured (see docs/serving.md)."""
     fmt = result["format"] if isinstance(result, dict) else result.format
     if fmt == FORMAT_MIXED:
-        return "transformers only (vLLM does not load torchao float8-per-layer checkpoints; docs/serving.md)"
+        return "transformers only (vLLM refuses this torchao float8-per-layer checkpoint as tested; docs/serving.md)"
     return ("transformers and vLLM (compressed-tensors; vLLM's CPU build serves 4-bit with group size 64/128 and "
             "expert widths in multiples of 32 only; docs/serving.md)")
 
