@@ -86,13 +86,22 @@ def echo_result(report: dict, out) -> None:
                f"({report['dtype']['output']}, {report['execution']} execution) -> {out}")
 
 
+def observe_options(fn):
+    """The arguments of `observe` (and its `observe-stream` alias)."""
+    for option in reversed([
+        click.argument("model_dir"),
+        click.option("-o", "--output", "out_dir", required=True, type=click.Path(), help="Folder for the observations."),
+        click.option("--collect", default="", help="Extra statistics: routed_means,all_means,router_gram."),
+        click.option("--all-means-tokens", type=click.IntRange(min=1), default=None,
+                     help="Token cap per batch for all_means."),
+        click.option("--overwrite", is_flag=True),
+    ]):
+        fn = option(fn)
+    return calibration_options(fn)
+
+
 @cli.command("observe")
-@click.argument("model_dir")
-@click.option("-o", "--output", "out_dir", required=True, type=click.Path(), help="Folder for the observations.")
-@click.option("--collect", default="", help="Extra statistics: routed_means,all_means,router_gram.")
-@click.option("--all-means-tokens", type=click.IntRange(min=1), default=None, help="Token cap per batch for all_means.")
-@click.option("--overwrite", is_flag=True)
-@calibration_options
+@observe_options
 def observe_cmd(model_dir, out_dir, collect, all_means_tokens, overwrite, **calib):
     """Run calibration data through MODEL_DIR and save router/expert statistics."""
     observe_to(model_dir, out_dir, collect=collect, all_means_tokens=all_means_tokens, overwrite=overwrite, **calib)

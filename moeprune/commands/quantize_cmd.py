@@ -59,8 +59,13 @@ def _disk_bytes(folder: Path) -> int:
               help="Saved observations (moeprune observe): the importance that drives mixed precision.")
 @click.option("--method", default="reap", show_default=True, help="Scoring method for the importance.")
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty output folder.")
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:N or auto.")
+@click.option("--execution", default="auto", show_default=True, type=click.Choice(["auto", "memory", "layerwise"]),
+              help="Quantization needs the model in memory: layerwise (or auto when it does not fit) is refused.")
+@click.option("--max-memory", default=None, help="Memory budget, e.g. 24GB (default: free memory of the device).")
 def quantize_cmd(model_dir: str, out_dir: str, bits: str, group_size: str, avg_bits: str | None,
-                 max_bytes: str | None, obs_dir: str | None, method: str, overwrite: bool) -> None:
+                 max_bytes: str | None, obs_dir: str | None, method: str, overwrite: bool, device: str, execution: str,
+                 max_memory: str | None) -> None:
     """Quantize the weights of MODEL_DIR (experts included) into a checkpoint stock transformers reloads.
 
     Uniform: every expert and linear layer at --bits (compressed-tensors pack-quantized); routers,
@@ -84,7 +89,8 @@ def quantize_cmd(model_dir: str, out_dir: str, bits: str, group_size: str, avg_b
             raise MoePruneError("mixed precision needs --observations DIR (from `moeprune observe`) for importance")
     src = resolve_model_dir(model_dir)
     check_output_dir(out_dir, inputs=(src,), overwrite=overwrite)
-    model = load_model(src, dtype="auto", device="cpu")
+    where = _placement(src, device, execution, max_memory)
+    model = load_model(src, dtype=where.source_dtype, device=str(where.device))
     importance = layer_importance(obs_dir, method=method, model=model) if mixed is not None else None
     result = quantize_model(model, bits=n_bits, group_size=group, mixed=mixed, importance=importance)
     provenance = {"base_model": str(src), "method": "quantize", "importance_method": method if mixed else None}
@@ -94,6 +100,19 @@ def quantize_cmd(model_dir: str, out_dir: str, bits: str, group_size: str, avg_b
     click.echo(f"{result.format}{_grouping(result)}: layer widths {widths}, safetensors {before:,} -> {after:,} "
                f"bytes ({after / max(before, 1):.1%}) -> {out}")
     click.echo(f"serves in: {serving_note(result)}")
+
+
+def _placement(src, device: str, execution: str, max_memory):
+    """The model loads in its own dtype; a model that does not fit in memory is refused before any weight."""
+    from moeprune.io import meta_model
+    from moeprune.pipeline.plan import placement
+
+    where = placement(src, meta_model(src), dtype="auto", device=device, execution=execution, max_memory=max_memory)
+    if where.execution == "layerwise":
+        raise MoePruneError(f"quantize needs the whole model in memory ({where.reason}); quantize the pruned or "
+                            "merged output instead (`moeprune prune ... -o OUT` first: it is smaller), or raise "
+                            "--max-memory on a larger machine")
+    return where
 
 
 def _grouping(result) -> str:

@@ -82,7 +82,7 @@ def get_observations(executor, *, log=print, observations_dir=None):
     fingerprint = executor.fingerprint()
     if observations_dir is not None:
         obs = Observations.load(observations_dir)
-        _check_fingerprint(obs, fingerprint, f"observations in {observations_dir}")
+        _check_fingerprint(obs, fingerprint, f"observations in {observations_dir}", plan.shape)
         missing = set(plan.collect) - set(obs.meta.get("collected", []))
         if missing:
             raise MoePruneError(f"observations in {observations_dir} lack {sorted(missing)} needed by "
@@ -96,7 +96,7 @@ def get_observations(executor, *, log=print, observations_dir=None):
     if cached.exists() and distributed.is_main():  # rank 0 alone reads and writes the cache
         try:
             obs = Observations.load(cached)
-            _check_fingerprint(obs, fingerprint, f"cached observations {cached}")
+            _check_fingerprint(obs, fingerprint, f"cached observations {cached}", plan.shape)
             log(f"reusing cached observations {cached} ({obs.num_tokens} tokens)")
         except MoePruneError as exc:  # a damaged cache entry is a miss, replaced below
             log(f"warning: ignoring a damaged cache entry ({exc})")
@@ -120,13 +120,16 @@ def get_observations(executor, *, log=print, observations_dir=None):
     return obs, False
 
 
-def _check_fingerprint(obs, fingerprint: str, where: str) -> None:
+def _check_fingerprint(obs, fingerprint: str, where: str, shape=None) -> None:
+    """The same model (fingerprint), and statistics whose shapes fit it (a copied fingerprint is not enough)."""
     from moeprune.errors import MoePruneError
 
     want = obs.meta.get("model_fingerprint")
     if want != fingerprint:
         raise MoePruneError(f"{where} were collected on a different model (fingerprint {want}, this model "
                             f"{fingerprint}); re-run `moeprune observe` on this model")
+    if shape is not None:
+        obs.check(where=where, model=shape)
 
 
 def _portable(path) -> str:
@@ -248,6 +251,8 @@ def _quantize_stage(report: dict, plan, ex, obs, decision, folder: Path, timer) 
     """Quantize the compressed in-memory model and replace the weights in `folder` by its quantized save."""
     from moeprune.compress.quantize import write_quantized
 
+    if plan.dtype != plan.source_dtype:  # the output keeps the source dtype (quantized tensors aside)
+        ex.model.to(getattr(torch, plan.source_dtype))
     with timer("quantize"):
         quant = _quantize(ex.model, plan, obs, decision.kept)
     with timer("eval_quantized"):

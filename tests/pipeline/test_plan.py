@@ -146,3 +146,9 @@ def test_failed_final_rename_leaves_nothing(tmp_path, monkeypatch):
         with OutputFolder(tmp_path / "out") as tmp:
             (tmp / "x").write_text("y")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_quantize_refuses_a_model_that_does_not_fit(tiny, tmp_path):
+    res = _invoke("quantize", tiny, "-o", tmp_path / "q", "--bits", "8", "--max-memory", "1000")
+    assert res.exit_code == 2 and res.output.startswith("Error: quantize needs the whole model in memory")
+    assert not (tmp_path / "q").exists()
