@@ -19,7 +19,7 @@ export MOEPRUNE_VLLM_PYTHON
 echo "vLLM environment ready after $(( $(date +%s) - stage_start ))s"
 
 # families whose tiny models vLLM 0.32 CPU serves (measured; the others are listed in docs/serving.md)
-VLLM_CPU_FAMILIES="${VLLM_CPU_FAMILIES:-mixtral qwen2_moe qwen3_moe olmoe granitemoe granitemoeshared phimoe}"
+VLLM_CPU_FAMILIES="${VLLM_CPU_FAMILIES:-cohere2_moe ernie4_5_moe glm4_moe gpt_oss granitemoe granitemoe_swa granitemoeshared jamba minimax mixtral olmoe qwen2_moe qwen3_moe}"
 
 mp() { python -m moeprune "$@" --overwrite >>"$WORK/moeprune.log" 2>&1 || { tail -n 20 "$WORK/moeprune.log"; exit 1; }; }
 mp observe demo -o "$WORK/obs" --collect all_means,router_gram --calib demo:64 --max-length 128

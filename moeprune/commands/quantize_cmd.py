@@ -71,11 +71,11 @@ def quantize_cmd(model_dir: str, out_dir: str, bits: str, group_size: str, avg_b
     Uniform: every expert and linear layer at --bits (compressed-tensors pack-quantized); routers,
     shared-expert gates and lm_head stay in the source dtype. Mixed (--mixed-budget or --max-bytes, with
     --observations): each MoE layer's experts float8 or dense, the most important layers kept dense
-    within the budget (transformers-only: vLLM does not load it, see docs/serving.md).
+    within the budget (transformers-only: vLLM refused it as tested, see docs/serving.md).
     """
     from moeprune.compress.quantize import SUPPORTED_BITS, MixedBudget, quantize_model, save_quantized, serving_note
-    from moeprune.compress.quantize_plan import parse_group_size
-    from moeprune.io import check_output_dir, load_model, resolve_model_dir
+    from moeprune.compress.quantize_plan import check_quantize, parse_group_size
+    from moeprune.io import check_output_dir, load_model, meta_model, resolve_model_dir
 
     n_bits = parse_number(bits, option="--bits", integer=True)
     if n_bits not in SUPPORTED_BITS:
@@ -90,6 +90,8 @@ def quantize_cmd(model_dir: str, out_dir: str, bits: str, group_size: str, avg_b
     src = resolve_model_dir(model_dir)
     check_output_dir(out_dir, inputs=(src,), overwrite=overwrite)
     where = _placement(src, device, execution, max_memory)
+    if mixed is None:  # group size against every quantized width, before any weight is read
+        group = check_quantize(meta_model(src), n_bits, group)
     model = load_model(src, dtype=where.source_dtype, device=str(where.device))
     importance = layer_importance(obs_dir, method=method, model=model) if mixed is not None else None
     result = quantize_model(model, bits=n_bits, group_size=group, mixed=mixed, importance=importance)

@@ -74,12 +74,17 @@ class QuantResult:
 
 
 def serving_note(result: "QuantResult | dict") -> str:
-    """Which engines load this quantized checkpoint, as measured (see docs/serving.md)."""
-    fmt = result["format"] if isinstance(result, dict) else result.format
-    if fmt == FORMAT_MIXED:
-        return "transformers only (vLLM does not load torchao float8-per-layer checkpoints; docs/serving.md)"
-    return ("transformers and vLLM (compressed-tensors; vLLM's CPU build serves 4-bit with group size 64/128 and "
-            "expert widths in multiples of 32 only; docs/serving.md)")
+    """Which engines load this quantized checkpoint, as measured or documented (see docs/serving.md)."""
+    q = result if isinstance(result, dict) else asdict(result)
+    if q["format"] == FORMAT_MIXED:
+        return "transformers only (vLLM refuses this torchao float8-per-layer checkpoint as tested; docs/serving.md)"
+    if q["bits"] != 4:
+        cpu = "not vLLM CPU (it has no int8 weight-only kernel)"
+    elif q.get("strategy") == "channel" or q.get("group_size") == 32:
+        cpu = "not vLLM CPU (its int4 MoE kernel refuses per-row scales and group size 32)"
+    else:
+        cpu = "vLLM CPU when every expert width is a multiple of 32"
+    return f"transformers; vLLM GPU (documented upstream, not verified here); {cpu}; docs/serving.md"
 
 
 def _qmax(bits: int) -> int:

@@ -1,0 +1,32 @@
+"""scripts/check_vllm.py without vLLM: the agreement measure, the dtype rule, a missing vLLM environment."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+_spec = importlib.util.spec_from_file_location("check_vllm", ROOT / "scripts" / "check_vllm.py")
+check_vllm = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(check_vllm)
+
+
+def test_agreement_counts_the_common_prefix_only():
+    ref = [[1, 2, 3, 4], [5, 6, 7, 8], [9, 9, 9, 9]]
+    got = [[1, 2, 3, 4], [5, 0, 7, 8], [0, 9, 9, 9]]  # a match after the first divergence does not count
+    assert check_vllm.agreement(ref, got, tokens=4) == [4, 1, 0]
+    assert check_vllm.agreement([[1, 2]], [[1, 2, 3]], tokens=4) == [2]
+
+
+def test_dtype_auto_is_float32_unless_quantized(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "qwen2_moe"}))
+    assert check_vllm.resolve_dtype(tmp_path, "auto") == "float32"
+    assert check_vllm.resolve_dtype(tmp_path, "float16") == "float16"
+    (tmp_path / "config.json").write_text(json.dumps({"quantization_config": {"quant_method": "compressed-tensors"}}))
+    assert check_vllm.resolve_dtype(tmp_path, "auto") == "bfloat16"
+
+
+def test_missing_vllm_environment_is_a_one_line_error(tmp_path, capsys):
+    demo = ROOT / "moeprune" / "assets" / "demo-moe"
+    rc = check_vllm.main([str(demo), "--vllm-python", str(tmp_path / "nope" / "python")])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("Error: no vLLM environment at") and err.count("\n") == 1
