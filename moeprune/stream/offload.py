@@ -14,6 +14,7 @@ conversion copies and the activations).
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
@@ -127,6 +128,9 @@ def offloaded_model(model_dir: str | Path, *, dtype: str | torch.dtype = "auto",
 
     src = resolve_model_dir(model_dir)
     device = torch.device(device) if device is not None else default_device()
+    # accelerate's hooks make every hooked module reference itself: a dropped offloaded model is freed only by
+    # the cycle collector, so collect before building the next one (the base model before the compressed one)
+    gc.collect()
     model = _skeleton(src, _resolve_dtype(src, dtype))
     model.tie_weights()  # as from_pretrained does: a tied head shares the embedding (stored once)
     names = CheckpointNames(model)
