@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import functools
+import logging
+import os
 import sys
 
 import click
@@ -13,15 +15,61 @@ from moeprune.errors import MoePruneError
 __all__ = ["main", "cli"]
 
 
+def _error(message: str) -> None:
+    click.echo(f"Error: {message}", err=True)
+    sys.exit(2)
+
+
 class _Group(click.Group):
-    """Turns `MoePruneError` into a one-line message and exit code 2."""
+    """Bad input (a `MoePruneError` or a click usage error) -> one line `Error: ...`, exit code 2.
+
+    Anything else is a bug: Python prints the traceback and exits with 1.
+    """
 
     def invoke(self, ctx):
+        from moeprune import distributed
+
         try:
+            if distributed.launched():  # under torchrun: join the group; only rank 0 prints
+                ctx.call_on_close(distributed.finish)
+                if not distributed.context().is_main:
+                    sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (for the life of the process)
             return super().invoke(ctx)
+        except distributed.RankDone:
+            sys.exit(0)
         except MoePruneError as exc:
-            click.echo(f"Error: {exc}", err=True)
-            sys.exit(2)
+            _error(str(exc))
+
+    def main(self, *args, **kwargs):
+        if not kwargs.get("standalone_mode", True):
+            return super().main(*args, **kwargs)
+        try:
+            code = super().main(*args, **{**kwargs, "standalone_mode": False})
+        except click.ClickException as exc:  # usage errors, bad option values, missing files
+            if type(exc).__name__ == "NoArgsIsHelpError":  # bare `moeprune` or `moeprune CMD`: the help
+                exc.show()
+                sys.exit(exc.exit_code)
+            _error(exc.format_message())
+        except click.Abort:
+            click.echo("Aborted!", err=True)
+            sys.exit(1)
+        sys.exit(code if isinstance(code, int) else 0)
+
+
+class _DropNoise(logging.Filter):
+    """Drops the import-time messages of torchao (binaries built for another Python or GPU) and of
+    torch about torchao's enums; transformers imports torchao whenever it is installed."""
+
+    _NOISE = ("Failed to load ", "is an Enum subclass and is now natively supported")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = str(record.msg)
+        return not any(part in message for part in self._NOISE)
+
+
+def _quiet_import_noise() -> None:
+    for name in ("torchao", "torch.utils._pytree"):
+        logging.getLogger(name).addFilter(_DropNoise())
 
 
 @click.group(cls=_Group)
@@ -36,5 +84,6 @@ def _register_commands() -> None:
 
 
 def main() -> None:
+    _quiet_import_noise()
     _register_commands()
     cli()

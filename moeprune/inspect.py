@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from moeprune.errors import MoePruneError
 from moeprune.io import meta_model, resolve_model_dir
 from moeprune.models import MoEAdapter
 
@@ -88,5 +89,10 @@ def inspect_model(spec: str | Path) -> ModelSummary:
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
     summary = summarize_module(model, dtype=dtype)
+    fewest = min(summary.experts_per_layer.values(), default=summary.top_k)
+    if summary.top_k > fewest:
+        key = MoEAdapter(model).spec.top_k_key
+        raise MoePruneError(f"{path / 'config.json'}: {key} = {summary.top_k} but MoE layers have {fewest} experts; "
+                            f"a token cannot be routed to more experts than exist: set {key} <= {fewest}")
     summary.files_bytes = sum(f.stat().st_size for f in path.glob("*.safetensors"))
     return summary

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 from pathlib import Path
 from typing import Iterator
 
@@ -42,12 +43,16 @@ TOKENIZER_FILES = (
 def resolve_model_dir(spec: str | os.PathLike) -> Path:
     """Turn a user's model argument into a folder holding `config.json`.
 
-    `demo` names the small MoE shipped inside the package.
+    `demo` names the small MoE shipped inside the package, unless the current folder has a model
+    folder named ``demo`` (then that one is used, with a note on stderr).
     """
+    path = Path(spec).expanduser()
     if str(spec) == "demo":
-        path = DEMO_MODEL_DIR
-    else:
-        path = Path(spec).expanduser()
+        if (path / "config.json").is_file():
+            print(f"note: using the local folder {path.resolve()}, not the shipped demo model "
+                  "(pass ./demo to silence this, or another name for the shipped one)", file=sys.stderr)
+        else:
+            path = DEMO_MODEL_DIR
     if not path.exists():
         raise MoePruneError(f"model folder {path} does not exist (pass a local model folder, or 'demo')")
     if not path.is_dir():
@@ -63,7 +68,11 @@ def load_model(spec: str | os.PathLike, *, dtype: str = "float32", device: str |
     import torch
     from transformers import AutoModelForCausalLM
 
+    from moeprune.checks import check_config_file, check_finite, check_weight_files
+
     path = resolve_model_dir(spec)
+    check_config_file(path)
+    check_weight_files(path)
     torch_dtype = getattr(torch, dtype) if dtype != "auto" else "auto"
     try:
         model = AutoModelForCausalLM.from_pretrained(
@@ -72,6 +81,7 @@ def load_model(spec: str | os.PathLike, *, dtype: str = "float32", device: str |
     except (ValueError, KeyError, OSError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise MoePruneError(f"cannot load a causal LM from {path}: {first}") from exc
+    check_finite(model.state_dict().items(), where=str(path))
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     model.to(device)
@@ -83,7 +93,10 @@ def load_config(spec: str | os.PathLike, *, trust_remote_code: bool = False):
     """Read a model folder's config with a one-line error naming the file."""
     from transformers import AutoConfig
 
+    from moeprune.checks import check_config_file
+
     path = resolve_model_dir(spec)
+    check_config_file(path)
     try:
         return AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)
     except (ValueError, KeyError, OSError) as exc:
@@ -111,8 +124,12 @@ def load_tokenizer(spec: str | os.PathLike, *, trust_remote_code: bool = False):
     path = resolve_model_dir(spec)
     if not any((path / name).exists() for name in TOKENIZER_FILES):
         raise MoePruneError(f"{path} has no tokenizer files (expected e.g. tokenizer.json)")
-    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code, local_files_only=True)
-    return tok
+    try:
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code, local_files_only=True)
+    except Exception as exc:  # a damaged tokenizer.json raises JSON, tokenizers or OS errors
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise MoePruneError(f"{path}: cannot load the tokenizer ({type(exc).__name__}: {first}); "
+                            "check or replace tokenizer.json / tokenizer_config.json") from None
 
 
 def check_output_dir(out: str | os.PathLike, *, inputs: tuple[str | os.PathLike, ...] = (),

@@ -47,11 +47,10 @@ def _evaluate(model, tok, tasks, limit):
 
 
 def _compress(model, obs, recipe, calib):
-    from moeprune.pipeline.methods import apply_decision, decide
+    from moeprune.pipeline.methods import compress_model
 
     m = copy.deepcopy(model)
-    decision = decide(m, obs, recipe, calibration=calib, progress=False)
-    apply_decision(m, decision, obs, recipe)
+    compress_model(m, obs, recipe, calibration=calib)
     return m
 
 

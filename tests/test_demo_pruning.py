@@ -1,7 +1,7 @@
 """Quality claims on the shipped demo model: calibrate on one domain, prune half of the routed experts,
 and that domain's generative task keeps its score (docs/study.md has the full-size measurement).
 
-These run the real pipeline functions (observe -> decide -> apply_decision -> evaluate) on the first
+These run the real pipeline functions (observe -> method decide -> apply -> evaluate) on the first
 rows of the held-out tasks, so they fail if a statistic, a scorer, the selection or the rewrite breaks.
 """
 from __future__ import annotations
@@ -36,7 +36,7 @@ def _pruned(model, tok, domain, method, ratio=0.5):
     from moeprune.observe import observe
     from moeprune.observe.calibration import load_calibration, parse_calibration_spec
     from moeprune.pipeline import Recipe
-    from moeprune.pipeline.methods import apply_decision, decide
+    from moeprune.pipeline.methods import compress_model
 
     spec = f"demo/{domain}"
     calib = load_calibration(parse_calibration_spec(spec, max_length=256), tok, batch_size=8)
@@ -44,8 +44,7 @@ def _pruned(model, tok, domain, method, ratio=0.5):
     recipe = Recipe.model_validate({"model": "demo", "method": method, "ratio": ratio, "seed": 0,
                                     "calibration": {"spec": spec, "max_length": 256}})
     m = copy.deepcopy(model)
-    decision = decide(m, obs, recipe, calibration=calib, progress=False)
-    apply_decision(m, decision, obs, recipe)
+    decision = compress_model(m, obs, recipe, calibration=calib)
     return m, decision
 
 

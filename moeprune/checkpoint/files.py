@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import json
-import struct
 from collections import Counter
 from pathlib import Path
 
-from moeprune.errors import MoePruneError
 
 __all__ = ["safetensors_files", "files_bytes", "checkpoint_dtype", "weights_summary", "DTYPE_NAMES"]
 
@@ -24,35 +21,19 @@ def files_bytes(folder: str | Path) -> int:
     return sum(f.stat().st_size for f in safetensors_files(folder))
 
 
-def _header(path: Path) -> dict:
-    try:
-        with open(path, "rb") as fh:
-            raw = fh.read(8)
-            if len(raw) != 8:
-                raise ValueError("file shorter than the 8-byte header length")
-            (n,) = struct.unpack("<Q", raw)
-            if n > 100_000_000:
-                raise ValueError("header length is implausible")
-            head = json.loads(fh.read(n))
-    except (ValueError, UnicodeDecodeError, OSError) as exc:
-        raise MoePruneError(f"{path}: not a readable safetensors file ({exc}); re-download or re-save it") from None
-    if not isinstance(head, dict):
-        raise MoePruneError(f"{path}: not a readable safetensors file (bad header); re-download or re-save it")
-    return head
-
-
 def checkpoint_dtype(folder: str | Path, config=None) -> str:
     """The floating dtype the weights are stored in: the most common one by bytes in the safetensors
     headers, else the config's `dtype` / `torch_dtype`, else float32."""
+    from moeprune.checks import check_weight_files
+    from moeprune.stream.safetensors_io import Checkpoint
+
+    if not safetensors_files(folder):
+        check_weight_files(Path(folder))  # the one-line error for pickle-only or empty folders
     counts: Counter[str] = Counter()
-    for f in safetensors_files(folder):
-        for name, info in _header(f).items():
-            if name == "__metadata__" or not isinstance(info, dict):
-                continue
-            dt = DTYPE_NAMES.get(info.get("dtype"))
-            if dt is not None:
-                begin, end = info.get("data_offsets", (0, 0))
-                counts[dt] += int(end) - int(begin)
+    for info in Checkpoint(folder).tensors.values():  # every header read and checked against its file
+        dt = DTYPE_NAMES.get(info.dtype)
+        if dt is not None:
+            counts[dt] += info.nbytes
     if counts:
         return counts.most_common(1)[0][0]
     for key in ("dtype", "torch_dtype"):

@@ -11,8 +11,6 @@ errors of the file system become one line naming the path.
 from __future__ import annotations
 
 import errno
-import json
-import math
 import os
 import shutil
 import tempfile
@@ -143,20 +141,11 @@ class OutputFolder:
             shutil.rmtree(old, ignore_errors=True)
 
 
-def _finite(obj):
-    """JSON-safe copy: non-finite floats become null (published JSON must be strict)."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {str(k): _finite(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_finite(v) for v in obj]
-    return obj
-
-
 def write_json(path: Path, data) -> None:
     """Strict JSON (no NaN/Infinity tokens), indented, with a final newline."""
-    Path(path).write_text(json.dumps(_finite(data), indent=2, allow_nan=False) + "\n")
+    from moeprune import strict_json
+
+    Path(path).write_text(strict_json.dumps(data, indent=2) + "\n")
 
 
 def portable_path(path: str | os.PathLike | None, *, relative_to: str | os.PathLike | None = None) -> str | None:

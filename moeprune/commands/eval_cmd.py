@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 import time
@@ -14,6 +13,8 @@ import click
 from moeprune import __version__
 from moeprune.cli import cli
 from moeprune.errors import MoePruneError
+from moeprune import strict_json
+from moeprune.commands.pipeline_cmds import execution_options
 
 __all__ = ["eval_command", "format_table", "write_report"]
 
@@ -35,6 +36,18 @@ def format_table(results: dict[str, dict[str, Any]]) -> str:
     return "\n".join([line(header), line(["-" * w for w in widths]), *(line(r) for r in rows)])
 
 
+def check_report_path(path: Path) -> None:
+    """Refuse a report path that cannot be written, before any evaluation work starts."""
+    path = path.expanduser().resolve()
+    if path.is_dir():
+        raise MoePruneError(f"-o {path} is a folder; pass a file name such as {path / 'report.json'}")
+    parent = next((p for p in path.parents if p.exists()), None)
+    if parent is None or not parent.is_dir():
+        raise MoePruneError(f"-o {path}: {parent} is a file, not a folder; choose another report path")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise MoePruneError(f"-o {path}: folder {parent} is not writable; choose another report path")
+
+
 def write_report(path: Path, report: dict[str, Any]) -> None:
     """Write ``report`` as JSON via a temporary file and a rename, so readers never see half a file."""
     path = path.expanduser().resolve()
@@ -44,7 +57,7 @@ def write_report(path: Path, report: dict[str, Any]) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(report, fh, indent=2, allow_nan=True)
+            fh.write(strict_json.dumps(report, indent=2))  # NaN scores become null
             fh.write("\n")
         os.replace(tmp, path)
     except BaseException:
@@ -59,13 +72,13 @@ def write_report(path: Path, report: dict[str, Any]) -> None:
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="Score only the first N rows of each task.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
 @click.option("-o", "--output", type=click.Path(path_type=Path), default=None, help="Write the JSON report here.")
-@click.option("--dtype", default="float32", show_default=True, help="torch dtype to load the model in, or 'auto'.")
-@click.option("--device", default=None, help="cuda, cpu, ... (default: cuda when available).")
 @click.option("--samples/--no-samples", default=False, show_default=True,
               help="Include per-row prompts, completions and scores in the report.")
 @click.option("--progress/--no-progress", default=True, show_default=True)
+@execution_options
 def eval_command(model_dir: str, tasks: str, limit: int | None, batch_size: int, output: Path | None,
-                 dtype: str, device: str | None, samples: bool, progress: bool) -> None:
+                 dtype: str, device: str, execution: str, max_memory: str | None, samples: bool,
+                 progress: bool) -> None:
     """Evaluate MODEL_DIR (a Hugging Face model folder, or 'demo') on --tasks.
 
     Example: moeprune eval demo --tasks demo_arith,demo_prose --limit 50 -o report.json
@@ -76,15 +89,30 @@ def eval_command(model_dir: str, tasks: str, limit: int | None, batch_size: int,
     start = time.perf_counter()
     model_path = resolve_model_dir(model_dir)
     resolved = resolve_tasks(_split_tasks(tasks))  # fail on a bad task before loading the model
-    model = load_model(model_path, dtype=dtype, device=device)
-    tokenizer = load_tokenizer(model_path)
+    if output is not None:
+        check_report_path(output)
+    from moeprune.io import meta_model
+    from moeprune.pipeline.plan import placement
+
+    where = placement(model_path, meta_model(model_path), dtype=dtype, device=device, execution=execution,
+                      max_memory=max_memory)
+    tokenizer = load_tokenizer(model_path)  # the quicker failure first
+    if where.execution == "layerwise":
+        from moeprune.stream.offload import offloaded_model
+
+        click.echo(f"layer-wise evaluation ({where.reason}): weights are read from the files on every forward",
+                   err=True)
+        model = offloaded_model(model_path, dtype=where.dtype, device=where.device, max_memory=where.max_memory)
+    else:
+        model = load_model(model_path, dtype=where.dtype, device=str(where.device))
     results = evaluate(model, tokenizer, resolved, limit=limit, batch_size=batch_size, progress=progress,
                        samples=samples)
     report = {
         "model": str(model_path),
         "tasks": results,
         "total_seconds": round(time.perf_counter() - start, 3),
-        "settings": {"limit": limit, "batch_size": batch_size, "dtype": dtype, "device": str(model.device)},
+        "settings": {"limit": limit, "batch_size": batch_size, "dtype": where.dtype, "device": str(where.device),
+                     "execution": where.execution},
         "moeprune_version": __version__,
     }
     click.echo(format_table(results))

@@ -6,9 +6,10 @@ import json
 
 import click
 
+from moeprune import distributed
 from moeprune.cli import cli
 
-__all__ = ["observe_cmd", "run_cmd", "calibration_options", "execution_options",
+__all__ = ["observe_cmd", "observe_merge_cmd", "run_cmd", "calibration_options", "execution_options",
            "recipe_from_cli", "echo_result", "observe_to"]
 
 
@@ -85,13 +86,22 @@ def echo_result(report: dict, out) -> None:
                f"({report['dtype']['output']}, {report['execution']} execution) -> {out}")
 
 
+def observe_options(fn):
+    """The arguments of `observe` (and its `observe-stream` alias)."""
+    for option in reversed([
+        click.argument("model_dir"),
+        click.option("-o", "--output", "out_dir", required=True, type=click.Path(), help="Folder for the observations."),
+        click.option("--collect", default="", help="Extra statistics: routed_means,all_means,router_gram."),
+        click.option("--all-means-tokens", type=click.IntRange(min=1), default=None,
+                     help="Token cap per batch for all_means."),
+        click.option("--overwrite", is_flag=True),
+    ]):
+        fn = option(fn)
+    return calibration_options(fn)
+
+
 @cli.command("observe")
-@click.argument("model_dir")
-@click.option("-o", "--output", "out_dir", required=True, type=click.Path(), help="Folder for the observations.")
-@click.option("--collect", default="", help="Extra statistics: routed_means,all_means,router_gram.")
-@click.option("--all-means-tokens", type=click.IntRange(min=1), default=None, help="Token cap per batch for all_means.")
-@click.option("--overwrite", is_flag=True)
-@calibration_options
+@observe_options
 def observe_cmd(model_dir, out_dir, collect, all_means_tokens, overwrite, **calib):
     """Run calibration data through MODEL_DIR and save router/expert statistics."""
     observe_to(model_dir, out_dir, collect=collect, all_means_tokens=all_means_tokens, overwrite=overwrite, **calib)
@@ -106,11 +116,29 @@ def observe_to(model_dir, out_dir, *, collect: str, all_means_tokens, overwrite:
     plan = make_plan(recipe, out_dir=out_dir, overwrite=overwrite, observe_only=True, collect=stats)
     click.echo(plan.summary())
     ex = make_executor(plan, log=click.echo)
-    obs = ex.observe()
+    obs = ex.observe()  # under torchrun: every rank its share, statistics all-reduced
+    distributed.leave_unless_main()  # rank 0 alone writes
     obs.meta["used_default_calibration"] = ex.calibration().used_default
     with plan.output as tmp:
         obs.save(tmp)
     click.echo(f"observed {obs.num_tokens} tokens over {len(obs.layers)} MoE layers ({plan.execution}) -> {out_dir}")
+
+
+@cli.command("observe-merge")
+@click.argument("folders", nargs=-1, required=True, type=click.Path())
+@click.option("-o", "--output", "out_dir", required=True, type=click.Path(), help="Folder for the combined observations.")
+@click.option("--overwrite", is_flag=True)
+def observe_merge_cmd(folders, out_dir, overwrite):
+    """Combine observation FOLDERS of one model (e.g. from several machines) into one, exactly."""
+    from moeprune.io import atomic_output_dir, check_output_dir
+    from moeprune.observe import Observations
+    from moeprune.observe.combine import combine_observations
+
+    check_output_dir(out_dir, inputs=folders, overwrite=overwrite)
+    obs = combine_observations([Observations.load(f) for f in folders], sources=list(folders))
+    with atomic_output_dir(out_dir, inputs=folders, overwrite=overwrite) as tmp:
+        obs.save(tmp)
+    click.echo(f"combined {len(folders)} observation sets: {obs.num_tokens} tokens -> {out_dir}")
 
 
 @cli.command("run")

@@ -6,7 +6,7 @@ from __future__ import annotations
 import click
 
 from moeprune.cli import cli
-from moeprune.commands.pipeline_cmds import calibration_options
+from moeprune.commands.pipeline_cmds import observe_options
 
 __all__ = ["prune_stream_cmd", "observe_stream_cmd"]
 
@@ -27,12 +27,7 @@ def prune_stream_cmd(model_dir: str, out_dir: str, keep_file: str, max_shard_siz
 
 
 @cli.command("observe-stream", hidden=True)
-@click.argument("model_dir")
-@click.option("-o", "--output", "out_dir", required=True, type=click.Path(), help="Folder for the observations.")
-@click.option("--collect", default="", help="Extra statistics: routed_means,all_means,router_gram.")
-@click.option("--all-means-tokens", type=click.IntRange(min=1), default=None, help="Token cap per batch for all_means.")
-@click.option("--overwrite", is_flag=True)
-@calibration_options
+@observe_options
 def observe_stream_cmd(model_dir, out_dir, collect, all_means_tokens, overwrite, **calib):
     """Alias of `moeprune observe MODEL_DIR --execution layerwise`."""
     from moeprune.commands.pipeline_cmds import observe_to

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from moeprune.errors import MoePruneError
+from moeprune.inputs import read_text
 from moeprune.models import MoEAdapter
 
 __all__ = ["KeepPlan", "validate_keep", "prune_experts", "load_keep_file"]
@@ -22,23 +23,28 @@ __all__ = ["KeepPlan", "validate_keep", "prune_experts", "load_keep_file"]
 KeepPlan = dict[int, list[int]]
 
 
+class _Pairs(list):
+    """A JSON object as its list of (key, value) pairs."""
+
+
 def load_keep_file(path: str | Path) -> KeepPlan:
     """Read KEEP.json: {"<layer index>": [kept expert indices], ...}."""
     path = Path(path)
-    if not path.is_file():
-        raise MoePruneError(f"keep file {path} does not exist")
+    text = read_text(path, what="keep file")
     try:
-        raw = json.loads(path.read_text())
+        pairs = json.loads(text, object_pairs_hook=_Pairs)  # keeps repeated keys visible
     except json.JSONDecodeError as exc:
-        raise MoePruneError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from exc
-    if not isinstance(raw, dict):
+        raise MoePruneError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
+    if not isinstance(pairs, _Pairs):
         raise MoePruneError(f"{path}: expected an object mapping layer index to a list of kept experts")
     plan: KeepPlan = {}
-    for key, value in raw.items():
+    for key, value in pairs:
         try:
             layer = int(key)
         except ValueError:
             raise MoePruneError(f"{path}: key {key!r} is not a layer index (use e.g. \"0\")") from None
+        if layer in plan:
+            raise MoePruneError(f"{path}: layer {layer} is listed twice (key {key!r}); give each layer once")
         if not isinstance(value, list) or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
             raise MoePruneError(f"{path}: layer {layer} must map to a list of integer expert indices")
         plan[layer] = value

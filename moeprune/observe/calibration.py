@@ -28,6 +28,7 @@ from typing import Callable, Union
 import torch
 
 from moeprune.errors import MoePruneError
+from moeprune.inputs import read_text
 from moeprune.registry import Registry
 
 __all__ = ["CalibrationSource", "CalibrationSpec", "CalibrationSet", "parse_calibration_spec", "load_calibration",
@@ -197,7 +198,7 @@ def _row(obj, *, text_field: str, prefer_messages: bool, where: str) -> Row:
 @_READERS.register(".json")
 def _read_json(path: Path, *, text_field: str, prefer_messages: bool) -> list[Row]:
     """A JSON array of rows, or JSON Lines (one row per line; blank lines skipped)."""
-    raw = path.read_text(encoding="utf-8")
+    raw = read_text(path, what="calibration file")
     if path.suffix.lower() == ".json" and raw.lstrip().startswith(("[", "{")):
         try:
             data = json.loads(raw)
@@ -226,7 +227,7 @@ def _read_json(path: Path, *, text_field: str, prefer_messages: bool) -> list[Ro
 @_READERS.register(".txt")
 def _read_txt(path: Path, **_: object) -> list[Row]:
     """Plain text: one document per block separated by blank lines."""
-    raw = path.read_text(encoding="utf-8").replace("\r\n", "\n")
+    raw = read_text(path, what="calibration file").replace("\r\n", "\n")
     return [d.strip() for d in re.split(r"\n[ \t]*\n", raw) if d.strip()]
 
 

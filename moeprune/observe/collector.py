@@ -27,18 +27,14 @@ class _LayerObserver:
     def __init__(self, adapter: MoEAdapter, layer: MoELayer, collect: frozenset[str], all_means_tokens: int | None):
         self.adapter, self.layer, self.collect = adapter, layer, collect
         self.all_means_tokens = all_means_tokens
-        hidden = adapter.config.hidden_size
-        e = layer.num_experts
-        self.stats = LayerStats(num_experts=e, hidden_size=hidden)
-        if adapter.spec.gate is not None:
-            self.stats.reap_prob_sum = torch.zeros(e, dtype=torch.float64)
-        if "routed_means" in collect:
-            self.stats.out_sum = torch.zeros(e, hidden, dtype=torch.float64)
-        if "all_means" in collect:
-            self.stats.all_out_sum = torch.zeros(e, hidden, dtype=torch.float64)
-        if "router_gram" in collect:
-            self.stats.logit_gram = torch.zeros(e, e, dtype=torch.float64)
-            self.stats.logit_sum = torch.zeros(e, dtype=torch.float64)
+        groups = set(collect) | ({"router_prob"} if adapter.spec.gate is not None else set())
+        # allocated on the host; moved once to the compute device by the first call (`_on`)
+        self.stats = LayerStats(num_experts=layer.num_experts, hidden_size=adapter.config.hidden_size, groups=groups)
+
+    def _on(self, device: torch.device) -> LayerStats:
+        if self.stats.count.device != device:
+            self.stats = self.stats.to(device)
+        return self.stats
 
     def add(self, hidden: torch.Tensor, token: torch.Tensor, expert_ids: torch.Tensor, gates: torch.Tensor,
             outputs: torch.Tensor, token_mask: torch.Tensor | None) -> None:
@@ -60,21 +56,21 @@ class _LayerObserver:
             probs = None if probs is None else probs[valid]
         if expert_ids.numel() == 0:
             return
-        s = self.stats
-        e = s.num_experts
-        ids = expert_ids.cpu()
-        out64 = outputs.detach().double().cpu()
-        g = gates.detach().double().cpu()
-        norms = out64.norm(dim=-1)  # (S,)
-        s.count += torch.bincount(ids, minlength=e).double()
+        s = self._on(outputs.device)
+        e, f64 = s.num_experts, torch.float64
+        ids = expert_ids.to(outputs.device)
+        outputs = outputs.detach()
+        g = gates.detach().to(f64)
+        norms = torch.linalg.vector_norm(outputs, dim=-1, dtype=torch.float32).to(f64)  # (S,)
+        s.count += torch.bincount(ids, minlength=e).to(f64)
         s.gate_sum.index_add_(0, ids, g)
         s.norm_sum.index_add_(0, ids, norms)
         s.reap_sum.index_add_(0, ids, g * norms)
         if s.reap_prob_sum is not None and probs is not None:
-            s.reap_prob_sum.index_add_(0, ids, probs.detach().double().cpu() * norms)
-        s.max_abs.scatter_reduce_(0, ids, out64.abs().amax(dim=-1), reduce="amax")
+            s.reap_prob_sum.index_add_(0, ids, probs.detach().to(f64) * norms)
+        s.max_abs.scatter_reduce_(0, ids, outputs.abs().amax(dim=-1).to(f64), reduce="amax")
         if s.out_sum is not None:
-            s.out_sum.index_add_(0, ids, out64)
+            s.out_sum.index_add_(0, ids, outputs.to(f64))
 
     def add_tokens(self, hidden: torch.Tensor, valid: torch.Tensor | None, logits: torch.Tensor) -> None:
         """Token-level statistics that do not depend on routing: router gram and all-token means.
@@ -82,19 +78,19 @@ class _LayerObserver:
         if not self.collect & {"router_gram", "all_means"}:
             return
         x = hidden if valid is None else hidden[valid]
-        s = self.stats
+        s = self._on(hidden.device)
         if s.logit_gram is not None:
-            z = (logits if valid is None else logits[valid]).double().cpu()
+            z = (logits if valid is None else logits[valid]).to(torch.float64)
             s.logit_gram += z.T @ z
             s.logit_sum += z.sum(0)
-            s.logit_count += z.shape[0]
+            s.data["logit_count"] += z.shape[0]
         if s.all_out_sum is not None:
             if self.all_means_tokens is not None and x.shape[0] > self.all_means_tokens:
                 step = x.shape[0] / self.all_means_tokens
-                x = x[(torch.arange(self.all_means_tokens) * step).long()]
+                x = x[(torch.arange(self.all_means_tokens, device=x.device) * step).long()]
             for j in range(s.num_experts):
-                s.all_out_sum[j] += self.adapter.expert_forward(self.layer, j, x).double().sum(0).cpu()
-            s.all_count += x.shape[0]
+                s.all_out_sum[j] += self.adapter.expert_forward(self.layer, j, x).sum(0, dtype=torch.float64)
+            s.data["all_count"] += x.shape[0]
 
 
 def _observed_experts_forward(observer: _LayerObserver, collector: "Collector"):
@@ -171,7 +167,8 @@ class Collector:
         self.detach()
 
     def stats(self) -> dict[int, LayerStats]:
-        return {i: obs.stats for i, obs in self.observers.items()}
+        """The finished statistics, on the host (the only copy from the compute device)."""
+        return {i: obs.stats.to("cpu") for i, obs in self.observers.items()}
 
     # ---------------------------------------------------------------- dense-prescaled experts
     def _hook_dense(self, layer: MoELayer, observer: _LayerObserver) -> None:

@@ -8,7 +8,7 @@ from collections.abc import Iterable, Mapping
 import torch
 from tqdm.auto import tqdm
 
-from moeprune import __version__
+from moeprune import __version__, distributed
 from moeprune.errors import MoePruneError
 from moeprune.observe.collector import Collector
 from moeprune.observe.stats import Observations, model_fingerprint
@@ -23,13 +23,15 @@ def observe(model, calibration, *, collect: Iterable[str] = (), all_means_tokens
     batches: list[Mapping[str, torch.Tensor]] = list(getattr(calibration, "batches", calibration))
     if not batches:
         raise MoePruneError("calibration set is empty: give at least one calibration sample")
+    ctx = distributed.context()  # under torchrun: this rank observes its share, statistics are all-reduced
     device = next(model.parameters()).device
     collector = Collector(model, collect=collect, all_means_tokens=all_means_tokens)
     num_tokens, start = 0, time.perf_counter()
     was_training = model.training
     model.eval()
     with collector, torch.no_grad():
-        for batch in tqdm(batches, desc="calibration", unit="batch", disable=not progress):
+        for batch in tqdm(distributed.shard(batches, ctx), desc="calibration", unit="batch",
+                          disable=not progress or not ctx.is_main):
             ids = batch["input_ids"].to(device)
             mask = batch.get("attention_mask")
             mask = torch.ones_like(ids) if mask is None else mask.to(device)
@@ -55,4 +57,4 @@ def observe(model, calibration, *, collect: Iterable[str] = (), all_means_tokens
         "calibration": describe,
         "seconds": round(time.perf_counter() - start, 3),
     }
-    return Observations(layers=collector.stats(), meta=meta)
+    return distributed.reduce_observations(Observations(layers=collector.stats(), meta=meta), ctx)

@@ -118,8 +118,24 @@ class MemoryExecutor(Executor):
         if self._model is None:
             from moeprune.io import load_model
 
-            self._model = load_model(self.plan.src, dtype=self.plan.dtype, device=str(self.plan.device))
+            if self._several_gpus():
+                self._model = self._load_across_gpus()
+            else:
+                self._model = load_model(self.plan.src, dtype=self.plan.dtype, device=str(self.plan.device))
         return self._model
+
+    def _several_gpus(self) -> bool:
+        return (self.plan.recipe.device == "auto" and self.plan.device.type == "cuda"
+                and torch.cuda.device_count() > 1)
+
+    def _load_across_gpus(self):
+        """accelerate's placement over every visible GPU (pipeline placement: one GPU works at a time)."""
+        from transformers import AutoModelForCausalLM
+
+        self.log(f"placing the model across {torch.cuda.device_count()} GPUs (device_map=auto)")
+        model = AutoModelForCausalLM.from_pretrained(self.plan.src, dtype=getattr(torch, self.plan.dtype),
+                                                     device_map="auto", local_files_only=True)
+        return model.eval()
 
     def fingerprint(self) -> str:
         from moeprune.observe import model_fingerprint

@@ -1,76 +1,47 @@
-"""The three families of compression methods behind one interface: decide, then apply.
-
-- scoring methods (frequency, soft_frequency, ean, ean_mean, reap, random): observations -> scores
-  -> experts kept per layer;
-- merging methods (hc_smoe, m_smoe): observations -> clusters -> merged experts;
-- reconstruction (reconstruct, reconstruct_progressive): cached layer inputs -> best subsets.
-"""
+"""Compress a model already loaded in memory with a method object: for experiments and studies that
+evaluate many variants of one loaded model (scripts/study_methods.py, the demo quality tests). Commands
+and recipes go through `run_recipe`, which also writes the checkpoint."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
-from moeprune.compress import prune_experts
-from moeprune.compress.merge import METHOD_NEEDS, MergePlan, apply_merge, plan_merge
 from moeprune.models import MoEAdapter
-from moeprune.score import SCORERS, Selection, experts_to_keep, select_experts, super_experts
 
-__all__ = ["MERGE_METHODS", "RECONSTRUCT_METHODS", "all_methods", "method_collect", "Decision", "decide",
-           "apply_decision"]
-
-MERGE_METHODS = tuple(METHOD_NEEDS)
-RECONSTRUCT_METHODS = ("reconstruct", "reconstruct_progressive")
-
-
-def all_methods() -> list[str]:
-    return sorted([*SCORERS.names(), *MERGE_METHODS, *RECONSTRUCT_METHODS])
-
-
-def method_collect(method: str) -> tuple[str, ...]:
-    return METHOD_NEEDS.get(method, ())
+__all__ = ["compress_model"]
 
 
 @dataclass
-class Decision:
-    selection: Selection
-    merge_plan: MergePlan | None = None
+class _LoadedPlan:
+    recipe: object
+    shape: MoEAdapter
+    method: object
 
 
-def decide(model, obs, recipe, *, calibration=None, progress: bool = True) -> Decision:
-    """What to keep (and merge) in every layer; the model is not modified."""
+class _LoadedModel:
+    """The executor interface the methods need, over a loaded model."""
+
+    def __init__(self, model, calibration, progress: bool):
+        self.model, self.calib, self.progress = model, calibration, progress
+
+    def layer_search(self, choose, *, max_tokens: int, progressive: bool):
+        from moeprune.score.reconstruct import search_layers
+
+        return search_layers(self.model, self.calib, choose, max_tokens=max_tokens, progressive=progressive,
+                             progress=self.progress)
+
+
+def compress_model(model, obs, recipe, *, calibration=None, progress: bool = False):
+    """Decide with `recipe.method` and rewrite `model` in place (merge, then slice); returns the Decision."""
+    from moeprune.compress import prune_experts
+    from moeprune.methods import get_method
+
     adapter = MoEAdapter(model)
-    method = recipe.method
-    n_keep = experts_to_keep(adapter.num_experts, ratio=recipe.ratio, keep=recipe.keep, top_k=adapter.top_k,
-                             where="recipe")
-    if method in MERGE_METHODS:
-        plan = plan_merge(obs, adapter, method=method, n_keep=n_keep, linkage=recipe.merge.linkage, where="recipe")
-        kept = plan.kept
-        dropped = {i: [j for c in cl for j in c[1:]] for i, cl in plan.clusters.items()}
-        sel = Selection(method=method, allocation="uniform", kept=kept, dropped=dropped,
-                        scores={i: [float(x) for x in s.count] for i, s in obs.layers.items()})
-        return Decision(sel, plan)
-    if method in RECONSTRUCT_METHODS:
-        from moeprune.score.reconstruct import reconstruct_select
-
-        num_layers = int(model.config.num_hidden_layers)
-        protected = super_experts(obs, num_layers) if recipe.protect_super_experts else {}
-        sel = reconstruct_select(model, calibration() if callable(calibration) else calibration, n_keep=n_keep,
-                                 budget=recipe.reconstruct.budget, max_tokens=recipe.reconstruct.max_tokens,
-                                 progressive=method.endswith("progressive"), protected=protected, progress=progress)
-        return Decision(sel)
-    sel = select_experts(obs, adapter, method=method, ratio=recipe.ratio, keep=recipe.keep,
-                         protect_super=recipe.protect_super_experts, allocation=recipe.allocation,
-                         seed=recipe.seed, where="recipe")
-    return Decision(sel)
-
-
-def apply_decision(model, decision: Decision, obs, recipe) -> dict[int, list[int]]:
-    """Rewrite the model in place; returns the kept (representative) experts per layer."""
-    if decision.merge_plan is None:
-        return prune_experts(model, decision.selection.kept, where="selection")
-    align = recipe.merge.align if recipe.merge.align is not None else recipe.method == "m_smoe"
-    freq = {i: s.count.to(torch.float64) for i, s in obs.layers.items()}
-    return apply_merge(model, decision.merge_plan, freq=freq, router=recipe.merge.router, align=align,
-                       where="recipe")
+    plan = _LoadedPlan(recipe=recipe, shape=adapter, method=get_method(recipe.method))
+    plan.method.check(plan)
+    decision = plan.method.decide(obs, plan, _LoadedModel(model, calibration, progress))
+    for layer in adapter.layers:
+        if decision.changed_experts(layer.index):
+            plan.method.apply_layer(adapter, layer, decision, obs, plan)
+    prune_experts(model, decision.kept, where="decision")
+    return decision

@@ -19,7 +19,7 @@ import torch
 
 from moeprune.errors import MoePruneError
 
-__all__ = ["Plan", "make_plan", "parse_memory", "resolve_device", "free_memory", "MEMORY_MARGIN"]
+__all__ = ["Plan", "Placement", "placement", "make_plan", "parse_memory", "resolve_device", "free_memory", "MEMORY_MARGIN"]
 
 # `auto` keeps the model in memory when its weights in the compute dtype, times this factor, plus
 # `MEMORY_HEADROOM` bytes (activations, the interpreter, calibration batches) fit in max_memory.
@@ -155,6 +155,39 @@ def _check_ratio(recipe, shape) -> int | None:
     return n_keep
 
 
+@dataclass
+class Placement:
+    """Where a model's weights live for a run: compute dtype, device, executor and memory budget."""
+
+    dtype: str
+    source_dtype: str
+    device: torch.device
+    execution: str
+    reason: str
+    max_memory: int
+    model_bytes: int
+
+
+def placement(src: Path, meta, *, dtype: str = "auto", device: str = "auto", execution: str = "auto",
+              max_memory=None) -> Placement:
+    """Resolve dtype (`auto` = the checkpoint's), device and execution (`auto` = layer-wise when the model
+    does not fit in `max_memory`) for the model folder `src`, whose model built on meta is `meta`."""
+    from types import SimpleNamespace
+
+    from moeprune.checkpoint import checkpoint_dtype
+
+    if execution not in ("auto", "memory", "layerwise"):
+        raise MoePruneError(f"execution: {execution!r} is not one of auto, memory, layerwise")
+    source_dtype = checkpoint_dtype(src, meta.config)
+    dtype = source_dtype if dtype in (None, "auto") else dtype
+    if dtype not in _DTYPE_BYTES:
+        raise MoePruneError(f"dtype: {dtype!r} is not one of auto, float32, bfloat16, float16")
+    dev = resolve_device(device)
+    model_bytes = _model_bytes(meta, dtype)
+    mode, reason, budget = _execution(SimpleNamespace(execution=execution, max_memory=max_memory), model_bytes, dev)
+    return Placement(dtype, source_dtype, dev, mode, reason, budget, model_bytes)
+
+
 def _execution(recipe, model_bytes: int, device: torch.device) -> tuple[str, str, int]:
     budget = parse_memory(recipe.max_memory)
     if budget is None:
@@ -180,13 +213,12 @@ def _quantize(recipe, shape, execution: str) -> int | None:
                             "compressed output (it is smaller), or set execution: memory with a larger max_memory")
     if q.mixed_budget is not None and q.bits != 8:
         raise MoePruneError("quantize.mixed_budget mixes 4- and 8-bit layers; set quantize.bits: 8")
-    for layer in shape.layers:
-        for name in shape.spec.layout.tensors[:2]:
-            width = int(getattr(layer.experts, name).shape[-1 if not shape.spec.layout.transposed else -2])
-            if q.group_size and width % q.group_size:
-                raise MoePruneError(f"quantize.group_size: {q.group_size} does not divide the expert width {width} "
-                                    f"({name} of layer {layer.index}); choose a group size that divides it")
-    return q.group_size
+    if q.mixed_budget is not None:
+        return None
+    from moeprune.compress.quantize_plan import check_quantize
+
+    # pruning and merging keep every width, so the source's widths decide (CHANNEL = one scale per row)
+    return check_quantize(shape.model, q.bits, q.group_size, option="quantize.group_size")
 
 
 def _calibration(recipe, config):
@@ -201,7 +233,7 @@ def make_plan(recipe, *, out_dir=None, overwrite: bool = False, needs_output: bo
     """Validate the recipe against the model's config and decide everything that needs no weights.
 
     `observe_only`: the plan of `moeprune observe` (statistics `collect`, no method, no compression)."""
-    from moeprune.checkpoint import OutputFolder, checkpoint_dtype, files_bytes
+    from moeprune.checkpoint import OutputFolder, files_bytes
     from moeprune.io import meta_model, resolve_model_dir
     from moeprune.methods import get_method
     from moeprune.models import MoEAdapter
@@ -214,15 +246,13 @@ def make_plan(recipe, *, out_dir=None, overwrite: bool = False, needs_output: bo
             raise MoePruneError("no output folder: pass -o OUT or set 'output' in the recipe")
         output = OutputFolder(out, inputs=(src,), overwrite=overwrite)
     shape = MoEAdapter(meta_model(src))
-    source_dtype = checkpoint_dtype(src, shape.config)
-    dtype = source_dtype if recipe.dtype == "auto" else recipe.dtype
-    device = resolve_device(recipe.device)
+    where = placement(src, shape.model, dtype=recipe.dtype, device=recipe.device, execution=recipe.execution,
+                      max_memory=recipe.max_memory)
     method = get_method(recipe.method, where="method")
-    model_bytes = _model_bytes(shape.model, dtype)
-    execution, reason, budget = _execution(recipe, model_bytes, device)
-    plan = Plan(recipe=recipe, src=src, shape=shape, method=method, n_keep=None, dtype=dtype,
-                source_dtype=source_dtype, device=device, execution=execution, execution_reason=reason,
-                model_bytes=model_bytes, max_memory=budget, input_bytes=files_bytes(src), output=output)
+    plan = Plan(recipe=recipe, src=src, shape=shape, method=method, n_keep=None, dtype=where.dtype,
+                source_dtype=where.source_dtype, device=where.device, execution=where.execution,
+                execution_reason=where.reason, model_bytes=where.model_bytes, max_memory=where.max_memory,
+                input_bytes=files_bytes(src), output=output)
     if observe_only:
         from moeprune.observe.collector import OPTIONAL_STATS
 
@@ -237,7 +267,7 @@ def make_plan(recipe, *, out_dir=None, overwrite: bool = False, needs_output: bo
     plan.collect = tuple(method.needs)
     if method.needs_observations or method.needs_layer_inputs:
         plan.calibration = _calibration(recipe, shape.config)
-    plan.quant_group_size = _quantize(recipe, shape, execution)
+    plan.quant_group_size = _quantize(recipe, shape, plan.execution)
     if recipe.eval.tasks:
         from moeprune.evaluate import resolve_tasks
 

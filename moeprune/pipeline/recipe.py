@@ -13,6 +13,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from moeprune.errors import MoePruneError
+from moeprune.inputs import read_text
 
 __all__ = ["Recipe", "CalibrationConfig", "EvalConfig", "load_recipe", "apply_overrides", "format_validation_error"]
 
@@ -55,7 +56,9 @@ class ReconstructConfig(BaseModel):
 class QuantizeConfig(BaseModel):
     model_config = _FORBID
     bits: Literal[4, 8] = 8
-    group_size: int = Field(32, ge=1, description="weights per scale (uniform mode); must divide expert widths")
+    group_size: int | Literal["auto", "channel"] = Field(
+        "auto", description="weights per scale (uniform mode): an integer dividing every quantized width, "
+                            "'channel' (one scale per row) or 'auto' (largest of 128/64/32 that divides, else channel)")
     mixed_budget: float | None = Field(None, gt=0, description="average bits per expert weight: importance-aware "
                                                                   "per-layer mix (needs bits: 8)")
     importance: str = Field("reap", description="scoring method giving each layer's importance for the mix")
@@ -169,10 +172,9 @@ def apply_overrides(data: dict, overrides: list[str], *, source: str = "--set") 
 def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
     """Read, override and validate a recipe file; errors are one line naming file and field."""
     path = Path(path)
-    if not path.is_file():
-        raise MoePruneError(f"recipe {path} does not exist")
+    text = read_text(path, what="recipe")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(text) or {}
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""

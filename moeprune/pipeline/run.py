@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from moeprune import __version__
+from moeprune import __version__, distributed
 from moeprune.pipeline.recipe import Recipe
 
 __all__ = ["run_recipe", "get_observations", "cache_dir", "calibration_spec", "load_recipe_calibration"]
@@ -82,7 +82,7 @@ def get_observations(executor, *, log=print, observations_dir=None):
     fingerprint = executor.fingerprint()
     if observations_dir is not None:
         obs = Observations.load(observations_dir)
-        _check_fingerprint(obs, fingerprint, f"observations in {observations_dir}")
+        _check_fingerprint(obs, fingerprint, f"observations in {observations_dir}", plan.shape)
         missing = set(plan.collect) - set(obs.meta.get("collected", []))
         if missing:
             raise MoePruneError(f"observations in {observations_dir} lack {sorted(missing)} needed by "
@@ -92,16 +92,20 @@ def get_observations(executor, *, log=print, observations_dir=None):
     key = _cache_key(fingerprint, {**plan.calibration.to_dict(), "batch_size": plan.recipe.calibration.batch_size,
                                    "all_means_tokens": all_means}, plan.collect, plan.dtype)
     cached = cache_dir() / key
-    if (cached / "observations.json").is_file():
+    obs = None
+    if cached.exists() and distributed.is_main():  # rank 0 alone reads and writes the cache
         try:
             obs = Observations.load(cached)
-            _check_fingerprint(obs, fingerprint, f"cached observations {cached}")
+            _check_fingerprint(obs, fingerprint, f"cached observations {cached}", plan.shape)
             log(f"reusing cached observations {cached} ({obs.num_tokens} tokens)")
-            return obs, True
         except MoePruneError as exc:  # a damaged cache entry is a miss, replaced below
             log(f"warning: ignoring a damaged cache entry ({exc})")
             shutil.rmtree(cached, ignore_errors=True)
-    obs = executor.observe()
+            obs = None
+    if distributed.broadcast_flag(obs is not None):  # rank 0's hit; other ranks hold None and leave
+        return obs, True
+    obs = executor.observe()  # under torchrun: every rank its share, statistics all-reduced
+    distributed.leave_unless_main()
     obs.meta["used_default_calibration"] = executor.calibration().used_default
     obs.meta["model_path"] = _portable(plan.src)
     try:
@@ -116,13 +120,16 @@ def get_observations(executor, *, log=print, observations_dir=None):
     return obs, False
 
 
-def _check_fingerprint(obs, fingerprint: str, where: str) -> None:
+def _check_fingerprint(obs, fingerprint: str, where: str, shape=None) -> None:
+    """The same model (fingerprint), and statistics whose shapes fit it (a copied fingerprint is not enough)."""
     from moeprune.errors import MoePruneError
 
     want = obs.meta.get("model_fingerprint")
     if want != fingerprint:
         raise MoePruneError(f"{where} were collected on a different model (fingerprint {want}, this model "
                             f"{fingerprint}); re-run `moeprune observe` on this model")
+    if shape is not None:
+        obs.check(where=where, model=shape)
 
 
 def _portable(path) -> str:
@@ -158,6 +165,7 @@ def run_recipe(recipe: Recipe, *, out_dir: str | Path | None = None, overwrite: 
         if plan.method.needs_observations:
             with timer("observe"):
                 obs, reused = get_observations(ex, log=log, observations_dir=observations_dir)
+        distributed.leave_unless_main()  # torchrun: rank 0 alone decides, evaluates and writes
         with timer("score"):
             decision = plan.method.decide(obs, plan, ex)
         if decision.selection.protected:
@@ -223,7 +231,8 @@ def _sizes(report: dict, plan, folder: Path, *, stage: str) -> None:
     from moeprune.stream.names import CheckpointNames
 
     names = CheckpointNames(plan.shape.model)
-    before, after = weights_summary(plan.src, names), weights_summary(folder, names)
+    before = weights_summary(plan.src, names)
+    after = weights_summary(folder, names if stage == "compressed" else None)  # quantized names are not the model's
     comp = report["compression"]
     if stage == "compressed":
         comp.update({"params_before": before["params"], "params_after": after["params"],
@@ -242,6 +251,8 @@ def _quantize_stage(report: dict, plan, ex, obs, decision, folder: Path, timer) 
     """Quantize the compressed in-memory model and replace the weights in `folder` by its quantized save."""
     from moeprune.compress.quantize import write_quantized
 
+    if plan.dtype != plan.source_dtype:  # the output keeps the source dtype (quantized tensors aside)
+        ex.model.to(getattr(torch, plan.source_dtype))
     with timer("quantize"):
         quant = _quantize(ex.model, plan, obs, decision.kept)
     with timer("eval_quantized"):

@@ -107,6 +107,7 @@ def select_experts(obs: Observations, adapter: MoEAdapter, *, method: str, ratio
     num_layers = int(getattr(adapter.config, "num_hidden_layers", max(obs.layers) + 1))
     protected = super_experts(obs, num_layers) if protect_super else {}
     scores = {i: score_layer(method, s, seed=seed, layer=i) for i, s in obs.layers.items()}
+    _check_scores(scores, obs, method, where)
     never = {i: [j for j in range(s.num_experts) if s.count[j] == 0] for i, s in obs.layers.items()}
     never = {i: v for i, v in never.items() if v}
     if never:
@@ -120,6 +121,18 @@ def select_experts(obs: Observations, adapter: MoEAdapter, *, method: str, ratio
     return Selection(method=method, allocation=allocation, kept=kept, dropped=dropped, protected=protected,
                      never_routed=never,
                      scores={i: [float(x) for x in s] for i, s in scores.items()})
+
+
+def _check_scores(scores: dict[int, torch.Tensor], obs: Observations, method: str, where: str) -> None:
+    """Refuse NaN and +-Inf scores; -inf is only allowed for experts never routed during calibration."""
+    for i, s in scores.items():
+        unrouted = obs.layers[i].count.to(s.device) == 0
+        bad = ~torch.isfinite(s) & ~((s == float("-inf")) & unrouted)
+        if bool(bad.any()):
+            experts = bad.nonzero().flatten().tolist()
+            raise MoePruneError(f"{where}: method {method!r} scored layer {i} non-finite (NaN/Inf) for experts "
+                                f"{experts[:8]}; the observations or the model hold NaN/Inf values: observe again "
+                                "from a model with finite weights")
 
 
 def _global_keep(scores: dict[int, torch.Tensor], budget: int, top_k: int,

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from moeprune import distributed
 from moeprune.errors import MoePruneError
 from moeprune.observe import Collector, Observations
 from moeprune.stream.loader import WeightLoader
@@ -32,8 +33,8 @@ __all__ = ["observe_layerwise", "HiddenStore", "default_device"]
 
 
 def default_device() -> torch.device:
-    """CUDA when available, else CPU."""
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """CUDA when available (this rank's GPU under torchrun), else CPU."""
+    return distributed.context().device
 
 
 class HiddenStore:
@@ -185,7 +186,7 @@ def observe_layerwise(model_dir: str | Path, calibration, *, collect: Iterable[s
     adapter, spec = names.adapter, names.adapter.spec
     loader = WeightLoader(Checkpoint(src), names)
     layers = adapter.model.get_submodule(spec.layers)
-    batches = _batches(calibration)
+    batches = distributed.shard(_batches(calibration))  # this rank's share (all of them in one process)
     _move_buffers(model, device)
     outer = _outer_names(model, spec.layers, loader)
     store = HiddenStore(max_ram_bytes=max_ram_bytes, device=device)
@@ -207,7 +208,7 @@ def observe_layerwise(model_dir: str | Path, calibration, *, collect: Iterable[s
     meta = _meta(model, src, collector, calibration, batches, fingerprint=fingerprint.hexdigest()[:16],
                  all_means_tokens=all_means_tokens, seconds=time.perf_counter() - start, device=device,
                  spilled=store.spilled)
-    return Observations(layers=collector.stats(), meta=meta)
+    return distributed.reduce_observations(Observations(layers=collector.stats(), meta=meta))
 
 
 def _meta(model, src: Path, collector: Collector, calibration, batches, *, fingerprint: str,

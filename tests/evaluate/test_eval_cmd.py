@@ -64,3 +64,33 @@ def test_missing_data_file_is_a_one_line_error_naming_it(tiny_model_dir, tmp_pat
     result = CliRunner().invoke(cli, ["eval", str(tiny_model_dir), "--tasks", str(path)])
     assert result.exit_code == 2
     assert len(result.output.strip().splitlines()) == 1 and str(tmp_path / "gone.jsonl") in result.output
+
+
+@pytest.mark.parametrize("kind", ["folder", "under_a_file"])
+def test_bad_report_path_is_refused_before_the_model_loads(tiny_model_dir, qa_yaml, tmp_path, monkeypatch, kind):
+    import moeprune.io
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model was loaded before the report path was checked")
+    monkeypatch.setattr(moeprune.io, "load_model", no_load)
+    (tmp_path / "afile").write_text("x")
+    output = tmp_path if kind == "folder" else tmp_path / "afile" / "report.json"
+    result = CliRunner().invoke(cli, ["eval", str(tiny_model_dir), "--tasks", str(qa_yaml), "-o", str(output)])
+    assert result.exit_code == 2, result.output
+    assert ("is a folder" if kind == "folder" else "is a file") in result.output
+
+
+def test_eval_layerwise_matches_memory(tiny_model_dir, qa_yaml, tmp_path, make_jsonl):
+    """`--execution layerwise` (weights streamed from the files) scores what the loaded model scores."""
+    texts = make_jsonl(tmp_path / "texts.jsonl", [{"text": "some held out text"}, {"text": "and more of it"}])
+    scores = {}
+    for execution in ("memory", "layerwise"):
+        report = tmp_path / f"{execution}.json"
+        result = CliRunner().invoke(cli, ["eval", str(tiny_model_dir), "--tasks", f"{qa_yaml},{texts}",
+                                          "--execution", execution, "-o", str(report), "--no-progress"])
+        assert result.exit_code == 0, result.output
+        data = json.loads(report.read_text())
+        assert data["settings"]["execution"] == execution
+        scores[execution] = {t: r["score"] for t, r in data["tasks"].items()}
+    assert scores["memory"]["qa"] == scores["layerwise"]["qa"]
+    assert abs(scores["memory"]["texts"] - scores["layerwise"]["texts"]) <= 1e-4 * scores["memory"]["texts"]

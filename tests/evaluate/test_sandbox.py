@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import tempfile
 import time
 
 import pytest
@@ -97,3 +98,195 @@ def test_environment_is_scrubbed(monkeypatch):
 def test_typing_and_namedtuple_still_work():
     code = "from typing import List\nimport collections\nP = collections.namedtuple('P', 'a b')\nassert P(1, 2).b == 2\n"
     assert run_python(code).passed
+
+
+# --- Hostile programs (issue 12). The OS-level tests also run with the audit hook switched off
+# ("bypassed"), to show that the namespace / limit / cgroup layer holds on its own.
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+from moeprune.evaluate import sandbox
+from moeprune.evaluate.sandbox_os import PidsCgroup, isolation
+
+REPO = Path(__file__).resolve().parents[2]
+_BOUND = isolation(True).user_namespace or PidsCgroup(4).__dict__.get("path") is not None
+
+
+def _no_hook_child(tmp_path: Path) -> Path:
+    script = tmp_path / "no_hook_child.py"
+    script.write_text("import sys\nsys.addaudithook = lambda hook: None\n"
+                      f"source = open({str(sandbox._CHILD)!r}).read()\n"
+                      "source = source.replace('    _disarm_process_creation()\\n', '')\n"
+                      "exec(compile(source, 'child', 'exec'), {'__name__': '__main__'})\n")
+    return script
+
+
+def _processes_mentioning(text: str) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and int(entry.name) != os.getpid():
+            try:
+                if text.encode() in (entry / "cmdline").read_bytes() or text in os.readlink(entry / "cwd"):
+                    found.append(int(entry.name))
+            except OSError:
+                pass
+    return found
+
+
+@pytest.mark.parametrize("ending", ["import os\nos._exit(0)\n", "raise SystemExit(0)\n",
+                                    "import sys\nsys.exit()\n"])
+def test_exiting_with_status_0_before_the_tests_is_a_failure(ending):
+    result = run_python(build_program("    return a - b\n" + ending, ROW))
+    assert result.status == "failed" and "no completion marker" in result.detail
+
+
+def test_writing_guesses_to_every_descriptor_does_not_forge_a_pass():
+    code = ("import os\nfor fd in range(3, 64):\n    try:\n        os.write(fd, b'0' * 64)\n"
+            "    except OSError:\n        pass\nos._exit(0)\n")
+    assert run_python(code).status == "failed"
+
+
+def test_posixsubprocess_fork_exec_is_refused():
+    code = ("import _posixsubprocess as p\np.fork_exec([b'/bin/true'], [b'/bin/true'], True, (), None, "
+            "None, -1, -1, -1, -1, -1, -1, -1, -1, False, False, -1, None, None, None, -1, None, False)\n")
+    assert "PermissionError" in run_python(code).detail
+    reloaded = "import sys\ndel sys.modules['_posixsubprocess']\nimport _posixsubprocess\n"
+    assert "PermissionError" in run_python(reloaded).detail
+
+
+@pytest.mark.skipif(not _BOUND, reason="no user namespace and no pids cgroup here")
+def test_thread_bomb_is_bounded_by_the_process_limit():
+    code = ("import threading, time\nn = 0\ntry:\n    for _ in range(300):\n"
+            "        threading.Thread(target=time.sleep, args=(5,), daemon=True).start()\n        n += 1\n"
+            "except RuntimeError:\n    pass\nassert n < 16, n\nimport os\nos._exit(3)\n")
+    result = run_python(code, max_processes=16)
+    assert result.status == "failed" and result.detail == "exit code 3"
+
+
+@pytest.mark.skipif(not _BOUND, reason="no user namespace and no pids cgroup here")
+def test_fork_bomb_past_the_audit_hook_is_bounded(tmp_path, monkeypatch):
+    monkeypatch.setattr(sandbox, "_CHILD", _no_hook_child(tmp_path))
+    code = ("import os, time\nn = 0\ntry:\n    for _ in range(200):\n        if os.fork() == 0:\n"
+            "            time.sleep(30)\n            os._exit(0)\n        n += 1\nexcept OSError:\n    pass\n"
+            "print(n)\nassert n < 16, n\n")
+    result = run_python(code, max_processes=16, timeout=20)
+    assert result.passed, result
+    assert result.seconds < 15  # the sleeping children did not hold the sandbox open
+
+
+@pytest.mark.skipif(not isolation(True).pid_namespace, reason="no PID namespace here")
+def test_new_session_shell_past_the_audit_hook_is_killed_on_return(tmp_path, monkeypatch):
+    monkeypatch.setattr(sandbox, "_CHILD", _no_hook_child(tmp_path))
+    code = ("import subprocess\nsubprocess.Popen(['sh', '-c', 'sleep 1234.5'], start_new_session=True)\n"
+            "subprocess.Popen(['setsid', 'sleep', '1234.5'])\nimport time\ntime.sleep(0.5)\n")
+    assert run_python(code).passed
+    assert _processes_mentioning("1234.5") == []
+
+
+# A stand-in evaluator in its own process; it imports only the sandbox modules (not torch).
+_EVALUATOR = """
+import os, sys, types
+from pathlib import Path
+for name in ("moeprune", "moeprune.evaluate"):
+    sys.modules[name] = types.ModuleType(name)
+    sys.modules[name].__path__ = [os.path.join(os.getcwd(), *name.split("."))]
+from moeprune.evaluate import sandbox
+if sys.argv[2] == "bypass":
+    sandbox._CHILD = Path(sys.argv[3])
+pid = os.getpid()
+code = open(sys.argv[1]).read().replace("EVALUATOR_PID", str(pid))
+print("result", sandbox.run_python(code, timeout=10).status, flush=True)
+"""
+
+_KILLER = """
+import os, signal
+for attack in (lambda: signal.pidfd_send_signal(os.pidfd_open(os.getppid()), signal.SIGKILL),
+               lambda: signal.pidfd_send_signal(os.pidfd_open(EVALUATOR_PID), signal.SIGKILL),
+               lambda: os.kill(EVALUATOR_PID, signal.SIGKILL),
+               lambda: os.killpg(os.getpgid(EVALUATOR_PID), signal.SIGKILL),
+               lambda: os.kill(-1, signal.SIGKILL),
+               lambda: __import__("subprocess").run(["kill", "-9", "EVALUATOR_PID"])):
+    try:
+        attack()
+    except Exception:
+        pass
+import tempfile
+import time
+time.sleep(0.5)
+"""
+
+
+@pytest.mark.skipif(not isolation(True).pid_namespace, reason="no PID namespace here")
+@pytest.mark.parametrize("mode", ["hook", "bypass"])
+def test_evaluator_survives_kill_attacks_and_leaves_no_temp_folders(tmp_path, mode):
+    (tmp_path / "killer.py").write_text(_KILLER)
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    env = {**os.environ, "TMPDIR": str(temp), "PYTHONPATH": str(REPO)}
+    done = subprocess.run([sys.executable, "-c", _EVALUATOR, str(tmp_path / "killer.py"), mode,
+                           str(_no_hook_child(tmp_path))], env=env, capture_output=True, text=True,
+                          timeout=60, cwd=REPO)
+    assert done.returncode == 0, done.stderr
+    assert "result " in done.stdout
+    assert list(temp.iterdir()) == []
+
+
+@pytest.mark.skipif(not isolation(True).parent_death_signal, reason="no setpriv --pdeathsig here")
+def test_sandbox_dies_with_the_evaluator(tmp_path):
+    (tmp_path / "sleeper.py").write_text("import time\ntime.sleep(60)\n")
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    env = {**os.environ, "TMPDIR": str(temp), "PYTHONPATH": str(REPO)}
+    evaluator = subprocess.Popen([sys.executable, "-c", _EVALUATOR, str(tmp_path / "sleeper.py"), "hook"],
+                                 env=env, cwd=REPO)
+    deadline = time.monotonic() + 20
+    while not _processes_mentioning(str(temp)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _processes_mentioning(str(temp)), "the sandbox never started"
+    evaluator.send_signal(signal.SIGKILL)
+    evaluator.wait()
+    deadline = time.monotonic() + 5
+    while _processes_mentioning(str(temp)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _processes_mentioning(str(temp)) == []
+
+
+def test_temp_folder_is_removed_even_when_the_program_locks_it(tmp_path, monkeypatch):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    code = "import os\nos.makedirs('a/b')\nopen('a/b/f', 'w').write('x')\nos.chmod('a/b', 0)\nos.chmod('a', 0)\n"
+    assert run_python(code).passed
+    assert run_python("import time\ntime.sleep(30)\n", timeout=0.5).status == "timeout"
+    assert [p for p in tmp_path.iterdir() if p.name.startswith("moeprune-exec-")] == []
+
+
+@pytest.mark.skipif(not isolation(True).network_namespace, reason="no network namespace here")
+def test_network_namespace_holds_past_the_audit_hook(tmp_path, monkeypatch):
+    monkeypatch.setattr(sandbox, "_CHILD", _no_hook_child(tmp_path))
+    import socket
+
+    if [n for _, n in socket.if_nameindex()] == ["lo"]:
+        pytest.skip("this machine has no interface but loopback, so there is nothing to hide")
+    code = "import socket\nnames = [n for _, n in socket.if_nameindex()]\nassert names == ['lo'], names\n"
+    assert run_python(code).passed
+
+
+def test_reading_proc_self_mem_is_refused():
+    result = run_python("open('/proc/self/mem', 'rb')\n")
+    assert result.status == "failed" and "PermissionError" in result.detail
+
+
+def test_process_limit_per_isolation():
+    import threading
+
+    from moeprune.evaluate.sandbox_os import Isolation, process_limit
+
+    assert process_limit(Isolation((), True, True, False, False), 16) == 16  # counted per namespace
+    plain = Isolation((), False, False, False, False)
+    if os.geteuid() == 0:
+        assert process_limit(plain, 16) == 0  # the kernel ignores RLIMIT_NPROC for root: a cgroup instead
+    else:  # the user's current tasks (this process's threads at least) plus the sandbox's allowance
+        assert process_limit(plain, 16) >= 16 + threading.active_count()

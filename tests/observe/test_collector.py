@@ -103,17 +103,45 @@ def test_statistics_equal_brute_force(model_type):
         assert not torch.allclose(s.reap_prob_sum, s.reap_sum)
 
 
-def test_observation_leaves_output_and_model_unchanged():
-    model = tiny_model("qwen2_moe")
+@pytest.mark.parametrize("model_type,dtype", [("qwen2_moe", torch.float32), ("qwen2_moe", torch.bfloat16),
+                                              ("deepseek_v3", torch.float32), ("llama4_text", torch.float32)])
+def test_observation_leaves_output_bit_identical_and_model_unchanged(model_type, dtype):
+    model = tiny_model(model_type).to(dtype)
     ids = torch.randint(3, 128, (2, 12))
     with torch.no_grad():
         before = model(ids).logits
         with Collector(model, collect=ALL):
             during = model(ids).logits
         after = model(ids).logits
-    torch.testing.assert_close(during, before, rtol=1e-5, atol=1e-5)
+    assert torch.equal(during, before)
     assert torch.equal(after, before)
     assert "forward" not in vars(MoEAdapter(model).layers[0].experts)
+
+
+def test_low_precision_outputs_accumulate_close_to_float64_brute_force():
+    """Norms in the compute dtype with float32 accumulation, sums in float64: bounded against float64."""
+    from moeprune.observe.collector import _LayerObserver
+
+    model = tiny_model("mixtral")
+    adapter = MoEAdapter(model)
+    obs = _LayerObserver(adapter, adapter.layers[0], frozenset({"routed_means"}), None)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 8, (4096,), generator=g)
+    gates = torch.rand(4096, generator=g).to(torch.bfloat16)
+    outputs = (torch.randn(4096, 64, generator=g) * 3).to(torch.bfloat16)
+    obs.add_pairs(ids, gates, outputs, None)
+    out64, g64 = outputs.double(), gates.double()
+    norms = out64.norm(dim=-1)
+    s = obs.stats
+    want = {"count": torch.bincount(ids, minlength=8).double(),
+            "norm_sum": torch.zeros(8, dtype=torch.float64).index_add_(0, ids, norms),
+            "reap_sum": torch.zeros(8, dtype=torch.float64).index_add_(0, ids, g64 * norms),
+            "gate_sum": torch.zeros(8, dtype=torch.float64).index_add_(0, ids, g64),
+            "out_sum": torch.zeros(8, 64, dtype=torch.float64).index_add_(0, ids, out64),
+            "max_abs": torch.zeros(8, dtype=torch.float64).scatter_reduce_(0, ids, out64.abs().amax(-1), "amax")}
+    for name, value in want.items():
+        torch.testing.assert_close(getattr(s, name), value, rtol=1e-6, atol=0, msg=name)
+    assert torch.equal(s.max_abs, want["max_abs"]) and torch.equal(s.count, want["count"])
 
 
 def test_dense_prescaled_architecture_is_observed():

@@ -96,3 +96,26 @@ def test_demo_model_keeps_bf16_and_layerwise_matches(tmp_path, monkeypatch):
                 assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"BF16"}
             files[execution] = _files(out)
         assert files["memory"] == files["layerwise"], method
+
+
+def test_layerwise_evaluation_equals_memory(tmp_path, monkeypatch, calib):
+    """Perplexity (and a generative task) of the source and of the output, float32, both executors."""
+    import json
+
+    monkeypatch.setenv("MOEPRUNE_CACHE", str(tmp_path / "cache"))
+    model = save_tiny(tmp_path / "m", "qwen2_moe")
+    texts = tmp_path / "texts.jsonl"
+    texts.write_text("".join(json.dumps({"text": f"The cat {i} sat on the mat and said {i * 7}."}) + "\n"
+                             for i in range(6)))
+    (tmp_path / "ppl.yaml").write_text(f"name: ppl\ndata: {texts}\nscorer: perplexity\n")
+    qa = tmp_path / "qa.jsonl"
+    qa.write_text("".join(json.dumps({"prompt": f"{i}+1=", "answer": str(i + 1)}) + "\n" for i in range(4)))
+    (tmp_path / "qa.yaml").write_text(f"name: qa\ndata: {qa}\nscorer: exact_match\n"
+                                      "generation: {max_new_tokens: 4, stop: ['\\n']}\n")
+    ev = {"tasks": [str(tmp_path / "ppl.yaml"), str(tmp_path / "qa.yaml")], "batch_size": 4}
+    reports = {x: _run(model, calib, "reap", x, tmp_path / x, eval=ev) for x in ("memory", "layerwise")}
+    for side in ("base", "compressed"):
+        a, b = reports["memory"]["eval"][side], reports["layerwise"]["eval"][side]
+        assert abs(a["ppl"]["score"] - b["ppl"]["score"]) <= 1e-4 * a["ppl"]["score"], side
+        assert a["qa"]["score"] == b["qa"]["score"], side
+    assert reports["memory"]["eval"]["base"]["ppl"]["score"] != reports["memory"]["eval"]["compressed"]["ppl"]["score"]

@@ -52,7 +52,7 @@ def test_run_writes_model_observations_and_report(setup, tmp_path, monkeypatch):
     for side in ("base", "compressed"):
         assert report["eval"][side]["tiny_add"]["n"] == 4
         assert 0 <= report["eval"][side]["tiny_add"]["score"] <= 1
-    for stage in ("load", "observe", "score", "prune", "eval_base", "eval_compressed", "save", "total"):
+    for stage in ("observe", "score", "compress", "eval_base", "eval_compressed", "total"):
         assert stage in report["timings"]
     assert report["observations"]["reused"] is False
     assert (out / "observations" / "observations.safetensors").is_file()

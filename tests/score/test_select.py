@@ -124,3 +124,17 @@ def test_global_allocation_reports_uneven_counts(mixtral):
                          allocation="global")
     counts = sel.per_layer_counts
     assert sum(counts.values()) == 8 and min(counts.values()) >= 2 and counts[0] != counts[1]
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_scores_are_refused_naming_layer_and_method(mixtral, bad):
+    poisoned = _stats(count=[10, 2, 0, 5, 8, 1, 4, 6], gate=[5, 1.5, 0, 1, 2, .9, 2, 3],
+                      norm=[20, 8, 0, 50, 8, 9, 4, 6], reap=[9, bad, 0, 4, 2, 8, 1, 3], maxabs=[1] * 8)
+    with pytest.raises(MoePruneError, match=r"method 'reap' scored layer 1 non-finite .*experts \[1\]"):
+        select_experts(_obs({0: S, 1: poisoned}), mixtral, method="reap", ratio=0.5, protect_super=False)
+
+
+def test_minus_inf_for_never_routed_experts_is_still_accepted(mixtral):
+    with pytest.warns(UserWarning, match="never routed"):
+        sel = select_experts(_obs({0: S}), mixtral, method="reap", ratio=0.5, protect_super=False)
+    assert 2 in sel.dropped[0]
