@@ -148,20 +148,21 @@ def _with_tokenizer(src: Path, work: Path) -> Path:
     return view
 
 
-def run_recipe_child(src: Path, work: Path, *, max_memory: str = "1GB", rss_target: bool = True) -> dict:
+def run_recipe_child(src: Path, work: Path, *, max_memory: str = "1GB", rss_target: bool = True,
+                     tasks: tuple[str, ...] = ("demo_prose", "demo_json")) -> dict:
     """`python -m moeprune run` of the issue-11 recipe on `src`, in a child; its peak RSS, sizes and execution."""
     import yaml
 
     model = _with_tokenizer(src, work)
     recipe = {"model": str(model), "method": "reap", "ratio": 0.5, "max_memory": max_memory,
               "calibration": {"spec": "demo:8", "max_length": 128, "batch_size": 8},
-              "eval": {"tasks": ["demo_prose", "demo_json"], "limit": 4}}
+              "eval": {"tasks": list(tasks), "limit": 4}}
     path, out = work / "recipe.yaml", work / "run-out"
     path.write_text(yaml.safe_dump(recipe, sort_keys=False))
     cmd = [sys.executable, "-m", "moeprune", "run", str(path), "-o", str(out), "--no-progress"]
     child = run_sampled(cmd, env=_child_env(), cwd=Path(__file__).resolve().parent.parent, log=work / "run.log")
     size = _weights_bytes(src)
-    result = {"ok": child["rc"] == 0, "max_memory": max_memory, "checkpoint_bytes": size, "peak_rss": child["peak_rss"],
+    result = {"ok": child["rc"] == 0, "max_memory": max_memory, "tasks": list(tasks), "checkpoint_bytes": size, "peak_rss": child["peak_rss"],
               "rss_fraction": None if not child["peak_rss"] else round(child["peak_rss"] / size, 4),
               "output_bytes": None, "bytes_fraction": None, "execution": None, "output_dtype": None,
               "peak_rss_anon": child["peak_rss_anon"], "peak_rss_file": child["peak_rss_file"],
@@ -233,6 +234,7 @@ def main(argv=None) -> int:
     ap.add_argument("--case", choices=["all", "rewrite", "observe", "run"], default="all",
                     help="rewrite: streaming prune under a cap; observe: layer-wise observation; run: `moeprune run` "
                          "with max_memory 1GB.")
+    ap.add_argument("--tasks", default="demo_prose,demo_json", help="The run case's eval tasks.")
     ap.add_argument("--max-memory", default=None,
                     help="The run case's recipe max_memory (default 1GB; 400MB with --quick: layer-wise is still picked).")
     args = ap.parse_args(argv)
@@ -248,7 +250,8 @@ def main(argv=None) -> int:
             out["observe"] = observe_child(src, work)
         if args.case in ("all", "run"):
             budget = args.max_memory or ("400MB" if args.quick else "1GB")
-            out["run"] = run_recipe_child(src, work, max_memory=budget, rss_target=not args.quick)
+            out["run"] = run_recipe_child(src, work, max_memory=budget, rss_target=not args.quick,
+                                         tasks=tuple(args.tasks.split(",")))
             _print_run(out["run"])
     print(json.dumps(out))
     return 0
