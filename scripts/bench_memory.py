@@ -72,12 +72,60 @@ def run_capped(mode: str, src: Path, out: Path, keep: dict, cap: int) -> dict:
     return json.loads(lines[-1])
 
 
-_WRAPPER = r"""
-import json, resource, subprocess, sys
-proc = subprocess.run(sys.argv[1:], capture_output=True, text=True)
-print(json.dumps({"rc": proc.returncode, "peak_rss": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024,
-                  "stderr_tail": proc.stderr.strip().splitlines()[-3:], "stdout_tail": proc.stdout.strip().splitlines()[-3:]}))
+def run_sampled(cmd: list[str], *, env: dict, cwd: Path, log: Path, every: float = 0.05) -> dict:
+    """Run `cmd`; its exit code, exact peak RSS (the child's own ru_maxrss, from wait4) and the largest
+    RssAnon / RssFile seen by polling /proc (anonymous memory vs mapped file pages)."""
+    import time
+
+    peaks = {"RssAnon": 0, "RssFile": 0}
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=cwd)
+        while True:
+            try:
+                for line in open(f"/proc/{proc.pid}/status"):
+                    key = line.split(":")[0]
+                    if key in peaks:
+                        peaks[key] = max(peaks[key], int(line.split()[1]) * 1024)
+            except (OSError, ValueError, IndexError):
+                pass
+            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+            if pid:
+                break
+            time.sleep(every)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    tail = log.read_text(errors="replace").strip().splitlines()[-3:]
+    return {"rc": proc.returncode, "peak_rss": usage.ru_maxrss * 1024, "peak_rss_anon": peaks["RssAnon"],
+            "peak_rss_file": peaks["RssFile"], "tail": tail}
+
+
+def _child_env() -> dict:
+    root = Path(__file__).resolve().parent.parent
+    return {**os.environ, "TQDM_DISABLE": "1", "PYTHONPATH": f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+
+
+_OBSERVE = r"""
+import sys, torch
+from moeprune.stream import observe_layerwise
+g = torch.Generator().manual_seed(0)
+vocab = int(sys.argv[2])
+batches = [{"input_ids": torch.randint(0, vocab, (1, 128), generator=g)} for _ in range(8)]
+observe_layerwise(sys.argv[1], batches, device="cpu", dtype=sys.argv[3], progress=False)
 """
+
+
+def observe_child(src: Path, work: Path, *, dtype: str = "bfloat16") -> dict:
+    """Layer-wise observation (8 x 128 random tokens) of `src` in a child: peak RSS, RssAnon, RssFile."""
+    vocab = json.loads((src / "config.json").read_text())["vocab_size"]
+    r = run_sampled([sys.executable, "-c", _OBSERVE, str(src), str(vocab), dtype], env=_child_env(),
+                    cwd=Path(__file__).resolve().parent.parent, log=work / "observe.log")
+    size = _weights_bytes(src)
+    out = {"ok": r["rc"] == 0, "dtype": dtype, "checkpoint_bytes": size, **{k: r[k] for k in r if k.startswith("peak")},
+           "rss_fraction": round(r["peak_rss"] / size, 4), "error": None if r["rc"] == 0 else " | ".join(r["tail"])}
+    gb = lambda n: f"{n / 1e9:.3f} GB"  # noqa: E731
+    print(f"layer-wise observe ({dtype}): {'ok' if out['ok'] else 'FAILED'}; peak RSS {gb(out['peak_rss'])} = "
+          f"{out['rss_fraction']} x checkpoint (RssAnon <= {gb(out['peak_rss_anon'])}, "
+          f"RssFile <= {gb(out['peak_rss_file'])})")
+    return out
 
 
 def _weights_bytes(folder: Path) -> int:
@@ -100,27 +148,25 @@ def _with_tokenizer(src: Path, work: Path) -> Path:
     return view
 
 
-def run_recipe_child(src: Path, work: Path, *, max_memory: str = "1GB", rss_target: bool = True) -> dict:
+def run_recipe_child(src: Path, work: Path, *, max_memory: str = "1GB", rss_target: bool = True,
+                     tasks: tuple[str, ...] = ("demo_prose", "demo_json")) -> dict:
     """`python -m moeprune run` of the issue-11 recipe on `src`, in a child; its peak RSS, sizes and execution."""
     import yaml
 
     model = _with_tokenizer(src, work)
     recipe = {"model": str(model), "method": "reap", "ratio": 0.5, "max_memory": max_memory,
               "calibration": {"spec": "demo:8", "max_length": 128, "batch_size": 8},
-              "eval": {"tasks": ["demo_prose", "demo_json"], "limit": 4}}
+              "eval": {"tasks": list(tasks), "limit": 4}}
     path, out = work / "recipe.yaml", work / "run-out"
     path.write_text(yaml.safe_dump(recipe, sort_keys=False))
-    root = Path(__file__).resolve().parent.parent
-    env = {**os.environ, "TQDM_DISABLE": "1", "PYTHONPATH": f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     cmd = [sys.executable, "-m", "moeprune", "run", str(path), "-o", str(out), "--no-progress"]
-    proc = subprocess.run([sys.executable, "-c", _WRAPPER, *cmd], capture_output=True, text=True, env=env, cwd=root)
-    child = json.loads(proc.stdout.strip().splitlines()[-1]) if proc.stdout.strip() else {
-        "rc": proc.returncode, "peak_rss": None, "stderr_tail": proc.stderr.strip().splitlines()[-3:]}
+    child = run_sampled(cmd, env=_child_env(), cwd=Path(__file__).resolve().parent.parent, log=work / "run.log")
     size = _weights_bytes(src)
-    result = {"ok": child["rc"] == 0, "max_memory": max_memory, "checkpoint_bytes": size, "peak_rss": child["peak_rss"],
+    result = {"ok": child["rc"] == 0, "max_memory": max_memory, "tasks": list(tasks), "checkpoint_bytes": size, "peak_rss": child["peak_rss"],
               "rss_fraction": None if not child["peak_rss"] else round(child["peak_rss"] / size, 4),
               "output_bytes": None, "bytes_fraction": None, "execution": None, "output_dtype": None,
-              "error": None if child["rc"] == 0 else " | ".join(child["stderr_tail"])}
+              "peak_rss_anon": child["peak_rss_anon"], "peak_rss_file": child["peak_rss_file"],
+              "error": None if child["rc"] == 0 else " | ".join(child["tail"])}
     if result["ok"]:
         report = json.loads((out / "report.json").read_text())
         result.update(execution=report.get("execution"), execution_reason=report.get("execution_reason"),
@@ -138,7 +184,8 @@ def _print_run(r: dict) -> None:
     gb = lambda n: "-" if n is None else f"{n / 1e9:.3f} GB"  # noqa: E731
     print(f"moeprune run, max_memory {r['max_memory']}: {'ok' if r['ok'] else 'FAILED'}; execution {r['execution']}"
           f"; {'PASS' if r['pass'] else 'FAIL'}")
-    print(f"  peak RSS {gb(r['peak_rss'])} = {r['rss_fraction']} x checkpoint (target < {RUN_TARGETS['rss_fraction']})")
+    print(f"  peak RSS {gb(r['peak_rss'])} = {r['rss_fraction']} x checkpoint (target < {RUN_TARGETS['rss_fraction']}; "
+          f"RssAnon <= {gb(r['peak_rss_anon'])}, RssFile <= {gb(r['peak_rss_file'])})")
     print(f"  output {gb(r['output_bytes'])} = {r['bytes_fraction']} x input (target < {RUN_TARGETS['bytes_fraction']}),"
           f" dtype {r['output_dtype']}")
     if r["error"]:
@@ -184,8 +231,10 @@ def main(argv=None) -> int:
     ap.add_argument("--uncapped-in-memory", action="store_true",
                     help="Also run the in-memory path without a cap to report its peak RSS (needs ~2x the checkpoint).")
     ap.add_argument("--quick", action="store_true", help="A 0.2 GB checkpoint.")
-    ap.add_argument("--case", choices=["all", "rewrite", "run"], default="all",
-                    help="rewrite: streaming prune under a cap; run: `moeprune run` with max_memory 1GB.")
+    ap.add_argument("--case", choices=["all", "rewrite", "observe", "run"], default="all",
+                    help="rewrite: streaming prune under a cap; observe: layer-wise observation; run: `moeprune run` "
+                         "with max_memory 1GB.")
+    ap.add_argument("--tasks", default="demo_prose,demo_json", help="The run case's eval tasks.")
     ap.add_argument("--max-memory", default=None,
                     help="The run case's recipe max_memory (default 1GB; 400MB with --quick: layer-wise is still picked).")
     args = ap.parse_args(argv)
@@ -197,9 +246,12 @@ def main(argv=None) -> int:
         src = source_checkpoint(args.model_dir, work, quick=args.quick, size_gb=args.size_gb)
         if args.case in ("all", "rewrite"):
             out["rewrite"] = _rewrite_case(src, work, args)
+        if args.case in ("all", "observe"):
+            out["observe"] = observe_child(src, work)
         if args.case in ("all", "run"):
             budget = args.max_memory or ("400MB" if args.quick else "1GB")
-            out["run"] = run_recipe_child(src, work, max_memory=budget, rss_target=not args.quick)
+            out["run"] = run_recipe_child(src, work, max_memory=budget, rss_target=not args.quick,
+                                         tasks=tuple(args.tasks.split(",")))
             _print_run(out["run"])
     print(json.dumps(out))
     return 0

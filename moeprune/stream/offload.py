@@ -7,13 +7,15 @@ layer's tensors from the original safetensors files through `WeightLoader` (in t
 layout, converted by transformers' own table) just before the layer runs, and puts them back on the
 meta device right after. Peak memory is the resident part plus one decoder layer (or the head), so
 `moeprune.evaluate.evaluate` (perplexity and generation) runs unchanged on models of any size, at the
-price of reading the weights once per forward call. With `max_memory`, the leading decoder layers that
-fit in half of it stay resident (fewer reads; the other half is left for the streamed layer, its
-conversion copies and the activations).
+price of reading the weights once per forward call. With `max_memory`, half of it is the model's: the
+resident part, room for the streamed layer and its conversion copies (3 x the largest layer), and the
+leading decoder layers that fit in the rest stay resident (fewer reads); the other half is left for
+activations and the allocator.
 """
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
@@ -102,11 +104,9 @@ def _resolve_dtype(src: Path, dtype: str | torch.dtype) -> torch.dtype:
 
 
 def _budget(max_memory) -> int | None:
-    if max_memory is None or isinstance(max_memory, int):
-        return max_memory
-    from moeprune.stream.rewrite import parse_size
+    from moeprune.pipeline.plan import parse_memory
 
-    return parse_size(max_memory)
+    return parse_memory(max_memory)
 
 
 def offloaded_model(model_dir: str | Path, *, dtype: str | torch.dtype = "auto", device: str | torch.device | None = None,
@@ -117,8 +117,8 @@ def offloaded_model(model_dir: str | Path, *, dtype: str | torch.dtype = "auto",
         model_dir: a local model folder with safetensors weights (never modified).
         dtype: compute dtype ("auto" = the checkpoint's own).
         device: where every module runs (default: CUDA when available, else CPU); inputs go there too.
-        max_memory: bytes (or "2GB") the model may hold; leading decoder layers that fit in half of it stay
-            resident. None: every decoder layer is streamed.
+        max_memory: bytes (or "2GB"); leading decoder layers stay resident while half of it still holds the
+            resident part plus 3 x the largest layer. None: every decoder layer is streamed.
 
     Returns the model in eval mode; use it like a loaded one (`model(...)`, `generate`, `evaluate`).
     """
@@ -127,6 +127,9 @@ def offloaded_model(model_dir: str | Path, *, dtype: str | torch.dtype = "auto",
 
     src = resolve_model_dir(model_dir)
     device = torch.device(device) if device is not None else default_device()
+    # accelerate's hooks make every hooked module reference itself: a dropped offloaded model is freed only by
+    # the cycle collector, so collect before building the next one (the base model before the compressed one)
+    gc.collect()
     model = _skeleton(src, _resolve_dtype(src, dtype))
     model.tie_weights()  # as from_pretrained does: a tied head shares the embedding (stored once)
     names = CheckpointNames(model)
@@ -139,10 +142,15 @@ def offloaded_model(model_dir: str | Path, *, dtype: str | torch.dtype = "auto",
     _retie(model, aliases)
     weights = LazyWeights(loader, aliases)
     budget = _budget(max_memory)
-    room = None if budget is None else budget // 2 - _nbytes(model, resident)
-    for i, layer in enumerate(model.get_submodule(spec.layers)):
-        prefix = f"{spec.layers}.{i}."
-        layer_names = [k for k in model.state_dict(keep_vars=True) if k.startswith(prefix)]
+    layers = model.get_submodule(spec.layers)
+    state = model.state_dict(keep_vars=True)
+    per_layer = [[k for k in state if k.startswith(f"{spec.layers}.{i}.")] for i in range(len(layers))]
+    largest = max(_nbytes(model, names) for names in per_layer)
+    # half of max_memory for the model: the resident part, then the streamed layer with its conversion
+    # copies (3 x the largest layer); what is left holds leading layers resident
+    room = None if budget is None else budget // 2 - _nbytes(model, resident) - 3 * largest
+    for i, layer in enumerate(layers):
+        prefix, layer_names = f"{spec.layers}.{i}.", per_layer[i]
         size = _nbytes(model, layer_names)
         if room is not None and size <= room:
             loader.materialise(model, layer_names, device)

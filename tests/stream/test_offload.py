@@ -64,8 +64,8 @@ def test_tied_head_and_resident_layers(tmp_path):
     ref = load_model(src, dtype="float32", device="cpu")
     layer = sum(p.numel() * 4 for p in ref.get_decoder().layers[0].parameters())
     resident = sum(p.numel() * 4 for p in ref.get_input_embeddings().parameters()) + 4 * 64
-    # half the budget holds the resident part and exactly one decoder layer
-    off = offloaded_model(src, dtype="float32", device="cpu", max_memory=2 * (resident + layer) + 8)
+    # half the budget holds the resident part, the streaming room (3 layers) and exactly one resident layer
+    off = offloaded_model(src, dtype="float32", device="cpu", max_memory=2 * (resident + 4 * layer) + 8)
     assert _streamed(off) == ["model.layers.1", "model.layers.2"]  # tied head: resident with the embedding
     assert off.get_output_embeddings().weight is off.get_input_embeddings().weight
     ids, mask = _ids()
@@ -90,3 +90,9 @@ def test_dtype_auto_and_bad_dtype(tmp_path):
     assert offloaded_model(src, device="cpu").dtype == torch.float32  # the checkpoint's own
     with pytest.raises(MoePruneError, match="dtype: 'int8' is not a floating dtype"):
         offloaded_model(src, dtype="int8", device="cpu")
+
+
+def test_bad_max_memory_is_one_line(tmp_path):
+    src = _save(tmp_path, "mixtral")
+    with pytest.raises(MoePruneError, match="max_memory: 'lots' is not a size"):
+        offloaded_model(src, device="cpu", max_memory="lots")
