@@ -91,7 +91,7 @@ def observe_options(fn):
     for option in reversed([
         click.argument("model_dir"),
         click.option("-o", "--output", "out_dir", required=True, type=click.Path(), help="Folder for the observations."),
-        click.option("--collect", default="", help="Extra statistics: routed_means,all_means,router_gram."),
+        click.option("--collect", default="", help="Extra statistics: routed_means,all_means,router_gram,output_cosine."),
         click.option("--all-means-tokens", type=click.IntRange(min=1), default=None,
                      help="Token cap per batch for all_means."),
         click.option("--overwrite", is_flag=True),
