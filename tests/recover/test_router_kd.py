@@ -127,3 +127,23 @@ def test_recover_section_rejects_unknown_fields():
         Recipe.model_validate({"model": "demo", "ratio": 0.5, "recover": {"stepz": 3}})
     with pytest.raises(ValidationError):
         Recipe.model_validate({"model": "demo", "ratio": 0.5, "recover": {"method": "full_finetune"}})
+
+
+def test_merge_cli_runs_ream_with_router_kd_and_refuses_layerwise(tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from moeprune.cli import cli
+    from moeprune.commands import surgery  # noqa: F401  (registers the commands)
+
+    monkeypatch.setenv("MOEPRUNE_CACHE", str(tmp_path / "cache"))
+    model, calib = save_tiny(tmp_path / "m", "mixtral"), _calib(tmp_path / "calib.txt")
+    common = ["merge", model, "--method", "ream", "--keep-experts", 4, "--calib", calib, "--max-length", 32,
+              "--batch-size", 4, "--recover", "router_kd", "--recover-steps", 3]
+    res = CliRunner().invoke(cli, [str(a) for a in [*common, "-o", tmp_path / "out", "--execution", "memory"]])
+    assert res.exit_code == 0, res.output
+    assert "router_kd: 3 steps; KL to the original" in res.output
+    record = json.loads((tmp_path / "out" / "moeprune.json").read_text())
+    assert record["method"] == "ream" and record["recovery"]["steps"] == 3
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["num_local_experts"] == 4
+    res = CliRunner().invoke(cli, [str(a) for a in [*common, "-o", tmp_path / "lw", "--execution", "layerwise"]])
+    assert res.exit_code == 2 and "Error: recover: " in res.output and "execution: memory" in res.output
