@@ -64,7 +64,7 @@ def test_router_kd_recovers_only_router_tensors_and_reloads_stock(tmp_path, monk
     plain = tmp_path / "plain"
     run_recipe(_recipe(model, calib), out_dir=plain, progress=False, log=lambda *_: None)
     kd = tmp_path / "kd"
-    report = run_recipe(_recipe(model, calib, recover={"steps": 60, "lr": 0.02, "tokens": 400, "top_k": 1000}),
+    report = run_recipe(_recipe(model, calib, recover={"steps": 30, "lr": 0.01, "tokens": 200, "top_k": 1000}),
                         out_dir=kd, progress=False, log=lambda *_: None)
     rec = report["recovery"]
     assert rec["method"] == "router_kd" and rec["eval_on"] == "held-back calibration tokens"
