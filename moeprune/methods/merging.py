@@ -66,6 +66,18 @@ class Merge(Method):
 class Ream(Merge):
     """REAM: REAP-salient centroids, similarity-grouped members, aligned, averaged by REAP saliency."""
 
+    def check(self, plan) -> None:
+        from moeprune.score.select import routing_groups
+
+        super().check(plan)
+        c = plan.recipe.merge.group_size
+        if c and plan.n_keep:
+            groups = routing_groups(plan.shape, plan.n_keep, "recipe")
+            k, members = plan.n_keep // groups, plan.shape.num_experts // groups
+            if k * c < members:
+                raise MoePruneError(f"merge.group_size: {k} centroids of at most {c} experts cannot hold {members} "
+                                    f"experts; use group_size >= {-(-members // k)} or 0")
+
     def weights(self, stats) -> torch.Tensor:
         return stats.reap.to(torch.float64)
 

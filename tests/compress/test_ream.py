@@ -104,3 +104,16 @@ def test_ream_keeps_the_count_and_merges_by_saliency_after_alignment():
     c = next(c for c in decision.clusters[0] if len(c) > 1)
     s = obs.layers[0]
     assert not torch.allclose(s.reap[c] / s.reap[c].sum(), s.count[c] / s.count[c].sum())
+
+
+def test_infeasible_group_size_fails_in_the_plan(tmp_path):
+    from moeprune.errors import MoePruneError
+    from moeprune.pipeline.plan import make_plan
+    from tiny_models import save_tiny
+
+    model = save_tiny(tmp_path / "m", "mixtral")
+    recipe = Recipe.model_validate({"model": str(model), "method": "ream", "keep": 2, "merge": {"group_size": 3}})
+    with pytest.raises(MoePruneError, match="merge.group_size: 2 centroids of at most 3 experts cannot hold 8"):
+        make_plan(recipe, out_dir=tmp_path / "o")
+    recipe = Recipe.model_validate({"model": str(model), "method": "ream", "keep": 2, "merge": {"group_size": 4}})
+    assert make_plan(recipe, out_dir=tmp_path / "o2").n_keep == 2
