@@ -17,7 +17,7 @@ from moeprune.errors import MoePruneError
 from moeprune.units import human_bytes
 
 __all__ = ["FolderFacts", "read_facts", "render_card", "write_model_card", "ensure_provenance", "publish_folder",
-           "PublishOutcome"]
+           "PublishOutcome", "portable", "portable_path"]
 
 REPORT_FILE = "report.json"
 PROVENANCE_FILE = "moeprune.json"
@@ -110,7 +110,11 @@ def _quantization_section(f: FolderFacts) -> list[str]:
     q = f.provenance.get("quantization")
     if not q:
         return []
-    rows = [["format", q.get("format")], ["bits", q.get("bits")], ["group size", q.get("group_size")],
+    from moeprune.compress.quantize import serving_note
+
+    group = "one scale per output row (channel)" if q.get("strategy") == "channel" else q.get("group_size")
+    rows = [["format", q.get("format")], ["bits", q.get("bits")], ["group size", group],
+            ["serves in", serving_note(q) if q.get("format") else None],
             ["bits per MoE layer", ", ".join(f"{k}: {v}" for k, v in (q.get("layer_bits") or {}).items()) or None],
             ["weight bytes before → after (estimate)",
              f"{human_bytes(q.get('bytes_before'))} → {human_bytes(q.get('bytes_after'))}"]]
@@ -149,21 +153,51 @@ def _calibration_section(f: FolderFacts) -> list[str]:
     cal = f.report.get("calibration") or f.provenance.get("calibration")
     if not cal:
         return []
-    return ["## Calibration data", "", "```json", json.dumps(cal, indent=2, sort_keys=True), "```", ""]
+    return ["## Calibration data", "", "```json", json.dumps(portable(cal, f.folder), indent=2, sort_keys=True),
+            "```", ""]
 
 
 def _recipe_section(f: FolderFacts) -> list[str]:
     recipe = f.first("recipe")
     if not recipe:
         return []
-    return ["## Recipe", "", "```json", json.dumps(recipe, indent=2, sort_keys=True), "```", ""]
+    return ["## Recipe", "", "```json", json.dumps(portable(recipe, f.folder), indent=2, sort_keys=True), "```", ""]
+
+
+_ABS_PATH = re.compile(r"(?<![\w.~])/[^\s:,;'\"()\[\]{}`]+")
+
+
+def portable_path(path: str, folder: Path) -> str:
+    """A local absolute path as a published card shows it: relative to the output folder when inside it,
+    `demo` for the shipped demo model, else the last part of the path (the base model's folder name)."""
+    from moeprune.io import DEMO_MODEL_DIR
+
+    p = Path(path)
+    for root, name in ((Path(folder).resolve(), "."), (DEMO_MODEL_DIR.resolve(), "demo")):
+        try:
+            rel = p.resolve().relative_to(root)
+        except (ValueError, OSError):
+            continue
+        return name if str(rel) == "." else (str(rel) if name == "." else f"{name}/{rel}")
+    return p.name or path
+
+
+def portable(value, folder: Path):
+    """`value` (JSON data) with every absolute local path in its strings made portable (`portable_path`)."""
+    if isinstance(value, str):
+        return _ABS_PATH.sub(lambda m: portable_path(m.group(0), folder), value)
+    if isinstance(value, dict):
+        return {k: portable(v, folder) for k, v in value.items()}
+    if isinstance(value, list):
+        return [portable(v, folder) for v in value]
+    return value
 
 
 def render_card(facts: FolderFacts):
     """The `huggingface_hub.ModelCard` of a folder: YAML metadata plus the sections that have data."""
     from huggingface_hub import ModelCard, ModelCardData
 
-    base = str(facts.first("model.path", "base_model", default="") or "")
+    base = portable(str(facts.first("model.path", "base_model", default="") or ""), facts.folder)
     version = facts.first("moeprune_version", default=__version__)
     method = facts.first("compression.method", "method")
     tags = ["moe", "moeprune"] + (["pruned"] if facts.first("compression.kept", "kept") else []) \

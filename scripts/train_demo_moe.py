@@ -313,6 +313,28 @@ def save_model(model, tok, path: Path):
         pad_token_id=tok.pad_token_id, do_sample=False, max_new_tokens=64)
     m.save_pretrained(path)
     tok.save_pretrained(path)
+    if m.config.model_type == "qwen2_moe":
+        add_zero_qkv_biases(path)
+
+
+def add_zero_qkv_biases(path: Path) -> None:
+    """Store zero q/k/v biases and set `qkv_bias: true` in a saved Qwen2-MoE folder.
+
+    Training runs without these biases; transformers' outputs are bit-identical with zero biases, and
+    vLLM's Qwen2-MoE always loads q/k/v biases (it generates garbage without them). Idempotent.
+    """
+    from safetensors.torch import load_file, save_file
+
+    weights = Path(path) / "model.safetensors"
+    tensors = load_file(weights)
+    for key in [k for k in tensors if re.search(r"self_attn\.[qkv]_proj\.weight$", k)]:
+        w = tensors[key]
+        tensors.setdefault(key[: -len("weight")] + "bias", torch.zeros(w.shape[0], dtype=w.dtype))
+    save_file(tensors, weights, metadata={"format": "pt"})
+    config_file = Path(path) / "config.json"
+    config = json.loads(config_file.read_text())
+    config["qkv_bias"] = True
+    config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def main() -> None:

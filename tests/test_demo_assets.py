@@ -94,3 +94,15 @@ def test_heldout_not_in_calib(domain):
 def test_shipped_data_small():
     size = sum(p.stat().st_size for p in CORPUS.rglob("*") if p.is_file())
     assert size < 2 * 1024 * 1024
+
+
+@needs_model
+def test_qkv_biases_stored_and_zero():
+    # vLLM's Qwen2-MoE always loads q/k/v biases; the demo stores zero ones so it serves there unchanged
+    from safetensors.torch import load_file
+    cfg = json.loads((MODEL / "config.json").read_text())
+    assert cfg["qkv_bias"] is True
+    tensors = load_file(MODEL / "model.safetensors")
+    biases = {k: t for k, t in tensors.items() if k.endswith(("q_proj.bias", "k_proj.bias", "v_proj.bias"))}
+    assert len(biases) == 3 * cfg["num_hidden_layers"]
+    assert all(not t.any() for t in biases.values())

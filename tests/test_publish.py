@@ -56,7 +56,8 @@ def test_prune_folder_renders_what_exists(tmp_path):
     prov = {"moeprune_version": "0.1.0", "base_model": "/data/src-model", "method": "keep-file",
             "kept": {"1": [0, 2, 5]}}
     text = write_model_card(_folder(tmp_path, report=False, provenance=prov)).read_text()
-    assert "`keep-file`" in text and "0, 2, 5" in text and "/data/src-model" in text
+    assert "`keep-file`" in text and "0, 2, 5" in text and "`src-model`" in text
+    assert "/data/" not in text  # no absolute local path in a published card
     assert "base_model:" not in text  # a local path is not a hub id
     assert "Evaluation" not in text and "Recipe" not in text
 
@@ -126,3 +127,16 @@ def test_not_a_moeprune_folder(tmp_path):
     (tmp_path / "config.json").write_text("{}")
     result = CliRunner().invoke(cli, ["publish", str(tmp_path)])
     assert result.exit_code == 2 and "not written by moeprune" in result.output
+
+
+def test_card_paths_are_portable(tmp_path):
+    from moeprune.io import DEMO_MODEL_DIR
+    from moeprune.publish import portable
+
+    out = tmp_path / "out"
+    out.mkdir()
+    recipe = {"model": str(DEMO_MODEL_DIR), "calibration": {"sources": [f"{tmp_path}/calib/code.jsonl:64"]},
+              "eval": {"tasks": [str(out / "tasks" / "mine.yaml")]}, "ratio": 0.5}
+    assert portable(recipe, out) == {"model": "demo", "calibration": {"sources": ["code.jsonl:64"]},
+                                     "eval": {"tasks": ["tasks/mine.yaml"]}, "ratio": 0.5}
+    assert portable("org/model", out) == "org/model"  # hub ids are not paths

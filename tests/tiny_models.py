@@ -60,14 +60,14 @@ TINY: dict[str, dict] = {
 }
 
 
-def tiny_config(model_type: str):
-    return CONFIG_MAPPING[model_type](**{**_COMMON, **TINY[model_type]})
+def tiny_config(model_type: str, overrides: dict | None = None):
+    return CONFIG_MAPPING[model_type](**{**_COMMON, **TINY[model_type], **(overrides or {})})
 
 
-def tiny_model(model_type: str, seed: int = 0):
+def tiny_model(model_type: str, seed: int = 0, overrides: dict | None = None):
     """A tiny random model whose router tensors are non-trivial (biases nonzero where they exist)."""
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(tiny_config(model_type))
+    model = AutoModelForCausalLM.from_config(tiny_config(model_type, overrides))
     model.eval()
     with torch.no_grad():
         for name, p in list(model.named_parameters()) + list(model.named_buffers()):

@@ -49,7 +49,9 @@ def _disk_bytes(folder: Path) -> int:
 @click.argument("model_dir")
 @click.option("-o", "--output", "out_dir", required=True, type=click.Path(), help="Folder to write (new or empty).")
 @click.option("--bits", default="4", show_default=True, help="Weight width: 4 or 8.")
-@click.option("--group-size", default="128", show_default=True, help="Weights per scale (uniform mode).")
+@click.option("--group-size", default="auto", show_default=True,
+              help="Weights per scale (uniform mode): an integer, 'channel' (one scale per row), or 'auto' "
+                   "(the largest of 128/64/32 dividing every quantized width, else 'channel').")
 @click.option("--mixed-budget", "avg_bits", default=None,
               help="Mixed precision: average bits per routed-expert weight (scales included).")
 @click.option("--max-bytes", default=None, help="Mixed precision: total bytes allowed for all weights.")
@@ -57,21 +59,28 @@ def _disk_bytes(folder: Path) -> int:
               help="Saved observations (moeprune observe): the importance that drives mixed precision.")
 @click.option("--method", default="reap", show_default=True, help="Scoring method for the importance.")
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty output folder.")
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:N or auto.")
+@click.option("--execution", default="auto", show_default=True, type=click.Choice(["auto", "memory", "layerwise"]),
+              help="Quantization needs the model in memory: layerwise (or auto when it does not fit) is refused.")
+@click.option("--max-memory", default=None, help="Memory budget, e.g. 24GB (default: free memory of the device).")
 def quantize_cmd(model_dir: str, out_dir: str, bits: str, group_size: str, avg_bits: str | None,
-                 max_bytes: str | None, obs_dir: str | None, method: str, overwrite: bool) -> None:
+                 max_bytes: str | None, obs_dir: str | None, method: str, overwrite: bool, device: str, execution: str,
+                 max_memory: str | None) -> None:
     """Quantize the weights of MODEL_DIR (experts included) into a checkpoint stock transformers reloads.
 
-    Uniform: every expert and linear layer at --bits (compressed-tensors pack-quantized). Mixed
-    (--mixed-budget or --max-bytes, with --observations): each MoE layer's experts float8 or dense,
-    the most important layers kept dense within the budget.
+    Uniform: every expert and linear layer at --bits (compressed-tensors pack-quantized); routers,
+    shared-expert gates and lm_head stay in the source dtype. Mixed (--mixed-budget or --max-bytes, with
+    --observations): each MoE layer's experts float8 or dense, the most important layers kept dense
+    within the budget (transformers-only: vLLM does not load it, see docs/serving.md).
     """
-    from moeprune.compress.quantize import SUPPORTED_BITS, MixedBudget, quantize_model, save_quantized
+    from moeprune.compress.quantize import SUPPORTED_BITS, MixedBudget, quantize_model, save_quantized, serving_note
+    from moeprune.compress.quantize_plan import parse_group_size
     from moeprune.io import check_output_dir, load_model, resolve_model_dir
 
     n_bits = parse_number(bits, option="--bits", integer=True)
     if n_bits not in SUPPORTED_BITS:
         raise MoePruneError(f"--bits {bits} is not supported; choose one of {', '.join(map(str, SUPPORTED_BITS))}")
-    group = parse_number(group_size, option="--group-size", integer=True)
+    group = parse_group_size(group_size)
     mixed = None
     if avg_bits is not None or max_bytes is not None:
         mixed = MixedBudget(avg_bits=parse_number(avg_bits, option="--mixed-budget"),
@@ -80,12 +89,33 @@ def quantize_cmd(model_dir: str, out_dir: str, bits: str, group_size: str, avg_b
             raise MoePruneError("mixed precision needs --observations DIR (from `moeprune observe`) for importance")
     src = resolve_model_dir(model_dir)
     check_output_dir(out_dir, inputs=(src,), overwrite=overwrite)
-    model = load_model(src, dtype="auto", device="cpu")
+    where = _placement(src, device, execution, max_memory)
+    model = load_model(src, dtype=where.source_dtype, device=str(where.device))
     importance = layer_importance(obs_dir, method=method, model=model) if mixed is not None else None
     result = quantize_model(model, bits=n_bits, group_size=group, mixed=mixed, importance=importance)
     provenance = {"base_model": str(src), "method": "quantize", "importance_method": method if mixed else None}
     out = save_quantized(model, result, out_dir, source_dir=src, provenance=provenance, overwrite=overwrite)
     before, after = _disk_bytes(src), _disk_bytes(out)
     widths = sorted(set(result.layer_bits.values()))
-    click.echo(f"{result.format}: layer widths {widths}, safetensors {before:,} -> {after:,} bytes "
-               f"({after / max(before, 1):.1%}) -> {out}")
+    click.echo(f"{result.format}{_grouping(result)}: layer widths {widths}, safetensors {before:,} -> {after:,} "
+               f"bytes ({after / max(before, 1):.1%}) -> {out}")
+    click.echo(f"serves in: {serving_note(result)}")
+
+
+def _placement(src, device: str, execution: str, max_memory):
+    """The model loads in its own dtype; a model that does not fit in memory is refused before any weight."""
+    from moeprune.io import meta_model
+    from moeprune.pipeline.plan import placement
+
+    where = placement(src, meta_model(src), dtype="auto", device=device, execution=execution, max_memory=max_memory)
+    if where.execution == "layerwise":
+        raise MoePruneError(f"quantize needs the whole model in memory ({where.reason}); quantize the pruned or "
+                            "merged output instead (`moeprune prune ... -o OUT` first: it is smaller), or raise "
+                            "--max-memory on a larger machine")
+    return where
+
+
+def _grouping(result) -> str:
+    if result.strategy == "channel":
+        return ", one scale per output row (channel)"
+    return f", group size {result.group_size}" if result.group_size else ""

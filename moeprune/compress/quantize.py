@@ -2,9 +2,10 @@
 
 Two storage formats, chosen by measurement on transformers 5.23 (see docs/quantization.md):
 
-* uniform `bits` in {4, 8}: compressed-tensors "pack-quantized" — symmetric int, group-wise scales
-  along the input dim, packed into int32. Every routed expert (saved in the per-expert checkpoint
-  layout) and every other nn.Linear is quantized; routers, embeddings and lm_head stay dense.
+* uniform `bits` in {4, 8}: compressed-tensors "pack-quantized" — symmetric int, group-wise (or
+  per-row, "channel") scales along the input dim, packed into int32. Every routed expert (saved in the
+  per-expert checkpoint layout) and every other nn.Linear is quantized; routers, shared-expert gates,
+  embeddings and lm_head stay in the source dtype (see `quantize_plan` for the targets and group size).
   transformers dequantizes it while loading (the experts scheme is one for all experts, which is why
   widths cannot be mixed in this format).
 * mixed precision (`mixed=MixedBudget(...)`): torchao `FqnToConfig`, one config per fused expert
@@ -25,11 +26,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from moeprune.compress.quantize_plan import CHANNEL, SUPPORTED_BITS, check_quantize, quant_targets
 from moeprune.errors import MoePruneError
 
-__all__ = ["MixedBudget", "QuantResult", "quantize_model", "save_quantized", "write_quantized", "SUPPORTED_BITS", "fake_quantize"]
+__all__ = ["MixedBudget", "QuantResult", "quantize_model", "save_quantized", "write_quantized", "SUPPORTED_BITS",
+           "fake_quantize", "check_quantize", "CHANNEL", "serving_note"]
 
-SUPPORTED_BITS = (4, 8)
 FORMAT_PACKED = "compressed-tensors/pack-quantized"
 FORMAT_MIXED = "torchao/float8-per-layer"
 
@@ -52,8 +54,10 @@ class QuantResult:
 
     format: str
     bits: int
-    group_size: int | None
+    group_size: int | None  # weights per scale; None for "channel" (one scale per row) and for mixed
+    strategy: str = "group"  # "group", "channel" (uniform) or "layer" (mixed)
     expert_pattern: str = ""
+    kept_pattern: str = ""  # checkpoint keys of routers / shared-expert gates (listed in `ignore` on disk)
     dense_targets: list[str] = field(default_factory=list)
     ignore: list[str] = field(default_factory=list)
     layer_bits: dict[str, int] = field(default_factory=dict)
@@ -64,7 +68,18 @@ class QuantResult:
     def to_dict(self) -> dict:
         out = asdict(self)
         out.pop("expert_pattern")
+        out.pop("kept_pattern")
+        out["serves_in"] = serving_note(self)
         return out
+
+
+def serving_note(result: "QuantResult | dict") -> str:
+    """Which engines load this quantized checkpoint, as measured (see docs/serving.md)."""
+    fmt = result["format"] if isinstance(result, dict) else result.format
+    if fmt == FORMAT_MIXED:
+        return "transformers only (vLLM does not load torchao float8-per-layer checkpoints; docs/serving.md)"
+    return ("transformers and vLLM (compressed-tensors; vLLM's CPU build serves 4-bit with group size 64/128 and "
+            "expert widths in multiples of 32 only; docs/serving.md)")
 
 
 def _qmax(bits: int) -> int:
@@ -72,7 +87,10 @@ def _qmax(bits: int) -> int:
 
 
 def _group_scale(w: torch.Tensor, *, bits: int, group_size: int) -> torch.Tensor:
-    """Symmetric scale per group of `group_size` along the last dim: amax / qmax (..., in/g), float32."""
+    """Symmetric scale per group of `group_size` along the last dim: amax / qmax (..., in/g), float32.
+
+    `group_size` CHANNEL means one group per row (..., 1)."""
+    group_size = w.shape[-1] if group_size == CHANNEL else group_size
     groups = w.detach().float().reshape(*w.shape[:-1], w.shape[-1] // group_size, group_size)
     return (groups.abs().amax(-1) / _qmax(bits)).clamp(min=1e-12)
 
@@ -80,6 +98,7 @@ def _group_scale(w: torch.Tensor, *, bits: int, group_size: int) -> torch.Tensor
 def fake_quantize(w: torch.Tensor, *, bits: int, group_size: int) -> torch.Tensor:
     """Quantize-dequantize along the last dim; with scale = amax/qmax the result re-quantizes to itself."""
     scale = _group_scale(w, bits=bits, group_size=group_size).to(w.dtype).float()  # (..., in/g)
+    group_size = w.shape[-1] if group_size == CHANNEL else group_size
     groups = w.detach().float().reshape(*w.shape[:-1], -1, group_size)
     q = torch.clamp(torch.round(groups / scale.unsqueeze(-1)), -_qmax(bits) - 1, _qmax(bits))
     return (q * scale.unsqueeze(-1)).reshape(w.shape).to(w.dtype)
@@ -87,21 +106,6 @@ def fake_quantize(w: torch.Tensor, *, bits: int, group_size: int) -> torch.Tenso
 
 def _weight_bytes(model: nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in model.state_dict().values())
-
-
-def _linear_plan(model: nn.Module, adapter, group_size: int) -> tuple[list[str], list[str]]:
-    """(quantized, ignored) nn.Linear names: routers, lm_head and non-divisible widths are ignored."""
-    spec = adapter.spec
-    routers = [f"{spec.layers}.{layer.index}.{spec.block}.{spec.router}" for layer in adapter.layers]
-    out_emb = model.get_output_embeddings()
-    targets, ignore = [], []
-    for name, module in model.named_modules():
-        if not isinstance(module, nn.Linear):
-            continue
-        skip = (module is out_emb or any(name == r or name.startswith(r + ".") for r in routers)
-                or module.in_features % group_size != 0)
-        (ignore if skip else targets).append(name)
-    return targets, ignore
 
 
 def _expert_views(adapter, layer) -> list[torch.Tensor]:
@@ -114,15 +118,12 @@ def _expert_views(adapter, layer) -> list[torch.Tensor]:
     return views
 
 
-def _quantize_uniform(model: nn.Module, adapter, *, bits: int, group_size: int) -> QuantResult:
+def _quantize_uniform(model: nn.Module, adapter, *, bits: int, group_size) -> QuantResult:
     spec = adapter.spec
-    for layer in adapter.layers:
-        for view in _expert_views(adapter, layer):
-            if view.shape[-1] % group_size:
-                raise MoePruneError(f"expert input width {view.shape[-1]} of layer {layer.index} is not a multiple "
-                                    f"of --group-size {group_size}; choose a group size that divides it")
+    group_size = check_quantize(model, bits, group_size)
+    plan = quant_targets(model, adapter)
     before = _weight_bytes(model)
-    targets, ignore = _linear_plan(model, adapter, group_size)
+    targets, ignore = [name for name, _ in plan.linears], plan.ignore
     modules = dict(model.named_modules())
     with torch.no_grad():
         for layer in adapter.layers:
@@ -134,24 +135,32 @@ def _quantize_uniform(model: nn.Module, adapter, *, bits: int, group_size: int) 
     # checkpoint keys of routed experts; the block may be renamed on disk (e.g. mlp -> block_sparse_moe)
     layer_alt = "|".join(str(layer.index) for layer in adapter.layers)
     pattern = rf"^{re.escape(spec.layers)}\.({layer_alt})\.(.+\.)?{re.escape(spec.experts)}\."
-    quant_numel = sum(v.numel() for layer in adapter.layers for v in _expert_views(adapter, layer))
-    quant_numel += sum(modules[n].weight.numel() for n in targets)
+    kept = "|".join(re.escape(m) for m in (spec.router, spec.shared_gate) if m)
+    kept_pattern = rf"^{re.escape(spec.layers)}\.({layer_alt})\.(.+\.)?({kept})\.weight$"
+    tensors = [v for layer in adapter.layers for v in _expert_views(adapter, layer)]
+    tensors += [modules[n].weight for n in targets]
+    quant_numel = sum(t.numel() for t in tensors)
+    n_scales = sum(t.numel() // (t.shape[-1] if group_size == CHANNEL else group_size) for t in tensors)
     elem = next(model.parameters()).element_size()
-    dtype_scale = quant_numel // group_size * elem  # one scale per group, in the model dtype
-    after = before - quant_numel * elem + quant_numel * bits // 8 + dtype_scale
-    return QuantResult(format=FORMAT_PACKED, bits=bits, group_size=group_size, expert_pattern=pattern,
+    after = before - quant_numel * elem + quant_numel * bits // 8 + n_scales * elem  # scales in the model dtype
+    channel = group_size == CHANNEL
+    return QuantResult(format=FORMAT_PACKED, bits=bits, group_size=None if channel else group_size,
+                       strategy="channel" if channel else "group", expert_pattern=pattern,
+                       kept_pattern=kept_pattern,
                        dense_targets=targets, ignore=ignore,
                        layer_bits={str(layer.index): bits for layer in adapter.layers},
                        bytes_before=before, bytes_after=after)
 
 
-def quantize_model(model: nn.Module, *, bits: int, group_size: int = 128, mixed: MixedBudget | None = None,
+def quantize_model(model: nn.Module, *, bits: int, group_size=None, mixed: MixedBudget | None = None,
                    importance: dict[int, float] | None = None) -> QuantResult:
     """Quantize `model` in place (weight-only) and return what `save_quantized` needs.
 
     Args:
         bits: 4 or 8. Uniform mode quantizes experts and linear layers to this width.
-        group_size: weights per scale along the input dim (uniform mode); must divide expert widths.
+        group_size: weights per scale along the input dim (uniform mode): None/"auto" (the largest of
+            128/64/32 dividing every quantized width, else one scale per row), "channel", or an integer
+            that divides every quantized width.
         mixed: a `MixedBudget`; then each MoE layer's experts are float8 or left dense, chosen to
             maximise sum(layer importance * bits) within the budget (`bits` must be 8).
         importance: {layer index: importance >= 0} (required with `mixed`), e.g. summed REAP scores.
@@ -160,8 +169,6 @@ def quantize_model(model: nn.Module, *, bits: int, group_size: int = 128, mixed:
 
     if bits not in SUPPORTED_BITS:
         raise MoePruneError(f"--bits {bits} is not supported; choose one of {', '.join(map(str, SUPPORTED_BITS))}")
-    if group_size is None or group_size <= 0:
-        raise MoePruneError(f"--group-size must be a positive integer, got {group_size}")
     adapter = MoEAdapter(model)
     if mixed is None:
         return _quantize_uniform(model, adapter, bits=bits, group_size=group_size)
@@ -170,22 +177,26 @@ def quantize_model(model: nn.Module, *, bits: int, group_size: int = 128, mixed:
     return quantize_mixed(model, adapter, bits=bits, budget=mixed, importance=importance)
 
 
-def _compress_tensor(w: torch.Tensor, *, bits: int, group_size: int) -> dict[str, torch.Tensor]:
+def _compress_tensor(w: torch.Tensor, *, bits: int, group_size: int | None) -> dict[str, torch.Tensor]:
     from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
 
-    scale = _group_scale(w, bits=bits, group_size=group_size).to(w.dtype)
+    scale = _group_scale(w, bits=bits, group_size=CHANNEL if group_size is None else group_size).to(w.dtype)
     packed = PackedQuantizationCompressor.compress({"weight": w, "weight_scale": scale}, _scheme(bits, group_size))
     return {name: t.contiguous() for name, t in packed.items()}
 
 
-def _scheme(bits: int, group_size: int):
+def _scheme(bits: int, group_size: int | None):
+    """compressed-tensors scheme: groups of `group_size` along the input dim, or per row when None."""
     from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
 
-    args = QuantizationArgs(num_bits=bits, type="int", symmetric=True, strategy="group", group_size=group_size)
+    if group_size is None:
+        args = QuantizationArgs(num_bits=bits, type="int", symmetric=True, strategy="channel")
+    else:
+        args = QuantizationArgs(num_bits=bits, type="int", symmetric=True, strategy="group", group_size=group_size)
     return QuantizationScheme(targets=["Linear"], weights=args, format="pack-quantized")
 
 
-def _compress_shard(path: Path, result: QuantResult, found: set[str]) -> dict[str, str]:
+def _compress_shard(path: Path, result: QuantResult, found: set[str], kept: set[str]) -> dict[str, str]:
     """Rewrite one safetensors shard; returns {new key: shard file name} for the index."""
     from safetensors.torch import load_file, save_file
 
@@ -197,6 +208,8 @@ def _compress_shard(path: Path, result: QuantResult, found: set[str]) -> dict[st
         if is_expert and w.dim() != 2:
             raise MoePruneError(f"{key} is stored fused ({tuple(w.shape)}) in this architecture's checkpoint; "
                                 "uniform quantization needs per-expert 2-D weights (use --mixed-budget instead)")
+        if module is not None and re.match(result.kept_pattern, key):
+            kept.add(module)
         if is_expert or module in dense:
             found.add(module)
             for name, t in _compress_tensor(w, bits=result.bits, group_size=result.group_size).items():
@@ -207,22 +220,23 @@ def _compress_shard(path: Path, result: QuantResult, found: set[str]) -> dict[st
     return {key: path.name for key in out}
 
 
-def _quantization_config(result: QuantResult) -> dict:
+def _quantization_config(result: QuantResult, kept: set[str]) -> dict:
     scheme = _scheme(result.bits, result.group_size)
     return {"quant_method": "compressed-tensors", "format": "pack-quantized", "quantization_status": "compressed",
             "config_groups": {"group_0": {"targets": ["Linear"], "weights": scheme.weights.model_dump(),
                                           "input_activations": None, "output_activations": None,
                                           "format": "pack-quantized"}},
-            "ignore": sorted(result.ignore), "kv_cache_scheme": None}
+            "ignore": sorted(set(result.ignore) | kept), "kv_cache_scheme": None}
 
 
 def _compress_checkpoint(folder: Path, result: QuantResult) -> None:
     index_file = folder / "model.safetensors.index.json"
     shards = sorted(folder.glob("*.safetensors"))
     found: set[str] = set()
+    kept: set[str] = set()  # routers / shared-expert gates under their on-disk names (vLLM reads those)
     weight_map = {}
     for shard in shards:
-        weight_map.update(_compress_shard(shard, result, found))
+        weight_map.update(_compress_shard(shard, result, found, kept))
     missing = sorted(set(result.dense_targets) - found)
     if missing:
         raise MoePruneError(f"linear layers {missing[:3]} were not found under their module names in the saved "
@@ -234,7 +248,7 @@ def _compress_checkpoint(folder: Path, result: QuantResult) -> None:
         index_file.write_text(json.dumps(index, indent=2) + "\n")
     config_file = folder / "config.json"
     config = json.loads(config_file.read_text())
-    config["quantization_config"] = _quantization_config(result)
+    config["quantization_config"] = _quantization_config(result, kept)
     config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 

@@ -233,7 +233,7 @@ def quantize_mixed(model, adapter, *, bits: int, budget, importance: dict[int, f
         model.hf_quantizer = TorchAoHfQuantizer(qc, pre_quantized=False)
         model.config.quantization_config = qc
     expert_before = sum(max(c.values()) for c in costs.values())
-    return QuantResult(format=FORMAT_MIXED, bits=bits, group_size=None,
+    return QuantResult(format=FORMAT_MIXED, bits=bits, group_size=None, strategy="layer",
                        layer_bits={k.split(".", 1)[1]: b for k, b in alloc.bits.items()},
                        allocation={**alloc.to_dict(), "avg_bits": 8 * alloc.cost_bytes / numel},
                        bytes_before=before, bytes_after=before - expert_before + alloc.cost_bytes)

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from moeprune.evaluate.sandbox_os import Isolation, PidsCgroup, isolation, kill_tree, remove_tree
+from moeprune.evaluate.sandbox_os import PidsCgroup, isolation, kill_tree, process_limit, remove_tree
 
 __all__ = ["SandboxResult", "run_python", "isolation"]
 
@@ -120,7 +120,7 @@ def run_python(program: str, *, timeout: float = 10.0, memory_mb: int = 1024, ma
         work.mkdir()
         (work / "program.py").write_text(program, encoding="utf-8")
         config = {"memory": memory_mb * 2**20, "cpu": int(timeout) + 1, "fsize": max_file_mb * 2**20,
-                  "nproc": max_processes if iso.user_namespace else 0}
+                  "nproc": process_limit(iso, max_processes)}
         prefix = (*cgroup.prefix, *iso.prefix)
         return _launch(prefix, config, work, root / "output.log", timeout, iso.pid_namespace)
     finally:

@@ -8,7 +8,8 @@ same launcher the sandbox uses:
   outside it (``kill``, ``pidfd_open`` and ``/proc`` only know the namespace's own processes), and
   when the namespace's first process ends the kernel kills every process left in it, including
   ones that started a new session. ``RLIMIT_NPROC`` set inside a new user namespace counts only
-  that namespace's processes. Fallbacks drop the user namespace (``root``), then everything but
+  that namespace's processes (without one, :func:`process_limit` adds the user's current task
+  count). Fallbacks drop the user namespace (``root``), then everything but
   the network namespace (``unshare -n``), then everything.
 - ``setpriv --pdeathsig KILL``: the launcher is killed if the evaluating thread dies, and
   ``--kill-child`` passes that on to the namespace.
@@ -30,7 +31,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["Isolation", "isolation", "PidsCgroup", "kill_tree", "remove_tree"]
+__all__ = ["Isolation", "isolation", "PidsCgroup", "kill_tree", "remove_tree", "process_limit"]
 
 _NAMESPACE_FLAGS = (
     ("--user", "--map-root-user", "--pid", "--fork", "--mount-proc", "--kill-child"),
@@ -126,6 +127,34 @@ class PidsCgroup:
             self.path.rmdir()
         except OSError:
             pass
+
+
+def _user_tasks() -> int:
+    """Processes and threads of this user now (what ``RLIMIT_NPROC`` counts outside a user namespace)."""
+    uid, count = os.getuid(), 0
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            try:
+                if entry.stat().st_uid == uid:
+                    count += len(os.listdir(f"/proc/{entry.name}/task"))
+            except OSError:
+                pass  # ended meanwhile
+    return count
+
+
+def process_limit(iso: Isolation, max_processes: int) -> int:
+    """The ``RLIMIT_NPROC`` to set in the child (0: none).
+
+    In a new user namespace the limit counts only the sandbox's tasks. Without one, it counts all of
+    this user's tasks, so the limit is what the user runs now plus ``max_processes`` (approximate:
+    the user's other programs may start or end meanwhile). Root is not limited by the kernel
+    (a pids cgroup is used instead).
+    """
+    if iso.user_namespace:
+        return max_processes
+    if os.geteuid() == 0 or not os.path.isdir("/proc"):
+        return 0
+    return _user_tasks() + max_processes
 
 
 def _signal(pid: int) -> None:

@@ -33,7 +33,8 @@ _DEEPSEEK_V3_TENSORS = (("gate.weight", 0), ("gate.e_score_correction_bias", 0))
 _MIXTRAL = ArchSpec(name="Mixtral", model_types=("mixtral",), num_experts_keys=("num_local_experts",),
                     gate=_SOFTMAX_TOPK_RENORM)
 _QWEN2_MOE = ArchSpec(name="Qwen2-MoE", model_types=("qwen2_moe",), num_experts_keys=("num_experts",),
-                      shared=("shared_expert", "shared_expert_gate"), gate=_SOFTMAX_TOPK_OPT)
+                      shared=("shared_expert", "shared_expert_gate"), shared_gate="shared_expert_gate",
+                      gate=_SOFTMAX_TOPK_OPT)
 _DEEPSEEK_V3 = ArchSpec(name="DeepSeek-V3", model_types=("deepseek_v3",), num_experts_keys=("n_routed_experts",),
                         router_tensors=_DEEPSEEK_V3_TENSORS, shared=("shared_experts",), gate=_DEEPSEEK_V3_GATE)
 _GRANITE_MOE = ArchSpec(name="Granite-MoE", model_types=("granitemoe",), num_experts_keys=("num_local_experts",),

@@ -86,6 +86,8 @@ class ArchSpec:
             tensor with one entry per expert: weight rows, bias, correction bias.
         logit_bias: dotted path (relative to the block) of a bias added to the router logits, or None.
         shared: attributes of the block that are shared experts or their gates (never touched).
+        shared_gate: attribute of the block holding the shared expert's gate (a Linear with one output),
+            or None; quantization keeps it in the source dtype, like the router.
         num_experts_keys: config attributes that hold the routed-expert count (all set on rewrite).
         top_k_key: config attribute holding top-k.
         count_attrs: module attributes (on block, router, experts) caching the expert count.
@@ -107,6 +109,7 @@ class ArchSpec:
     router_tensors: tuple[tuple[str, int], ...] = (("gate.weight", 0),)
     logit_bias: str | None = None
     shared: tuple[str, ...] = ()
+    shared_gate: str | None = None
     count_attrs: tuple[str, ...] = ("num_experts",)
     experts_call: Literal["indexed", "dense_prescaled"] = "indexed"
     gate: GateSpec | None = field(default_factory=GateSpec)

@@ -274,13 +274,14 @@ class Observations:
         return obs
 
     def check(self, *, where: str = "observations", model=None) -> None:
-        """Shapes against the table and the metadata (and the model, when given); finite values."""
+        """Shapes against the table and the metadata (and the model or its MoEAdapter, when given);
+        finite values."""
         experts = self.meta.get("num_experts") or {}
         hidden = None
         if model is not None:
             from moeprune.models import MoEAdapter
 
-            adapter = MoEAdapter(model)
+            adapter = model if isinstance(model, MoEAdapter) else MoEAdapter(model)
             experts = {str(layer.index): layer.num_experts for layer in adapter.layers}
             hidden = adapter.config.hidden_size
             if sorted(self.layers) != sorted(adapter.layer_indices):

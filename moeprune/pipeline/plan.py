@@ -213,13 +213,12 @@ def _quantize(recipe, shape, execution: str) -> int | None:
                             "compressed output (it is smaller), or set execution: memory with a larger max_memory")
     if q.mixed_budget is not None and q.bits != 8:
         raise MoePruneError("quantize.mixed_budget mixes 4- and 8-bit layers; set quantize.bits: 8")
-    for layer in shape.layers:
-        for name in shape.spec.layout.tensors[:2]:
-            width = int(getattr(layer.experts, name).shape[-1 if not shape.spec.layout.transposed else -2])
-            if q.group_size and width % q.group_size:
-                raise MoePruneError(f"quantize.group_size: {q.group_size} does not divide the expert width {width} "
-                                    f"({name} of layer {layer.index}); choose a group size that divides it")
-    return q.group_size
+    if q.mixed_budget is not None:
+        return None
+    from moeprune.compress.quantize_plan import check_quantize
+
+    # pruning and merging keep every width, so the source's widths decide (CHANNEL = one scale per row)
+    return check_quantize(shape.model, q.bits, q.group_size, option="quantize.group_size")
 
 
 def _check_recover(recipe, execution: str) -> None:

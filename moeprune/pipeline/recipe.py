@@ -59,7 +59,9 @@ class ReconstructConfig(BaseModel):
 class QuantizeConfig(BaseModel):
     model_config = _FORBID
     bits: Literal[4, 8] = 8
-    group_size: int = Field(32, ge=1, description="weights per scale (uniform mode); must divide expert widths")
+    group_size: int | Literal["auto", "channel"] = Field(
+        "auto", description="weights per scale (uniform mode): an integer dividing every quantized width, "
+                            "'channel' (one scale per row) or 'auto' (largest of 128/64/32 that divides, else channel)")
     mixed_budget: float | None = Field(None, gt=0, description="average bits per expert weight: importance-aware "
                                                                   "per-layer mix (needs bits: 8)")
     importance: str = Field("reap", description="scoring method giving each layer's importance for the mix")

@@ -217,7 +217,10 @@ def _sizes(report: dict) -> list[str]:
     if q:
         lines += ["", f"Quantization: {q.get('format')}, {q.get('bits')}-bit"
                   + (f", group size {q['group_size']}" if q.get("group_size") else "")
+                  + (", one scale per output row" if q.get("strategy") == "channel" else "")
                   + (f", per-layer bits {q['layer_bits']}" if q.get("layer_bits") else "") + "."]
+        if q.get("serves_in"):
+            lines += ["", f"Serves in: {q['serves_in']}."]
     return lines + [""]
 
 

@@ -261,3 +261,32 @@ def test_temp_folder_is_removed_even_when_the_program_locks_it(tmp_path, monkeyp
     assert run_python(code).passed
     assert run_python("import time\ntime.sleep(30)\n", timeout=0.5).status == "timeout"
     assert [p for p in tmp_path.iterdir() if p.name.startswith("moeprune-exec-")] == []
+
+
+@pytest.mark.skipif(not isolation(True).network_namespace, reason="no network namespace here")
+def test_network_namespace_holds_past_the_audit_hook(tmp_path, monkeypatch):
+    monkeypatch.setattr(sandbox, "_CHILD", _no_hook_child(tmp_path))
+    import socket
+
+    if [n for _, n in socket.if_nameindex()] == ["lo"]:
+        pytest.skip("this machine has no interface but loopback, so there is nothing to hide")
+    code = "import socket\nnames = [n for _, n in socket.if_nameindex()]\nassert names == ['lo'], names\n"
+    assert run_python(code).passed
+
+
+def test_reading_proc_self_mem_is_refused():
+    result = run_python("open('/proc/self/mem', 'rb')\n")
+    assert result.status == "failed" and "PermissionError" in result.detail
+
+
+def test_process_limit_per_isolation():
+    import threading
+
+    from moeprune.evaluate.sandbox_os import Isolation, process_limit
+
+    assert process_limit(Isolation((), True, True, False, False), 16) == 16  # counted per namespace
+    plain = Isolation((), False, False, False, False)
+    if os.geteuid() == 0:
+        assert process_limit(plain, 16) == 0  # the kernel ignores RLIMIT_NPROC for root: a cgroup instead
+    else:  # the user's current tasks (this process's threads at least) plus the sandbox's allowance
+        assert process_limit(plain, 16) >= 16 + threading.active_count()

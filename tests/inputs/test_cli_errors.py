@@ -61,3 +61,28 @@ def test_inspect_demo_prints_no_torchao_noise():
 
 def test_unknown_option_is_one_error_line():
     _one_error_line(_cli("inspect", "demo", "--bogus"), "--bogus")
+
+
+def test_bad_input_exits_2_and_a_bug_exits_1():
+    import click
+    from click.testing import CliRunner
+
+    from moeprune.cli import _Group
+    from moeprune.errors import MoePruneError
+
+    @click.group(cls=_Group)
+    def group():
+        pass
+
+    @group.command()
+    def bad():
+        raise MoePruneError("field x is wrong; set it to 1")
+
+    @group.command()
+    def bug():
+        raise RuntimeError("a bug")
+
+    result = CliRunner().invoke(group, ["bad"])
+    assert result.exit_code == 2 and result.stderr == "Error: field x is wrong; set it to 1\n"
+    result = CliRunner().invoke(group, ["bug"])
+    assert result.exit_code == 1 and isinstance(result.exception, RuntimeError)

@@ -170,3 +170,19 @@ def test_a_damaged_cache_entry_is_a_miss_and_is_replaced(tmp_path, monkeypatch):
     assert [p.name for p in (tmp_path / "cache" / "observations").iterdir()] == [entry.name]
     assert json.loads((tmp_path / "b" / "moeprune.json").read_text())["kept"] == \
         json.loads((tmp_path / "a" / "moeprune.json").read_text())["kept"]
+
+
+def test_prune_refuses_observations_whose_shapes_do_not_fit_the_model(observed, tmp_path):
+    from moeprune.commands import surgery  # noqa: F401
+    from tiny_models import save_tiny
+
+    _, whole, _ = observed
+    model = save_tiny(tmp_path / "tiny")  # the same weights as `observed`: the fingerprint matches
+    fewer = Observations({i: LayerStats(6, 64, groups={"router_prob"}) for i in whole.layers},
+                         {**whole.meta, "num_experts": {str(i): 6 for i in whole.layers}, "collected": []})
+    fewer.save(tmp_path / "fewer")
+    result = CliRunner().invoke(cli, ["prune", str(model), "-o", str(tmp_path / "out"), "--method", "reap",
+                                      "--ratio", "0.5", "--observations", str(tmp_path / "fewer")])
+    assert result.exit_code == 2, result.output
+    assert "expected (8,)" in result.output and str(tmp_path / "fewer") in result.output
+    assert not (tmp_path / "out").exists()

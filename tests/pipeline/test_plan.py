@@ -46,7 +46,7 @@ def no_weights(monkeypatch):
     ({"eval": {"tasks": ["no_such_task"]}}, "no_such_task"),
     ({"device": "tpu9"}, "device"),
     ({"device": "cuda:0"}, "CUDA"),
-    ({"quantize": {"bits": 4, "group_size": 48}}, "does not divide"),
+    ({"quantize": {"bits": 4, "group_size": 48}}, "not a multiple of quantize.group_size 48"),
     ({"max_memory": "lots"}, "max_memory"),
     ({"method": "reap", "execution": "layerwise", "quantize": {"bits": 8}}, "layer-wise"),
 ])
@@ -146,3 +146,9 @@ def test_failed_final_rename_leaves_nothing(tmp_path, monkeypatch):
         with OutputFolder(tmp_path / "out") as tmp:
             (tmp / "x").write_text("y")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_quantize_refuses_a_model_that_does_not_fit(tiny, tmp_path):
+    res = _invoke("quantize", tiny, "-o", tmp_path / "q", "--bits", "8", "--max-memory", "1000")
+    assert res.exit_code == 2 and res.output.startswith("Error: quantize needs the whole model in memory")
+    assert not (tmp_path / "q").exists()

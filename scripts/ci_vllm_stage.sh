@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# CI stage (called by .ci/run after the test suite): every kind of moeprune output, served by vLLM's CPU
+# build and compared with transformers by scripts/check_vllm.py (greedy, 3 prompts x 16 tokens).
+#
+#   bash scripts/ci_vllm_stage.sh [WORK_DIR]       (default: a temporary folder, removed afterwards)
+#
+# Builds the vLLM environment first when it is absent (scripts/build_vllm_env.sh, cached by version).
+# Outputs that must agree on >= 90% (float32: exact expected): the demo model; its REAP-pruned (50%),
+# hc_smoe- and m_smoe-merged outputs; tiny random models of every family vLLM CPU runs.
+# Outputs vLLM CPU is known not to serve (docs/serving.md says why) are run too, with --expect-fail:
+# the stage fails if one of them starts to pass, so the documentation gets updated.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+stage_start=$(date +%s)
+if [ $# -ge 1 ]; then WORK="$1"; mkdir -p "$WORK"; else WORK=$(mktemp -d); trap 'rm -rf "$WORK"' EXIT; fi
+
+MOEPRUNE_VLLM_PYTHON=$(bash scripts/build_vllm_env.sh | tail -n 1)
+export MOEPRUNE_VLLM_PYTHON
+echo "vLLM environment ready after $(( $(date +%s) - stage_start ))s"
+
+# families whose tiny models vLLM 0.32 CPU serves (measured; the others are listed in docs/serving.md)
+VLLM_CPU_FAMILIES="${VLLM_CPU_FAMILIES:-mixtral qwen2_moe qwen3_moe olmoe granitemoe granitemoeshared phimoe}"
+
+mp() { python -m moeprune "$@" --overwrite >>"$WORK/moeprune.log" 2>&1 || { tail -n 20 "$WORK/moeprune.log"; exit 1; }; }
+mp observe demo -o "$WORK/obs" --collect all_means,router_gram --calib demo:64 --max-length 128
+mp prune demo --method reap --ratio 0.5 --observations "$WORK/obs" -o "$WORK/demo-reap50"
+mp merge demo --method hc_smoe --ratio 0.5 --observations "$WORK/obs" -o "$WORK/demo-hc_smoe50"
+mp merge demo --method m_smoe --ratio 0.5 --observations "$WORK/obs" -o "$WORK/demo-m_smoe50"
+mp quantize demo --bits 4 -o "$WORK/demo-int4"
+mp quantize demo --bits 8 -o "$WORK/demo-int8"
+mp quantize "$WORK/demo-reap50" --bits 4 -o "$WORK/demo-reap50-int4"
+mp quantize demo --bits 8 --mixed-budget 12 --observations "$WORK/obs" -o "$WORK/demo-mixed"
+# shellcheck disable=SC2086
+python scripts/make_tiny_models.py "$WORK/tiny" $VLLM_CPU_FAMILIES >>"$WORK/moeprune.log" 2>&1
+echo "outputs written after $(( $(date +%s) - stage_start ))s"
+
+rc=0
+python scripts/check_vllm.py moeprune/assets/demo-moe "$WORK"/demo-reap50 "$WORK"/demo-hc_smoe50 \
+  "$WORK"/demo-m_smoe50 "$WORK"/tiny/* --json "$WORK/agree.json" --log "$WORK/vllm-agree.log" 2>/dev/null || rc=1
+python scripts/check_vllm.py "$WORK"/demo-int4 "$WORK"/demo-int8 "$WORK"/demo-reap50-int4 "$WORK"/demo-mixed \
+  --expect-fail --json "$WORK/known.json" --log "$WORK/vllm-known.log" 2>/dev/null || rc=1
+echo "vLLM stage took $(( $(date +%s) - stage_start ))s (exit $rc)"
+exit "$rc"

@@ -1,0 +1,58 @@
+"""Quantization targets and group size, decided on a weightless (meta-device) model before any weight is read."""
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from moeprune.compress.quantize_plan import CHANNEL, check_quantize, quant_targets, resolve_group_size
+from moeprune.errors import MoePruneError
+from moeprune.io import DEMO_MODEL_DIR
+from tiny_models import tiny_config
+
+
+def _meta(config):
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)
+
+
+def test_routers_shared_gates_and_lm_head_stay_dense():
+    model = _meta(tiny_config("qwen2_moe"))
+    targets = quant_targets(model)
+    assert set(targets.ignore) == {"lm_head"} | {f"model.layers.{i}.mlp.{m}" for i in range(2)
+                                                 for m in ("gate", "shared_expert_gate")}
+    linears = [name for name, _ in targets.linears]
+    assert "model.layers.0.mlp.shared_expert.down_proj" in linears and "model.layers.0.self_attn.q_proj" in linears
+    assert not any(name.endswith(("mlp.gate", "shared_expert_gate", "lm_head")) for name in linears)
+    experts = dict(targets.experts)
+    assert experts["model.layers.0.mlp.experts.gate_up_proj"] == 64  # hidden
+    assert experts["model.layers.0.mlp.experts.down_proj"] == 32  # moe_intermediate_size
+
+
+def test_auto_group_size_is_largest_common_divisor_of_128_64_32():
+    assert resolve_group_size({256: "a", 128: "b"}, "auto") == 128
+    assert resolve_group_size({256: "a", 192: "b"}, None) == 64
+    assert check_quantize(_meta(tiny_config("qwen3_moe")), 4, None) == 32  # widths 64 (hidden), 32 (experts)
+    assert check_quantize(_meta(tiny_config("qwen2_moe")), 4, None) == CHANNEL  # + 48 (shared expert)
+
+
+def test_auto_falls_back_to_one_scale_per_row_on_the_demo():
+    # the demo's expert width 112 is divisible by none of 128/64/32
+    model = _meta(AutoConfig.from_pretrained(DEMO_MODEL_DIR))
+    assert 112 in quant_targets(model).widths()
+    assert check_quantize(model, 4, "auto") == CHANNEL
+    assert check_quantize(model, 4, "channel") == CHANNEL
+    assert check_quantize(model, 8, 16) == 16
+
+
+def test_explicit_group_size_names_the_width_it_does_not_divide():
+    model = _meta(AutoConfig.from_pretrained(DEMO_MODEL_DIR))
+    with pytest.raises(MoePruneError, match=r"input width 112 of model\.layers\.\d+\.mlp\.experts\.down_proj is not a "
+                                            r"multiple of --group-size 64"):
+        check_quantize(model, 4, 64)
+
+
+@pytest.mark.parametrize("bits,group,needle", [(3, None, "--bits 3"), (4, 0, "--group-size"), (4, "x", "--group-size"),
+                                               (4, -5, "--group-size")])
+def test_bad_settings_are_errors(bits, group, needle):
+    with pytest.raises(MoePruneError, match=needle):
+        check_quantize(_meta(tiny_config("qwen3_moe")), bits, group)
