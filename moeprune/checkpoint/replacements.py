@@ -22,19 +22,22 @@ def to_disk_names(model, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Te
 
 
 class Replacements:
-    """on-disk tensor name -> replacement tensor, spilled to one safetensors file per layer."""
+    """on-disk tensor name -> replacement tensor, spilled to one safetensors file per `add` (a later `add` of
+    the same name replaces the earlier one)."""
 
     def __init__(self):
         self._dir = tempfile.TemporaryDirectory(prefix="moeprune-replaced-")
         self._where: dict[str, Path] = {}
         self._shapes: dict[str, tuple[int, ...]] = {}
+        self._adds = 0
 
     def add(self, layer: int, tensors: dict[str, torch.Tensor]) -> None:
         from safetensors.torch import save_file
 
         if not tensors:
             return
-        path = Path(self._dir.name) / f"layer-{layer}.safetensors"
+        path = Path(self._dir.name) / f"layer-{layer}-{self._adds}.safetensors"
+        self._adds += 1
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, path)
         for name, t in tensors.items():
             self._where[name] = path

@@ -52,7 +52,7 @@ def calibration_options(fn):
 def recipe_from_cli(model: str, *, method: str = "reap", ratio=None, keep=None, keep_file=None, calib=None,
                     max_length=None, batch_size=8, no_pack=False, chat_template=False, text_field="text", seed=0,
                     dtype="auto", device="auto", execution="auto", max_memory=None, merge=None, protect=True,
-                    all_means_tokens=None, **_):
+                    all_means_tokens=None, recover=None, **_):
     """A recipe from command-line flags: `prune` and `merge` run the same pipeline as `run`."""
     from pydantic import ValidationError
 
@@ -67,7 +67,7 @@ def recipe_from_cli(model: str, *, method: str = "reap", ratio=None, keep=None, 
         return Recipe.model_validate({
             "model": model, "method": method, "ratio": ratio, "keep": keep, "keep_file": keep_file, "seed": seed,
             "dtype": dtype, "device": device, "execution": execution, "max_memory": max_memory,
-            "merge": merge, "protect_super_experts": protect,
+            "merge": merge, "protect_super_experts": protect, "recover": recover,
             "calibration": {"spec": calib, "max_length": max_length, "batch_size": batch_size, "pack": not no_pack,
                             "chat_template": chat_template, "text_field": text_field},
         })
@@ -84,6 +84,11 @@ def echo_result(report: dict, out) -> None:
     click.echo(f"{comp['method']}: {verb} {comp['experts_after']} of {comp['experts_before']} experts per MoE layer; "
                f"files {human_bytes(comp['bytes_before'])} -> {human_bytes(report['sizes']['files_on_disk'])} "
                f"({report['dtype']['output']}, {report['execution']} execution) -> {out}")
+    rec = report.get("recovery")
+    if rec:
+        kl = (f"{rec['kl_before']:.4g} -> {rec['kl_after']:.4g}" if rec["kl_before"] is not None else "n/a")
+        click.echo(f"{rec['method']}: {rec['steps']} steps; KL to the original {kl} on {rec['eval_tokens']} "
+                   f"{rec['eval_on']}")
 
 
 def observe_options(fn):
@@ -91,7 +96,7 @@ def observe_options(fn):
     for option in reversed([
         click.argument("model_dir"),
         click.option("-o", "--output", "out_dir", required=True, type=click.Path(), help="Folder for the observations."),
-        click.option("--collect", default="", help="Extra statistics: routed_means,all_means,router_gram."),
+        click.option("--collect", default="", help="Extra statistics: routed_means,all_means,router_gram,output_cosine."),
         click.option("--all-means-tokens", type=click.IntRange(min=1), default=None,
                      help="Token cap per batch for all_means."),
         click.option("--overwrite", is_flag=True),

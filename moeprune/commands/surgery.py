@@ -52,6 +52,15 @@ def _method_options(fn):
                      help="Saved observations (moeprune observe) instead of a calibration pass."),
         click.option("--max-shard-size", default="5GB", show_default=True, help="Largest output shard, e.g. 5GB."),
         click.option("--overwrite", is_flag=True, help="Replace a non-empty output folder."),
+        click.option("--recover", type=click.Choice(["router_kd"]), default=None,
+                     help="Recovery after compression: router_kd trains only the routers against the original "
+                          "model's next-token distribution on the calibration data (in-memory execution)."),
+        click.option("--recover-steps", type=click.IntRange(min=1), default=100, show_default=True,
+                     help="Router KD optimizer steps (one calibration batch each)."),
+        click.option("--recover-lr", type=click.FloatRange(min=0, min_open=True), default=1e-3, show_default=True,
+                     help="Router KD learning rate (Adam)."),
+        click.option("--recover-tokens", type=click.IntRange(min=1), default=16384, show_default=True,
+                     help="Calibration tokens router KD trains on."),
     ]):
         fn = option(fn)
     return calibration_options(fn)
@@ -90,25 +99,30 @@ def prune_cmd(model_dir: str, out_dir: str, keep_file: str | None, method: str |
 @cli.command("merge")
 @click.argument("model_dir")
 @click.option("-o", "--output", "out_dir", required=True, type=click.Path(), help="Folder to write (must be new or empty).")
-@click.option("--method", default="hc_smoe", show_default=True, type=click.Choice(["hc_smoe", "m_smoe"]))
+@click.option("--method", default="hc_smoe", show_default=True, type=click.Choice(["hc_smoe", "m_smoe", "ream"]))
 @click.option("--linkage", default="average", show_default=True,
               type=click.Choice(["average", "single", "complete", "ward"]), help="hc_smoe clustering linkage.")
 @click.option("--router", default="dominant", show_default=True, type=click.Choice(["dominant", "weighted"]),
               help="Router row of a merged expert: its dominant member's, or the frequency-weighted average.")
-@click.option("--align/--no-align", default=None, help="Align neurons before averaging (default: m_smoe only).")
+@click.option("--align/--no-align", default=None, help="Align neurons before averaging (default: m_smoe, ream).")
+@click.option("--group-size", type=click.IntRange(min=0), default=0, show_default=True,
+              help="ream: 0 = every expert joins its most similar centroid; C > 0 = groups of at most C experts.")
 @_method_options
-def merge_cmd(model_dir: str, out_dir: str, method: str, linkage: str, router: str, align: bool | None, **opts):
+def merge_cmd(model_dir: str, out_dir: str, method: str, linkage: str, router: str, align: bool | None,
+              group_size: int, **opts):
     """Merge clusters of experts of MODEL_DIR into one expert each; the checkpoint shrinks."""
-    merge = {"linkage": linkage, "router": router, "align": align}
+    merge = {"linkage": linkage, "router": router, "align": align, "group_size": group_size}
     _compress(model_dir, out_dir, method=method, merge=merge, **opts)
 
 
 def _compress(model_dir, out_dir, *, method, ratio=None, keep_experts=None, obs_dir=None, overwrite=False,
-              max_shard_size="5GB", **calib):
+              max_shard_size="5GB", recover=None, recover_steps=100, recover_lr=1e-3, recover_tokens=16384, **calib):
     """`prune` and `merge` build a recipe and run the same pipeline as `moeprune run` (no evaluation)."""
     from moeprune.commands.pipeline_cmds import echo_result
     from moeprune.pipeline.run import run_recipe
 
+    if recover is not None:
+        calib["recover"] = {"method": recover, "steps": recover_steps, "lr": recover_lr, "tokens": recover_tokens}
     recipe = recipe_from_cli(model_dir, method=method, ratio=ratio, keep=keep_experts, **calib)
     recipe.max_shard_size = max_shard_size
     report = run_recipe(recipe, out_dir=out_dir, overwrite=overwrite, log=click.echo, observations_dir=obs_dir,

@@ -13,6 +13,11 @@ Methods:
 - M-SMoE: similarity = cosine of router-logit columns; dominant experts = the most used per layer;
   every other expert joins its most similar dominant; members' neurons are aligned to the dominant
   (Hungarian matching on weights) before the frequency-weighted average.
+- REAM: centroids = the n_keep most REAP-salient experts; similarity = REAM's mean over calibration
+  tokens of (cos(f_i(x), f_j(x)) + 1) / 2, averaged with the router-logit-column similarity; every
+  other expert joins its most similar centroid (or, with group_size C > 0, REAM's pseudo-pruning: each
+  centroid in saliency order takes its C - 1 most similar unassigned experts); neurons aligned to the
+  centroid; members averaged with REAP-saliency weights.
 Group-limited routers (n_group) are clustered within each group, the same count per group.
 """
 
@@ -28,7 +33,8 @@ from moeprune.compress.prune import prune_experts
 from moeprune.errors import MoePruneError
 from moeprune.models import MoEAdapter
 
-__all__ = ["METHOD_NEEDS", "plan_merge", "MergePlan", "hc_smoe_clusters", "m_smoe_clusters", "align_to", "merge_weights", "apply_merge",
+__all__ = ["METHOD_NEEDS", "plan_merge", "MergePlan", "hc_smoe_clusters", "m_smoe_clusters", "ream_clusters",
+           "ream_similarity", "align_to", "merge_weights", "apply_merge",
            "merge_layer", "LINKAGES", "ROUTER_RULES"]
 
 LINKAGES = ("average", "single", "complete", "ward")
@@ -91,6 +97,40 @@ def m_smoe_clusters(similarity: torch.Tensor, freq: torch.Tensor, n_keep: int, *
                 best = max(leaders, key=lambda d: (float(similarity[j, d]), -d))
                 groups_of[best].append(j)
         clusters += [groups_of[d] for d in leaders]
+    return sorted(clusters, key=lambda c: c[0])
+
+
+def ream_similarity(stats) -> torch.Tensor:
+    """REAM's expert similarity in [0, 1] (E, E): output similarity averaged with the gate similarity
+    1 - d_ij / max d, d_ij the distance of the normalised router-logit columns (sqrt(2 - 2 cos))."""
+    sim = stats.output_similarity
+    if stats.logit_gram is not None:
+        d = (2 - 2 * stats.logit_cosine).clamp(min=0).sqrt()
+        sim = (sim + 1 - d / d.max().clamp(min=1e-30)) / 2
+    return sim
+
+
+def ream_clusters(similarity: torch.Tensor, saliency: torch.Tensor, n_keep: int, *, groups: int = 1,
+                  group_size: int = 0) -> list[list[int]]:
+    """The `n_keep` most salient experts are centroids; the others join their most similar centroid
+    (group_size 0) or REAM's pseudo-pruning groups of at most `group_size` (group_size > 0)."""
+    clusters = []
+    for members in _group_slices(similarity.shape[0], groups):
+        k = n_keep // groups
+        centroids = sorted(members, key=lambda j: (-float(saliency[j]), j))[:k]
+        of = {c: [c] for c in centroids}
+        free = [j for j in members if j not in of]
+        if group_size > 0:
+            if k * group_size < len(members):
+                raise MoePruneError(f"merge.group_size: {k} centroids of at most {group_size} experts cannot hold "
+                                    f"{len(members)} experts; raise group_size to >= {-(-len(members) // k)} or use 0")
+            for c in centroids:
+                take = sorted(free, key=lambda j: (-float(similarity[c, j]), j))[:group_size - 1]
+                of[c] += take
+                free = [j for j in free if j not in take]
+        for j in free:
+            of[max(centroids, key=lambda c: (float(similarity[j, c]), -c))].append(j)
+        clusters += [[c] + sorted(of[c][1:]) for c in centroids]
     return sorted(clusters, key=lambda c: c[0])
 
 
@@ -163,11 +203,11 @@ def apply_merge(model, plan: MergePlan, *, freq: dict[int, torch.Tensor], router
     return prune_experts(model, plan.kept, where=where)
 
 
-METHOD_NEEDS = {"hc_smoe": ("all_means",), "m_smoe": ("router_gram",)}
+METHOD_NEEDS = {"hc_smoe": ("all_means",), "m_smoe": ("router_gram",), "ream": ("output_cosine", "router_gram")}
 
 
 def plan_merge(obs, adapter: MoEAdapter, *, method: str, n_keep: int, linkage: str = "average",
-               where: str = "merge") -> MergePlan:
+               group_size: int = 0, where: str = "merge") -> MergePlan:
     """Cluster every layer's experts from saved observations."""
     from moeprune.score.select import routing_groups
 
@@ -181,9 +221,16 @@ def plan_merge(obs, adapter: MoEAdapter, *, method: str, n_keep: int, linkage: s
                 raise MoePruneError(f"{where}: hc_smoe needs observations collected with 'all_means' "
                                     "(moeprune observe --collect all_means)")
             clusters[i] = hc_smoe_clusters(stats.all_mean, stats.count, n_keep, linkage=linkage, groups=groups)
+        elif method == "ream":
+            if stats.out_cos_sum is None:
+                raise MoePruneError(f"{where}: ream needs observations collected with 'output_cosine' "
+                                    "(moeprune observe --collect output_cosine,router_gram)")
+            clusters[i] = ream_clusters(ream_similarity(stats), stats.reap, n_keep, groups=groups,
+                                        group_size=group_size)
         else:
             if stats.logit_gram is None:
                 raise MoePruneError(f"{where}: m_smoe needs observations collected with 'router_gram' "
                                     "(moeprune observe --collect router_gram)")
             clusters[i] = m_smoe_clusters(stats.logit_cosine, stats.count, n_keep, groups=groups)
-    return MergePlan(method=method, clusters=clusters, options={"linkage": linkage} if method == "hc_smoe" else {})
+    options = {"hc_smoe": {"linkage": linkage}, "ream": {"group_size": group_size}}.get(method, {})
+    return MergePlan(method=method, clusters=clusters, options=options)

@@ -75,7 +75,7 @@ class _LayerObserver:
     def add_tokens(self, hidden: torch.Tensor, valid: torch.Tensor | None, logits: torch.Tensor) -> None:
         """Token-level statistics that do not depend on routing: router gram and all-token means.
         `logits` (T, E) are the router logits of `hidden`."""
-        if not self.collect & {"router_gram", "all_means"}:
+        if not self.collect & {"router_gram", "all_means", "output_cosine"}:
             return
         x = hidden if valid is None else hidden[valid]
         s = self._on(hidden.device)
@@ -84,13 +84,20 @@ class _LayerObserver:
             s.logit_gram += z.T @ z
             s.logit_sum += z.sum(0)
             s.data["logit_count"] += z.shape[0]
+        if s.all_out_sum is None and s.out_cos_sum is None:
+            return
+        if self.all_means_tokens is not None and x.shape[0] > self.all_means_tokens:
+            step = x.shape[0] / self.all_means_tokens
+            x = x[(torch.arange(self.all_means_tokens, device=x.device) * step).long()]
+        outs = [self.adapter.expert_forward(self.layer, j, x) for j in range(s.num_experts)]  # E x (T, H)
         if s.all_out_sum is not None:
-            if self.all_means_tokens is not None and x.shape[0] > self.all_means_tokens:
-                step = x.shape[0] / self.all_means_tokens
-                x = x[(torch.arange(self.all_means_tokens, device=x.device) * step).long()]
-            for j in range(s.num_experts):
-                s.all_out_sum[j] += self.adapter.expert_forward(self.layer, j, x).sum(0, dtype=torch.float64)
+            for j, f in enumerate(outs):
+                s.all_out_sum[j] += f.sum(0, dtype=torch.float64)
             s.data["all_count"] += x.shape[0]
+        if s.out_cos_sum is not None:
+            u = torch.nn.functional.normalize(torch.stack(outs).to(torch.float64), dim=-1)  # (E, T, H)
+            s.out_cos_sum += torch.einsum("ith,jth->ij", u, u)
+            s.data["out_cos_count"] += x.shape[0]
 
 
 def _observed_experts_forward(observer: _LayerObserver, collector: "Collector"):
@@ -124,8 +131,9 @@ class Collector:
 
     Args:
         model: a causal LM of a supported architecture (left unchanged after `detach`).
-        collect: optional statistics on top of the core ones: "routed_means", "all_means", "router_gram".
-        all_means_tokens: cap on tokens per batch for "all_means" (None = every token).
+        collect: optional statistics on top of the core ones: "routed_means", "all_means", "router_gram",
+            "output_cosine".
+        all_means_tokens: cap on tokens per batch for "all_means" and "output_cosine" (None = every token).
     """
 
     def __init__(self, model, *, collect: Iterable[str] = (), all_means_tokens: int | None = None):

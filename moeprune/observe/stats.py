@@ -15,6 +15,8 @@ gate, f_j the expert output before gating):
     all_out_sum[j]= sum_{x in S} f_j(x)        (H,)        (optional: "all_means", S = sampled tokens)
     logit_gram    = sum_x z(x) z(x)^T          (E, E)      (optional: "router_gram")
     logit_sum     = sum_x z(x)                 (E,)
+    out_cos_sum[i, j] = sum_{x in S} cos(f_i(x), f_j(x))  (E, E)  (optional: "output_cosine", REAM's
+                                                        expert similarity; S = the same sampled tokens)
 Memory is O(layers x experts x hidden), never O(tokens).
 
 `STATS` is the one table: each row gives a statistic's shape, how two partial values combine (sum or
@@ -35,7 +37,7 @@ from moeprune.errors import MoePruneError
 
 __all__ = ["Stat", "STATS", "LayerStats", "Observations", "OPTIONAL_STATS", "STATS_VERSION", "model_fingerprint"]
 
-OPTIONAL_STATS = ("routed_means", "all_means", "router_gram")
+OPTIONAL_STATS = ("routed_means", "all_means", "router_gram", "output_cosine")
 STATS_VERSION = 3  # bump when the collected statistics change (observation caches are keyed on it)
 # 3: norms in the compute dtype with float32 accumulation, statistics accumulated on the compute device
 
@@ -67,6 +69,8 @@ STATS: dict[str, Stat] = {
     "logit_gram": Stat(("E", "E"), "sum", group="router_gram"),
     "logit_sum": Stat(("E",), "sum", group="router_gram"),
     "logit_count": Stat(("1",), "sum"),
+    "out_cos_sum": Stat(("E", "E"), "sum", group="output_cosine"),
+    "out_cos_count": Stat(("1",), "sum", group="output_cosine"),
 }
 _REDUCE = {"sum": torch.add, "max": torch.maximum}
 
@@ -151,6 +155,12 @@ class LayerStats:
         """Cosine similarity of router-logit columns over calibration tokens (E, E)."""
         diag = self.logit_gram.diagonal().clamp(min=1e-30).sqrt()
         return self.logit_gram / (diag[:, None] * diag[None, :])
+
+    @property
+    def output_similarity(self) -> torch.Tensor:
+        """REAM's output similarity: mean over sampled tokens of (cos(f_i(x), f_j(x)) + 1) / 2, in [0, 1] (E, E)."""
+        n = max(int(self.out_cos_count.sum().item()), 1)
+        return (self.out_cos_sum / n + 1) / 2
 
     # ---------------------------------------------------------------- generated from the table
     def tensors(self) -> dict[str, torch.Tensor]:

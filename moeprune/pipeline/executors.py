@@ -14,7 +14,8 @@ import torch
 
 from moeprune.errors import MoePruneError
 
-__all__ = ["Executor", "MemoryExecutor", "LayerwiseExecutor", "make_executor", "changed_tensors"]
+__all__ = ["Executor", "MemoryExecutor", "LayerwiseExecutor", "make_executor", "changed_tensors",
+           "router_tensors"]
 
 
 def changed_tensors(plan, adapter, layer, decision, names) -> dict[str, torch.Tensor]:
@@ -48,6 +49,18 @@ def changed_tensors(plan, adapter, layer, decision, names) -> dict[str, torch.Te
     return out
 
 
+def router_tensors(plan, model) -> dict[int, dict[str, torch.Tensor]]:
+    """Layer -> {on-disk name: tensor} of every trainable router tensor of the compressed `model` (what
+    recovery rewrites), in the checkpoint's names and layout."""
+    from moeprune.checkpoint.replacements import to_disk_names
+    from moeprune.recover import router_parameters
+
+    spec, mem = plan.shape.spec, {}
+    for i, path, p in router_parameters(model).values():
+        mem.setdefault(i, {})[f"{spec.layers}.{i}.{spec.block}.{path}"] = p.detach()
+    return {i: to_disk_names(plan.shape.model, tensors) for i, tensors in mem.items()}
+
+
 class Executor:
     """Common parts: the tokenizer, the calibration set, writing the compressed checkpoint."""
 
@@ -78,7 +91,8 @@ class Executor:
         return self._calib
 
     def _all_means_tokens(self):
-        return self.plan.recipe.merge.all_means_tokens if "all_means" in self.plan.collect else None
+        sampled = {"all_means", "output_cosine"} & set(self.plan.collect)
+        return self.plan.recipe.merge.all_means_tokens if sampled else None
 
     def _write(self, folder: Path, decision, replacements, provenance: dict):
         from moeprune.stream.rewrite import write_rewrite
@@ -162,6 +176,7 @@ class MemoryExecutor(Executor):
         from moeprune.compress import prune_experts
         from moeprune.models import MoEAdapter
 
+        kd = self._router_kd()  # the original model's targets, before any surgery
         adapter, names, replaced = MoEAdapter(self.model), self._names(), Replacements()
         try:
             for layer in adapter.layers:
@@ -169,12 +184,30 @@ class MemoryExecutor(Executor):
                     self.plan.method.apply_layer(adapter, layer, decision, obs, self.plan)
                     replaced.add(layer.index, changed_tensors(self.plan, adapter, layer, decision, names))
             prune_experts(self.model, decision.kept, where="decision")  # the compressed model, for evaluation
+            if kd is not None:
+                provenance["recovery"] = kd.fit(self.model, progress=self.progress)
+                for i, tensors in router_tensors(self.plan, self.model).items():
+                    replaced.add(i, tensors)
             return self._write(folder, decision, replaced, provenance)
         finally:
             replaced.close()
 
     def evaluate_output(self, folder: Path) -> dict:
         return self._evaluate(self.model, self.tokenizer)
+
+    def _router_kd(self):
+        """Router KD set up with the original model's targets (None without a `recover` section)."""
+        r = self.plan.recipe.recover
+        if r is None:
+            return None
+        from moeprune.recover import RouterKD
+        from moeprune.recover.router_kd import split_batches
+
+        train, held = split_batches(self.calibration().batches, tokens=r.tokens)
+        kd = RouterKD(steps=r.steps, lr=r.lr, top_k=r.top_k, train=train, held=held,
+                      seed=self.plan.recipe.seed if r.seed is None else r.seed)
+        kd.compute_targets(self.model)
+        return kd
 
 
 class LayerwiseExecutor(Executor):

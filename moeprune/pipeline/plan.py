@@ -221,6 +221,12 @@ def _quantize(recipe, shape, execution: str) -> int | None:
     return check_quantize(shape.model, q.bits, q.group_size, option="quantize.group_size")
 
 
+def _check_recover(recipe, execution: str) -> None:
+    if recipe.recover is not None and execution == "layerwise":
+        raise MoePruneError("recover: router_kd trains the whole compressed model in memory and this run is "
+                            "layer-wise; set execution: memory with a larger max_memory, or drop recover")
+
+
 def _calibration(recipe, config):
     from moeprune.pipeline.run import calibration_spec
 
@@ -265,7 +271,8 @@ def make_plan(recipe, *, out_dir=None, overwrite: bool = False, needs_output: bo
     plan.n_keep = _check_ratio(recipe, shape)
     method.check(plan)
     plan.collect = tuple(method.needs)
-    if method.needs_observations or method.needs_layer_inputs:
+    _check_recover(recipe, plan.execution)
+    if method.needs_observations or method.needs_layer_inputs or recipe.recover is not None:
         plan.calibration = _calibration(recipe, shape.config)
     plan.quant_group_size = _quantize(recipe, shape, plan.execution)
     if recipe.eval.tasks:

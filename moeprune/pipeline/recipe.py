@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from moeprune.errors import MoePruneError
 from moeprune.inputs import read_text
 
-__all__ = ["Recipe", "CalibrationConfig", "EvalConfig", "load_recipe", "apply_overrides", "format_validation_error"]
+__all__ = ["Recipe", "RecoverConfig", "CalibrationConfig", "EvalConfig", "load_recipe", "apply_overrides", "format_validation_error"]
 
 _FORBID = ConfigDict(extra="forbid")
 
@@ -44,7 +44,10 @@ class MergeConfig(BaseModel):
     linkage: Literal["average", "single", "complete", "ward"] = "average"
     router: Literal["dominant", "weighted"] = "dominant"
     align: bool | None = Field(None, description="align neurons before averaging (default: m_smoe yes, hc_smoe no)")
-    all_means_tokens: int | None = Field(256, ge=1, description="tokens per batch for hc_smoe features; null = all")
+    all_means_tokens: int | None = Field(256, ge=1, description="tokens per batch for hc_smoe features and ream "
+                                                                "similarities; null = all")
+    group_size: int = Field(0, ge=0, description="ream: 0 = every expert joins its most similar centroid; C > 0 = "
+                                                 "REAM's pseudo-pruning groups of at most C experts (the paper: 16)")
 
 
 class ReconstructConfig(BaseModel):
@@ -64,6 +67,18 @@ class QuantizeConfig(BaseModel):
     importance: str = Field("reap", description="scoring method giving each layer's importance for the mix")
 
 
+class RecoverConfig(BaseModel):
+    model_config = _FORBID
+    method: Literal["router_kd"] = Field("router_kd", description="router_kd: train only the router tensors "
+                                                                  "against the original model's next-token distribution")
+    steps: int = Field(100, ge=1, description="optimizer steps, one calibration batch each")
+    lr: float = Field(1e-3, gt=0, description="Adam learning rate")
+    tokens: int = Field(16384, ge=1, description="calibration tokens to train on (whole batches; the last eighth "
+                                                 "of the calibration batches is held back to measure the KL)")
+    top_k: int = Field(64, ge=1, description="teacher log-probabilities kept per token (>= vocabulary: full KL)")
+    seed: int | None = Field(None, description="batch-order seed; default: the recipe's seed")
+
+
 class Recipe(BaseModel):
     model_config = _FORBID
     model: str = Field(..., description="local model folder, or 'demo'")
@@ -78,6 +93,7 @@ class Recipe(BaseModel):
     reconstruct: ReconstructConfig = Field(default_factory=ReconstructConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     quantize: QuantizeConfig | None = Field(None, description="optional weight-only quantization after compression")
+    recover: RecoverConfig | None = Field(None, description="optional recovery training after compression")
     output: str | None = None
     seed: int = 0
     dtype: Literal["float32", "bfloat16", "float16", "auto"] = Field(

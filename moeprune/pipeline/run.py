@@ -88,7 +88,7 @@ def get_observations(executor, *, log=print, observations_dir=None):
             raise MoePruneError(f"observations in {observations_dir} lack {sorted(missing)} needed by "
                                 f"{plan.method.name}; re-run `moeprune observe --collect {','.join(sorted(missing))}`")
         return obs, True
-    all_means = plan.recipe.merge.all_means_tokens if "all_means" in plan.collect else None
+    all_means = plan.recipe.merge.all_means_tokens if {"all_means", "output_cosine"} & set(plan.collect) else None
     key = _cache_key(fingerprint, {**plan.calibration.to_dict(), "batch_size": plan.recipe.calibration.batch_size,
                                    "all_means_tokens": all_means}, plan.collect, plan.dtype)
     cached = cache_dir() / key
@@ -176,8 +176,11 @@ def run_recipe(recipe: Recipe, *, out_dir: str | Path | None = None, overwrite: 
                 base_eval = ex.evaluate()
         with plan.output as tmp:
             report = _report_head(plan, obs, reused, decision)
+            provenance = _provenance(plan, obs, decision)
             with timer("compress"):
-                ex.compress(decision, obs, tmp, provenance=_provenance(plan, obs, decision))
+                ex.compress(decision, obs, tmp, provenance=provenance)
+            if "recovery" in provenance:
+                report["recovery"] = provenance["recovery"]
             comp_eval = {}
             if plan.tasks:
                 with timer("eval_compressed"):

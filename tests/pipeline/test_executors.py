@@ -17,7 +17,7 @@ from moeprune.pipeline.recipe import Recipe
 from moeprune.pipeline.run import run_recipe
 from tiny_models import save_tiny
 
-METHODS = ["reap", "reap_prob", "frequency", "ean", "reconstruct", "hc_smoe", "m_smoe"]
+METHODS = ["reap", "reap_prob", "frequency", "ean", "reconstruct", "hc_smoe", "m_smoe", "ream"]
 RESULT_FILES_SKIPPED = {"report.json", "report.md"}  # they record the execution mode and timings
 
 

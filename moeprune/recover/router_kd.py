@@ -1,0 +1,165 @@
+"""Router knowledge distillation (arXiv 2603.02217): after pruning or merging, train only the router
+weights (and router biases that take part in the gate's forward) so that the compressed model's
+next-token distribution matches the original model's on calibration data.
+
+Targets are computed once, with the original model, before any surgery: for every calibration token the
+teacher's `top_k` most likely next tokens and their log-probabilities (full softmax). The loss is the
+KL divergence from the teacher distribution renormalised over those `top_k` tokens to the student's
+(full-softmax) probabilities of the same tokens, averaged over non-padding tokens; with `top_k` >= the
+vocabulary it is the exact KL. Router tensors train in float32 master copies, written back to the
+model's own dtype after every step, so bfloat16 models recover too. Biases used only to pick experts
+(DeepSeek-V3's correction bias, a buffer) get no gradient and are left as they are.
+
+Cost is bounded by the recipe: `steps` optimizer steps of one calibration batch each, over at most
+`tokens` calibration tokens whose targets are held in memory ((tokens x top_k) values).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from moeprune.errors import MoePruneError
+from moeprune.models import MoEAdapter
+
+__all__ = ["RouterKD", "kd_loss", "teacher_targets", "router_parameters", "split_batches"]
+
+
+def split_batches(batches: list[dict], *, tokens: int) -> tuple[list[dict], list[dict]]:
+    """Training batches (at most `tokens` non-padding tokens, whole batches, at least one) and held-back
+    batches (the last eighth of the calibration set, at least one when there are two or more)."""
+    n_held = math.ceil(len(batches) / 8) if len(batches) >= 2 else 0
+    pool, held = batches[:len(batches) - n_held], batches[len(batches) - n_held:]
+    train, used = [], 0
+    for b in pool:
+        if train and used >= tokens:
+            break
+        train.append(b)
+        used += int(_mask(b).sum())
+    return train, held
+
+
+def _mask(batch: dict) -> torch.Tensor:
+    ids = batch["input_ids"]
+    m = batch.get("attention_mask")
+    return torch.ones_like(ids, dtype=torch.bool) if m is None else m.bool()
+
+
+@torch.no_grad()
+def teacher_targets(model, batches: list[dict], *, top_k: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(indices (B, S, k) long, log-probabilities (B, S, k) float32) of the teacher's top-k next tokens."""
+    out = []
+    dev = next(model.parameters()).device
+    for b in batches:
+        logits = model(**{k: v.to(dev) for k, v in b.items()}).logits  # (B, S, V)
+        logp = F.log_softmax(logits.float(), dim=-1)
+        vals, idx = logp.topk(min(top_k, logp.shape[-1]), dim=-1)
+        out.append((idx.cpu(), vals.cpu()))
+    return out
+
+
+def kd_loss(logits: torch.Tensor, idx: torch.Tensor, teacher_logp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean over masked tokens of KL(teacher renormalised over its top-k || student) on those k tokens.
+    logits (B, S, V); idx, teacher_logp (B, S, k); mask (B, S) bool."""
+    t = teacher_logp - torch.logsumexp(teacher_logp, dim=-1, keepdim=True)  # renormalised over the top-k
+    s = F.log_softmax(logits.float(), dim=-1).gather(-1, idx)
+    kl = (t.exp() * (t - s)).sum(-1)  # (B, S)
+    m = mask.to(kl.dtype)
+    return (kl * m).sum() / m.sum().clamp(min=1)
+
+
+def router_parameters(model) -> dict[str, tuple[int, str, torch.nn.Parameter]]:
+    """'layer.path' -> (layer index, path, parameter) for every router tensor that is a trainable
+    parameter (ArchSpec.router_tensors; buffers such as correction biases are left out)."""
+    adapter = MoEAdapter(model)
+    out = {}
+    for layer in adapter.layers:
+        for path, _dim in adapter.spec.router_tensors:
+            t = adapter.tensor(layer, path)
+            if isinstance(t, torch.nn.Parameter):
+                out[f"{layer.index}.{path}"] = (layer.index, path, t)
+    if not out:
+        raise MoePruneError(f"recover: {adapter.spec.name} has no router parameters to train")
+    return out
+
+
+@dataclass
+class RouterKD:
+    """One router-KD run: `targets` come from the original model (computed once, before surgery)."""
+
+    steps: int
+    lr: float
+    top_k: int
+    seed: int
+    train: list[dict]
+    held: list[dict]
+    train_targets: list = None
+    held_targets: list = None
+
+    def compute_targets(self, model) -> None:
+        self.train_targets = teacher_targets(model, self.train, top_k=self.top_k)
+        self.held_targets = teacher_targets(model, self.held, top_k=self.top_k)
+
+    def mean_kl(self, model, batches, targets) -> float | None:
+        if not batches:
+            return None
+        dev = next(model.parameters()).device
+        total, n = 0.0, 0
+        with torch.no_grad():
+            for b, (idx, logp) in zip(batches, targets):
+                m = _mask(b)
+                logits = model(**{k: v.to(dev) for k, v in b.items()}).logits
+                total += float(kd_loss(logits, idx.to(dev), logp.to(dev), m.to(dev))) * int(m.sum())
+                n += int(m.sum())
+        return total / max(n, 1)
+
+    def fit(self, model, *, progress: bool = True) -> dict:
+        """Train the router parameters of the compressed `model` in place; returns what was done."""
+        from tqdm.auto import tqdm
+
+        if self.train_targets is None:
+            raise MoePruneError("recover: teacher targets were not computed before compression")
+        params = router_parameters(model)
+        eval_on, eval_t = (self.held, self.held_targets) if self.held else (self.train, self.train_targets)
+        before = self.mean_kl(model, eval_on, eval_t)
+        flags = {id(p): p.requires_grad for p in model.parameters()}
+        model.requires_grad_(False)
+        masters = [p.detach().float().clone().requires_grad_(True) for _, _, p in params.values()]
+        opt = torch.optim.Adam(masters, lr=self.lr)
+        gen = torch.Generator().manual_seed(self.seed)
+        dev = next(model.parameters()).device
+        order: list[int] = []
+        losses = []
+        try:
+            for _, _, p in params.values():
+                p.requires_grad_(True)
+            for _ in tqdm(range(self.steps), desc="router KD", disable=not progress):
+                if not order:
+                    order = torch.randperm(len(self.train), generator=gen).tolist()
+                i = order.pop(0)
+                b, (idx, logp) = self.train[i], self.train_targets[i]
+                with torch.enable_grad():
+                    logits = model(**{k: v.to(dev) for k, v in b.items()}).logits
+                    loss = kd_loss(logits, idx.to(dev), logp.to(dev), _mask(b).to(dev))
+                    grads = torch.autograd.grad(loss, [p for _, _, p in params.values()], allow_unused=True)
+                for m, g in zip(masters, grads):
+                    m.grad = None if g is None else g.float()
+                opt.step()
+                with torch.no_grad():
+                    for m, (_, _, p) in zip(masters, params.values()):
+                        p.copy_(m.to(p.dtype))
+                losses.append(float(loss.detach()))
+        finally:
+            for p in model.parameters():
+                p.requires_grad_(flags.get(id(p), False))
+        after = self.mean_kl(model, eval_on, eval_t)
+        return {"method": "router_kd", "steps": self.steps, "lr": self.lr, "top_k": self.top_k, "seed": self.seed,
+                "train_tokens": sum(int(_mask(b).sum()) for b in self.train),
+                "eval_tokens": sum(int(_mask(b).sum()) for b in eval_on),
+                "eval_on": "held-back calibration tokens" if self.held else "training tokens (no batch to hold back)",
+                "kl_before": before, "kl_after": after, "loss_first": losses[0], "loss_last": losses[-1],
+                "trained": sorted({path for _, path, _ in params.values()}),
+                "trained_params": sum(p.numel() for _, _, p in params.values())}
