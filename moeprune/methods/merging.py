@@ -20,7 +20,7 @@ import torch
 from moeprune.compress.merge import ROUTER_RULES, merge_layer, plan_merge
 from moeprune.errors import MoePruneError
 from moeprune.methods.base import Decision, Method, register
-from moeprune.score import Selection, experts_to_keep
+from moeprune.score import Selection
 
 __all__ = ["Merge", "Ream"]
 
@@ -44,9 +44,7 @@ class Merge(Method):
 
     def decide(self, obs, plan, executor) -> Decision:
         r = plan.recipe
-        n_keep = experts_to_keep(plan.shape.num_experts, ratio=r.ratio, keep=r.keep, top_k=plan.shape.top_k,
-                                 where="recipe")
-        mp = plan_merge(obs, plan.shape, method=self.name, n_keep=n_keep, linkage=r.merge.linkage,
+        mp = plan_merge(obs, plan.shape, method=self.name, n_keep=plan.n_keep, linkage=r.merge.linkage,
                         group_size=r.merge.group_size, where="recipe")
         dropped = {i: [j for c in cl for j in c[1:]] for i, cl in mp.clusters.items()}
         sel = Selection(method=self.name, allocation="uniform", kept=mp.kept, dropped=dropped,

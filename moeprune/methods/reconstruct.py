@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from moeprune.errors import MoePruneError
 from moeprune.methods.base import Decision, Method, register
-from moeprune.score import experts_to_keep, super_experts
+from moeprune.score import super_experts
 from moeprune.score.reconstruct import selection_from_search, subset_chooser
 from moeprune.score.select import routing_groups
 
@@ -33,7 +33,7 @@ class Reconstruct(Method):
 
     def decide(self, obs, plan, executor) -> Decision:
         r, shape = plan.recipe, plan.shape
-        n_keep = experts_to_keep(shape.num_experts, ratio=r.ratio, keep=r.keep, top_k=shape.top_k, where="recipe")
+        n_keep = plan.n_keep
         groups = routing_groups(shape, n_keep, "reconstruct")
         num_layers = int(shape.config.num_hidden_layers)
         protected = super_experts(obs, num_layers) if r.protect_super_experts else {}

@@ -12,8 +12,6 @@ from pathlib import Path
 
 import torch
 
-from moeprune.errors import MoePruneError
-
 __all__ = ["Executor", "MemoryExecutor", "LayerwiseExecutor", "make_executor", "changed_tensors",
            "router_tensors"]
 
@@ -97,13 +95,8 @@ class Executor:
     def _write(self, folder: Path, decision, replacements, provenance: dict):
         from moeprune.stream.rewrite import write_rewrite
 
-        return write_rewrite(self.plan.src, folder, self._names(), decision.kept, replacements=replacements,
+        return write_rewrite(self.plan.src, folder, self.plan.names, decision.kept, replacements=replacements,
                              max_shard_size=self.plan.recipe.max_shard_size, provenance=provenance)
-
-    def _names(self):
-        from moeprune.stream.names import CheckpointNames
-
-        return CheckpointNames(self.plan.shape.model)
 
     def _evaluate(self, model, tokenizer) -> dict:
         from moeprune.evaluate import evaluate
@@ -177,7 +170,7 @@ class MemoryExecutor(Executor):
         from moeprune.models import MoEAdapter
 
         kd = self._router_kd()  # the original model's targets, before any surgery
-        adapter, names, replaced = MoEAdapter(self.model), self._names(), Replacements()
+        adapter, names, replaced = MoEAdapter(self.model), self.plan.names, Replacements()
         try:
             for layer in adapter.layers:
                 if decision.changed_experts(layer.index):
@@ -268,10 +261,8 @@ class LayerwiseExecutor(Executor):
                 source.close()
 
     def _offloaded(self, folder: Path):
-        try:
-            from moeprune.stream.offload import offloaded_model
-        except ImportError:  # pragma: no cover - the offloaded evaluator ships with the layer-wise path
-            raise MoePruneError("evaluation under layer-wise execution needs moeprune.stream.offload") from None
+        from moeprune.stream.offload import offloaded_model
+
         return offloaded_model(folder, dtype=self.plan.dtype, device=self.plan.device,
                                max_memory=self.plan.max_memory)
 

@@ -16,6 +16,7 @@ class _LoadedPlan:
     recipe: object
     shape: MoEAdapter
     method: object
+    n_keep: int | None
 
 
 class _LoadedModel:
@@ -36,8 +37,12 @@ def compress_model(model, obs, recipe, *, calibration=None, progress: bool = Fal
     from moeprune.compress import prune_experts
     from moeprune.methods import get_method
 
+    from moeprune.score import experts_to_keep
+
     adapter = MoEAdapter(model)
-    plan = _LoadedPlan(recipe=recipe, shape=adapter, method=get_method(recipe.method))
+    n_keep = None if recipe.ratio is None and recipe.keep is None else experts_to_keep(
+        adapter.num_experts, ratio=recipe.ratio, keep=recipe.keep, top_k=adapter.top_k, where="recipe")
+    plan = _LoadedPlan(recipe=recipe, shape=adapter, method=get_method(recipe.method), n_keep=n_keep)
     plan.method.check(plan)
     decision = plan.method.decide(obs, plan, _LoadedModel(model, calibration, progress))
     for layer in adapter.layers:

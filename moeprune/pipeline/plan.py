@@ -9,10 +9,10 @@ folder. Everything knowable here fails here, in one line, before a byte of weigh
 
 from __future__ import annotations
 
-import math
 import os
 import re
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import torch
@@ -103,7 +103,6 @@ class Plan:
     execution_reason: str
     model_bytes: int  # weights in the compute dtype
     max_memory: int
-    input_bytes: int  # safetensors files on disk
     collect: tuple[str, ...] = ()
     quant_group_size: int | None = None
     tasks: list = field(default_factory=list)
@@ -111,8 +110,14 @@ class Plan:
     output: object = None  # OutputFolder
     keep_plan: dict | None = None
 
+    @cached_property
+    def names(self):
+        """On-disk tensor names of the model family (CheckpointNames), built once."""
+        from moeprune.stream.names import CheckpointNames
+
+        return CheckpointNames(self.shape.model)
+
     def summary(self) -> str:
-        gb = lambda n: f"{n / 1e9:.2f} GB"  # noqa: E731
         return (f"plan: {self.method.name} on {self.shape.spec.name}, {self.dtype} on {self.device}, "
                 f"execution {self.execution} ({self.execution_reason})")
 
@@ -172,8 +177,6 @@ def placement(src: Path, meta, *, dtype: str = "auto", device: str = "auto", exe
               max_memory=None) -> Placement:
     """Resolve dtype (`auto` = the checkpoint's), device and execution (`auto` = layer-wise when the model
     does not fit in `max_memory`) for the model folder `src`, whose model built on meta is `meta`."""
-    from types import SimpleNamespace
-
     from moeprune.checkpoint import checkpoint_dtype
 
     if execution not in ("auto", "memory", "layerwise"):
@@ -184,20 +187,20 @@ def placement(src: Path, meta, *, dtype: str = "auto", device: str = "auto", exe
         raise MoePruneError(f"dtype: {dtype!r} is not one of auto, float32, bfloat16, float16")
     dev = resolve_device(device)
     model_bytes = _model_bytes(meta, dtype)
-    mode, reason, budget = _execution(SimpleNamespace(execution=execution, max_memory=max_memory), model_bytes, dev)
+    mode, reason, budget = _execution(execution, max_memory, model_bytes, dev)
     return Placement(dtype, source_dtype, dev, mode, reason, budget, model_bytes)
 
 
-def _execution(recipe, model_bytes: int, device: torch.device) -> tuple[str, str, int]:
-    budget = parse_memory(recipe.max_memory)
+def _execution(execution: str, max_memory, model_bytes: int, device: torch.device) -> tuple[str, str, int]:
+    budget = parse_memory(max_memory)
     if budget is None:
         budget = free_memory(device)
         where = f"free memory of {device.type}"
     else:
         where = "max_memory"
     need = int(model_bytes * MEMORY_MARGIN) + MEMORY_HEADROOM
-    if recipe.execution != "auto":
-        return recipe.execution, "asked for", budget
+    if execution != "auto":
+        return execution, "asked for", budget
     if need <= budget:
         return "memory", f"{need / 1e9:.2f} GB needed <= {budget / 1e9:.2f} GB {where}", budget
     return "layerwise", f"{need / 1e9:.2f} GB needed > {budget / 1e9:.2f} GB {where}", budget
@@ -239,7 +242,7 @@ def make_plan(recipe, *, out_dir=None, overwrite: bool = False, needs_output: bo
     """Validate the recipe against the model's config and decide everything that needs no weights.
 
     `observe_only`: the plan of `moeprune observe` (statistics `collect`, no method, no compression)."""
-    from moeprune.checkpoint import OutputFolder, files_bytes
+    from moeprune.checkpoint import OutputFolder
     from moeprune.io import meta_model, resolve_model_dir
     from moeprune.methods import get_method
     from moeprune.models import MoEAdapter
@@ -258,7 +261,8 @@ def make_plan(recipe, *, out_dir=None, overwrite: bool = False, needs_output: bo
     plan = Plan(recipe=recipe, src=src, shape=shape, method=method, n_keep=None, dtype=where.dtype,
                 source_dtype=where.source_dtype, device=where.device, execution=where.execution,
                 execution_reason=where.reason, model_bytes=where.model_bytes, max_memory=where.max_memory,
-                input_bytes=files_bytes(src), output=output)
+                output=output)
+    parse_memory(recipe.max_shard_size, field_name="max_shard_size")
     if observe_only:
         from moeprune.observe.collector import OPTIONAL_STATS
 
@@ -279,6 +283,4 @@ def make_plan(recipe, *, out_dir=None, overwrite: bool = False, needs_output: bo
         from moeprune.evaluate import resolve_tasks
 
         plan.tasks = resolve_tasks(recipe.eval.tasks)
-    if math.isnan(plan.model_bytes):  # pragma: no cover - defensive
-        raise MoePruneError("could not size the model")
     return plan

@@ -21,7 +21,7 @@ import torch
 from moeprune import __version__, distributed
 from moeprune.pipeline.recipe import Recipe
 
-__all__ = ["run_recipe", "get_observations", "cache_dir", "calibration_spec", "load_recipe_calibration"]
+__all__ = ["run_recipe", "get_observations", "cache_dir", "calibration_spec"]
 
 # recipe fields that say where and how a run executes, not what it computes (left out of moeprune.json,
 # so that the same recipe gives the same files under either executor)
@@ -64,12 +64,6 @@ def calibration_spec(recipe: Recipe, *, context: int | None = None):
     max_length = c.max_length or (min(DEFAULT_MAX_LENGTH, context) if context else DEFAULT_MAX_LENGTH)
     return parse_calibration_spec(c.spec, max_length=max_length, pack=c.pack, seed=recipe.seed,
                                   chat_template=c.chat_template, text_field=c.text_field)
-
-
-def load_recipe_calibration(recipe: Recipe, tokenizer):
-    from moeprune.observe.calibration import load_calibration
-
-    return load_calibration(calibration_spec(recipe), tokenizer, batch_size=recipe.calibration.batch_size)
 
 
 def get_observations(executor, *, log=print, observations_dir=None):
@@ -231,9 +225,8 @@ def _report_head(plan, obs, reused: bool, decision) -> dict:
 def _sizes(report: dict, plan, folder: Path, *, stage: str) -> None:
     """Bytes are the weight files on disk (input files vs output files); parameters separately."""
     from moeprune.checkpoint.files import weights_summary
-    from moeprune.stream.names import CheckpointNames
 
-    names = CheckpointNames(plan.shape.model)
+    names = plan.names
     before = weights_summary(plan.src, names)
     after = weights_summary(folder, names if stage == "compressed" else None)  # quantized names are not the model's
     comp = report["compression"]

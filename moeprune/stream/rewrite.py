@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 import shutil
 import time
 from collections import defaultdict
@@ -27,18 +26,11 @@ from moeprune.stream.safetensors_io import INDEX_FILE, SINGLE_FILE, Checkpoint, 
 
 __all__ = ["RewriteResult", "plan_rewrite", "prune_checkpoint", "write_rewrite", "parse_size"]
 
-_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20,
-          "GIB": 2**30, "TIB": 2**40}
-
-
 def parse_size(size: int | str) -> int:
-    """Bytes from an int or a string such as "5GB", "100KB", "2GiB"."""
-    if isinstance(size, int):
-        return size
-    m = re.fullmatch(r"\s*([0-9.]+)\s*([A-Za-z]*)\s*", str(size))
-    if m is None or m.group(2).upper() not in _UNITS:
-        raise MoePruneError(f"shard size {size!r} is not a size such as 5GB, 500MB or 2GiB")
-    return int(float(m.group(1)) * _UNITS[m.group(2).upper()])
+    """Bytes from an int or a string such as "5GB", "100KB", "2GiB" (the plan's parser, one unit table)."""
+    from moeprune.pipeline.plan import parse_memory
+
+    return parse_memory(size, field_name="max_shard_size")
 
 
 @dataclass
