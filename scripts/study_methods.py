@@ -22,13 +22,26 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 import sys
 import time
+from pathlib import Path
 
 import torch
 
 DEFAULT_METHODS = "frequency,soft_frequency,ean,reap,reap_prob,random,hc_smoe,hc_smoe:weighted,m_smoe,reconstruct"
+# the issue-15 study: each pruning method with and without router-KD recovery, and the three merges
+RECOVERY_METHODS = ("frequency,frequency+kd,ean,ean+kd,reap,reap+kd,reap_prob,reap_prob+kd,"
+                    "hc_smoe,m_smoe,ream")
 DOMAIN_TASKS = {"arith": "demo_arith", "json": "demo_json", "program": "demo_program"}
+GENERATIVE = tuple(DOMAIN_TASKS.values())
+
+
+def _parse_entry(entry: str) -> tuple[str, str, bool]:
+    """`method[:router][+kd]` -> (method, merge router, recover)."""
+    recover = entry.endswith("+kd")
+    method, _, router = entry.removesuffix("+kd").partition(":")
+    return method, router or "dominant", recover
 
 
 def _recipe(model: str, method: str, ratio: float, calib: str, router: str = "dominant"):
@@ -43,7 +56,7 @@ def _evaluate(model, tok, tasks, limit):
     from moeprune.evaluate import evaluate
 
     res = evaluate(model, tok, tasks, limit=limit, batch_size=32, progress=False)
-    return {t: r["score"] for t, r in res.items()}
+    return {t: r["score"] for t, r in res.items()}, {t: r["n"] for t, r in res.items()}
 
 
 def _compress(model, obs, recipe, calib):
@@ -54,52 +67,99 @@ def _compress(model, obs, recipe, calib):
     return m
 
 
-def methods_table(model, tok, args) -> list[dict]:
+class Recovery:
+    """Router KD (moeprune.recover, the recipe's `recover:` defaults unless overridden) after compression;
+    the original model's targets are computed once per calibration set and shared by every method."""
+
+    def __init__(self, model, calib, steps: int | None):
+        from moeprune.pipeline.recipe import RecoverConfig
+        from moeprune.recover import RouterKD
+        from moeprune.recover.router_kd import split_batches
+
+        cfg = RecoverConfig(**({"steps": steps} if steps else {}))
+        train, held = split_batches(calib.batches, tokens=cfg.tokens)
+        self.kd = RouterKD(steps=cfg.steps, lr=cfg.lr, top_k=cfg.top_k, seed=0, train=train, held=held)
+        self.kd.compute_targets(model)
+
+    def fit(self, model) -> dict:
+        rec = self.kd.fit(model, progress=False)
+        return {k: rec[k] for k in ("steps", "lr", "top_k", "train_tokens", "eval_tokens", "kl_before", "kl_after")}
+
+
+def _collect(entries) -> tuple[str, ...]:
+    from moeprune.methods import get_method
+
+    return tuple(sorted({n for e in entries for n in get_method(_parse_entry(e)[0]).needs}))
+
+
+def _run_entry(model, tok, obs, calib, entry, ratio, args, tasks, recovery) -> dict:
+    method, router, recover = _parse_entry(entry)
+    start = time.perf_counter()
+    m = _compress(model, obs, _recipe(args.model, method, ratio, args.calib, router), calib)
+    row = {"method": entry, "ratio": ratio}
+    if recover:
+        row["recovery"] = recovery().fit(m)
+    scores, n = _evaluate(m, tok, tasks, args.limit)
+    return {**row, **scores, "n": n, "seconds": round(time.perf_counter() - start, 1)}
+
+
+def _save(result, args) -> None:
+    if args.out:  # after every row, so an interrupted study keeps what it measured
+        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+
+
+def methods_table(model, tok, args, result) -> list[dict]:
     from moeprune.observe import observe
     from moeprune.observe.calibration import load_calibration, parse_calibration_spec
 
-    spec = parse_calibration_spec(args.calib, max_length=256)
-    calib = load_calibration(spec, tok, batch_size=8)
-    obs = observe(model, calib, collect=("all_means", "router_gram"), all_means_tokens=128, progress=False)
+    entries = args.methods.split(",")
+    calib = load_calibration(parse_calibration_spec(args.calib, max_length=256), tok, batch_size=8)
+    obs = observe(model, calib, collect=_collect(entries), all_means_tokens=128, progress=False)
+    recovery = _lazy(lambda: Recovery(model, calib, args.recover_steps))
     tasks = args.tasks.split(",")
-    base = _evaluate(model, tok, tasks, args.limit)
-    rows = [{"method": "base", "ratio": 0.0, **base}]
+    base, n = _evaluate(model, tok, tasks, args.limit)
+    rows = result.setdefault("methods", [])
+    rows.append({"method": "base", "ratio": 0.0, **base, "n": n})
     _print_row(rows[-1], tasks, base)
     for ratio in [float(r) for r in args.ratios.split(",")]:
-        for entry in args.methods.split(","):
-            method, _, router = entry.partition(":")
-            start = time.perf_counter()
-            m = _compress(model, obs, _recipe("demo", method, ratio, args.calib, router or "dominant"), calib)
-            scores = _evaluate(m, tok, tasks, args.limit)
-            rows.append({"method": entry, "ratio": ratio, **scores, "seconds": round(time.perf_counter() - start, 1)})
+        for entry in entries:
+            rows.append(_run_entry(model, tok, obs, calib, entry, ratio, args, tasks, recovery))
             _print_row(rows[-1], tasks, base)
+            _save(result, args)
     return rows
 
 
-def domain_table(model, tok, args) -> list[dict]:
+def _lazy(make):
+    """A callable returning make()'s value, computed on first call (KD targets only when needed)."""
+    box = []
+    return lambda: box[0] if box else (box.append(make()) or box[0])
+
+
+def domain_table(model, tok, args, result) -> list[dict]:
     """Per generative domain: calibrate on that domain alone, compress with each of --domain-methods at
     each ratio, score on that domain's task. One observation pass per domain serves every row."""
     from moeprune.observe import observe
     from moeprune.observe.calibration import load_calibration, parse_calibration_spec
 
-    methods = args.domain_methods.split(",")
+    entries = args.domain_methods.split(",")
     ratios = [float(r) for r in args.ratios.split(",")]
-    print(f"{'domain':<10}{'base':>8}" + "".join(f"{m + '@' + format(r, 'g'):>18}" for r in ratios for m in methods))
-    rows = []
+    rows = result.setdefault("domain", [])
     for domain, task in DOMAIN_TASKS.items():
-        base = _evaluate(model, tok, [task], args.limit)[task]
+        base, n = _evaluate(model, tok, [task], args.limit)
         calib = load_calibration(parse_calibration_spec(f"demo/{domain}", max_length=256), tok, batch_size=8)
-        obs = observe(model, calib, progress=False)
-        row = {"domain": domain, "task": task, "base": base, "scores": {}}
-        for ratio in ratios:
-            for method in methods:
-                m = _compress(model, obs, _recipe("demo", method, ratio, f"demo/{domain}"), calib)
-                score = _evaluate(m, tok, [task], args.limit)[task]
-                row["scores"][f"{method}@{ratio:g}"] = {"score": score,
-                                                        "retained": round(score / base, 4) if base else None}
+        obs = observe(model, calib, collect=_collect(entries), all_means_tokens=128, progress=False)
+        recovery = _lazy(lambda: Recovery(model, calib, args.recover_steps))
+        row = {"domain": domain, "task": task, "base": base[task], "n": n[task], "scores": {}}
         rows.append(row)
-        print(f"{domain:<10}{base:>8.3f}" + "".join(
-            f"{v['score']:>9.3f} ({v['retained'] or 0:>4.0%})" for v in row["scores"].values()), flush=True)
+        for ratio in ratios:
+            for entry in entries:
+                sub = argparse.Namespace(**{**vars(args), "calib": f"demo/{domain}"})
+                r = _run_entry(model, tok, obs, calib, entry, ratio, sub, [task], recovery)
+                row["scores"][f"{entry}@{ratio:g}"] = {
+                    "score": r[task], **({"recovery": r["recovery"]} if "recovery" in r else {}),
+                    "retained": round(r[task] / row["base"], 4) if row["base"] else None}
+                print(f"{domain:<10}{row['base']:>8.3f} {entry}@{ratio:g} {r[task]:.3f}", flush=True)
+                _save(result, args)
     return rows
 
 
@@ -120,9 +180,9 @@ def quant_table(model, tok, args) -> list[dict]:
     tasks = args.tasks.split(",")
     calib = load_calibration(parse_calibration_spec(args.calib, max_length=256), tok, batch_size=8)
     obs = observe(model, calib, progress=False)
-    rows = [{"setting": "base (fp32)", "bytes": _weight_bytes(model), **_evaluate(model, tok, tasks, args.limit)}]
-    pruned = _compress(model, obs, _recipe("demo", "reap", 0.5, args.calib), calib)
-    rows.append({"setting": "REAP 50%", "bytes": _weight_bytes(pruned), **_evaluate(pruned, tok, tasks, args.limit)})
+    rows = [{"setting": "base (fp32)", "bytes": _weight_bytes(model), **_evaluate(model, tok, tasks, args.limit)[0]}]
+    pruned = _compress(model, obs, _recipe(args.model, "reap", 0.5, args.calib), calib)
+    rows.append({"setting": "REAP 50%", "bytes": _weight_bytes(pruned), **_evaluate(pruned, tok, tasks, args.limit)[0]})
     from moeprune.models import MoEAdapter
 
     kept = {i: list(range(MoEAdapter(pruned).num_experts)) for i in obs.layers}
@@ -136,7 +196,7 @@ def quant_table(model, tok, args) -> list[dict]:
         if "mixed" in kw:
             kw["importance"] = {i: float(score_layer("reap", obs.layers[i]).clamp(min=0).sum()) for i in kept}
         res = quantize_model(m, **kw)
-        rows.append({"setting": label, "bytes": res.bytes_after, **_evaluate(m, tok, tasks, args.limit)})
+        rows.append({"setting": label, "bytes": res.bytes_after, **_evaluate(m, tok, tasks, args.limit)[0]})
     for r in rows:
         print(f"{r['setting']:<32}{r['bytes'] / 1e6:>8.2f} MB" + "".join(f"{r[t]:>10.3f}" for t in tasks), flush=True)
     return rows
@@ -151,33 +211,62 @@ def _print_row(row, tasks, base):
     print(f"{row['method']:<20}{row['ratio']:<6}" + "".join(f"{c:>16}" for c in cells), flush=True)
 
 
-def _cell(score, base, higher_is_better=True):
+def _se(p: float, n: int) -> float:
+    """Standard error of an accuracy p measured on n rows."""
+    return math.sqrt(max(p * (1 - p), 0.0) / n) if n else float("nan")
+
+
+def _cell(score, base, higher_is_better=True, n=None):
     text = f"{score:.3f}" if higher_is_better else f"{score:.1f}"
+    if n and higher_is_better:
+        text += f" ±{_se(score, n):.2f}"
     return f"{text} ({score / base:.0%})" if base else text
 
 
+def retained(row: dict, base: dict) -> tuple[float, float] | None:
+    """Mean over the generative tasks of score / base, and its standard error (tasks independent)."""
+    tasks = [t for t in GENERATIVE if t in row and base.get(t)]
+    if not tasks:
+        return None
+    mean = sum(row[t] / base[t] for t in tasks) / len(tasks)
+    se = math.sqrt(sum((_se(row[t], row["n"][t]) / base[t]) ** 2 for t in tasks)) / len(tasks)
+    return mean, se
+
+
+def _kl(rec: dict | None) -> str:
+    return f"KL {rec['kl_before']:.2f} → {rec['kl_after']:.2f}" if rec else "—"
+
+
+def _methods_markdown(rows: list[dict]) -> list[str]:
+    tasks = [k for k in rows[0] if k not in ("method", "ratio", "seconds", "n", "recovery")]
+    base = rows[0]
+    out = ["| method | drop | router KD | " + " | ".join(tasks) + " | generative retained (mean ± se) |",
+           "|---|---|---|" + "---|" * (len(tasks) + 1)]
+    for r in rows:
+        label = "—" if r["method"] == "base" else f"{r['ratio']:.0%}"
+        cells = [_cell(r[t], None if r is base else base[t], "prose" not in t and "code" not in t, r["n"][t])
+                 for t in tasks]
+        ret = retained(r, base) if r is not base else None
+        cells.append(f"{ret[0]:.0%} ± {ret[1]:.0%}" if ret else "—")
+        out.append(f"| {r['method'].removesuffix('+kd')} | {label} | {_kl(r.get('recovery'))} | "
+                   + " | ".join(cells) + " |")
+    return out + [""]
+
+
 def to_markdown(result: dict) -> str:
-    """The study's tables as markdown (compressed / base in parentheses)."""
+    """The study's tables as markdown (compressed / base in parentheses, ± one standard error)."""
     out = []
     if "methods" in result:
-        rows = result["methods"]
-        tasks = [k for k in rows[0] if k not in ("method", "ratio", "seconds")]
-        base = rows[0]
-        out += ["| method | drop | " + " | ".join(tasks) + " |", "|---|---|" + "---|" * len(tasks)]
-        for r in rows:
-            label = "—" if r["method"] == "base" else f"{r['ratio']:.0%}"
-            cells = [_cell(r[t], None if r is base else base[t], "prose" not in t and "code" not in t)
-                     for t in tasks]
-            out.append(f"| {r['method']} | {label} | " + " | ".join(cells) + " |")
-        out.append("")
+        out += _methods_markdown(result["methods"])
     if "domain" in result:
         rows = result["domain"]
         keys = list(rows[0]["scores"])
-        out += ["| domain (task) | base | " + " | ".join(k.replace("@", " ") for k in keys) + " |",
-                "|---|---|" + "---|" * len(keys)]
+        out += ["| domain (task) | base | " + " | ".join(k.replace("+kd", " + KD").replace("@", " ") for k in keys)
+                + " |", "|---|---|" + "---|" * len(keys)]
         for r in rows:
-            out.append(f"| {r['domain']} ({r['task']}) | {r['base']:.3f} | "
-                       + " | ".join(_cell(r["scores"][k]["score"], r["base"]) for k in keys) + " |")
+            out.append(f"| {r['domain']} ({r['task']}) | {r['base']:.3f} ±{_se(r['base'], r['n']):.2f} | "
+                       + " | ".join(_cell(r["scores"][k]["score"], r["base"]) if k in r["scores"] else "—"
+                                    for k in keys) + " |")
         out.append("")
     if "quant" in result:
         rows = result["quant"]
@@ -199,24 +288,34 @@ def main(argv=None) -> int:
     ap.add_argument("--calib", default="demo")
     ap.add_argument("--domain-methods", default="reap,reap_prob,ean,frequency,random",
                     help="methods of the per-domain table")
+    ap.add_argument("--recovery-study", action="store_true",
+                    help=f"both tables with the methods {RECOVERY_METHODS} ('+kd': then router KD)")
+    ap.add_argument("--recover-steps", type=int, default=None, help="router KD steps (default: the recipe's)")
+    ap.add_argument("--from-json", default=None, help="only render --markdown from a saved --out file")
     ap.add_argument("--limit", type=int, default=100)
     ap.add_argument("--only", choices=["methods", "domain", "quant"], default=None)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--out", default=None)
     ap.add_argument("--markdown", default=None, help="also write the tables as markdown to this file")
     args = ap.parse_args(argv)
+    if args.from_json:
+        Path(args.markdown or "/dev/stdout").write_text(to_markdown(json.loads(Path(args.from_json).read_text())))
+        return 0
+    if args.recovery_study:
+        args.methods = args.domain_methods = RECOVERY_METHODS
     if args.quick:
         args.limit, args.ratios, args.methods = 10, "0.5", "reap,frequency,hc_smoe"
     from moeprune.io import load_model, load_tokenizer
 
     torch.manual_seed(0)
     model, tok = load_model(args.model, device="cpu"), load_tokenizer(args.model)
-    result = {"model": args.model, "limit": args.limit, "calib": args.calib}
+    result = {"model": args.model, "limit": args.limit, "calib": args.calib, "ratios": args.ratios,
+              "command": " ".join(sys.argv)}
     if args.only in (None, "methods"):
         print(f"{'method':<20}{'ratio':<6}" + "".join(f"{t:>16}" for t in args.tasks.split(",")))
-        result["methods"] = methods_table(model, tok, args)
+        methods_table(model, tok, args, result)
     if args.only in (None, "domain"):
-        result["domain"] = domain_table(model, tok, args)
+        domain_table(model, tok, args, result)
     if args.only in (None, "quant"):
         result["quant"] = quant_table(model, tok, args)
     line = json.dumps({"study": "methods", **result})

@@ -8,6 +8,12 @@ the corpus written by scripts/build_corpus.py.
     python scripts/build_corpus.py
     python scripts/train_demo_moe.py --minutes 45 --out runs/demo-moe
 
+The same script trains the study model (moeprune/assets/study-moe): a Qwen3-MoE-shaped model with many
+small experts, top-k routing and only the standard load-balancing loss (see its MODEL_CARD.md):
+
+    python scripts/train_demo_moe.py --arch qwen3_moe --experts 32 --top-k 4 --inter 64 \
+        --tokenizer-from moeprune/assets/demo-moe --minutes 50 --out runs/study-moe
+
 The final model (weights saved in bfloat16) lands in <out>/final; intermediate checkpoints in
 <out>/ckpt. The log (<out>/train.log) holds loss, learning rate, tokens/s, per-domain expert
 usage and periodic greedy held-out accuracy; <out>/summary.json holds the final numbers.
@@ -173,16 +179,23 @@ def load_eval_rows(assets: Path, n: int | None = None) -> dict:
 
 
 def build_config(tok, args):
-    """Stock transformers config for --arch (mixtral: routed experts only; qwen2_moe: plus a shared expert)."""
+    """Stock transformers config for --arch (mixtral, qwen3_moe: routed experts only; qwen2_moe: plus a
+    shared expert)."""
     common = dict(vocab_size=len(tok), hidden_size=args.hidden, num_hidden_layers=args.layers,
                   num_attention_heads=args.heads, num_key_value_heads=args.kv_heads,
-                  max_position_embeddings=args.seq_len * 2, num_experts_per_tok=2, output_router_logits=True,
+                  max_position_embeddings=args.seq_len * 2, num_experts_per_tok=args.top_k, output_router_logits=True,
                   router_aux_loss_coef=args.aux_coef, tie_word_embeddings=True,
                   bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
                   rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
     if args.arch == "mixtral":
         from transformers import MixtralConfig
         return MixtralConfig(intermediate_size=args.inter, num_local_experts=args.experts, **common)
+    if args.arch == "qwen3_moe":
+        from transformers import Qwen3MoeConfig
+        # intermediate_size only sizes dense layers, and with mlp_only_layers=[] there are none
+        return Qwen3MoeConfig(moe_intermediate_size=args.inter, intermediate_size=args.inter * args.top_k,
+                              num_experts=args.experts, norm_topk_prob=True, decoder_sparse_step=1,
+                              mlp_only_layers=[], use_sliding_window=False, attention_bias=False, **common)
     from transformers import Qwen2MoeConfig
     return Qwen2MoeConfig(moe_intermediate_size=args.inter, intermediate_size=args.shared_inter,
                           shared_expert_intermediate_size=args.shared_inter, num_experts=args.experts,
@@ -192,7 +205,22 @@ def build_config(tok, args):
 
 def build_model(tok, args):
     from transformers import AutoModelForCausalLM
-    return AutoModelForCausalLM.from_config(build_config(tok, args))
+    return AutoModelForCausalLM.from_config(build_config(tok, args), experts_implementation=args.experts_impl)
+
+
+def copy_matching(model, src_dir: str, log) -> None:
+    """Copy every tensor whose name and shape match from the model in `src_dir` (embeddings, attention,
+    norms when the shapes agree); everything else, experts and routers included, keeps its fresh init."""
+    from transformers import AutoModelForCausalLM
+
+    sd = AutoModelForCausalLM.from_pretrained(src_dir, dtype=torch.float32).state_dict()
+    copied = []
+    with torch.no_grad():
+        for name, t in model.state_dict().items():
+            if name in sd and sd[name].shape == t.shape and ".mlp." not in name:
+                t.copy_(sd[name])
+                copied.append(name)
+    log(f"copied {len(copied)} non-MoE tensors from {src_dir}: {copied}")
 
 
 def upcycle(src_dir: str, tok, args, log):
@@ -344,7 +372,7 @@ def main() -> None:
     ap.add_argument("--out", default="runs/demo-moe")
     ap.add_argument("--minutes", type=float, default=45.0, help="wall-clock training budget")
     ap.add_argument("--max-steps", type=int, default=0, help="stop after this many steps (0: time only)")
-    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--device", default="auto", help="auto: cuda when available, else cpu")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--vocab", type=int, default=3072)
@@ -354,9 +382,10 @@ def main() -> None:
     ap.add_argument("--heads", type=int, default=8)
     ap.add_argument("--kv-heads", type=int, default=4)
     ap.add_argument("--experts", type=int, default=8)
+    ap.add_argument("--top-k", type=int, default=2, help="experts per token")
     ap.add_argument("--aux-coef", type=float, default=0.02)
-    ap.add_argument("--arch", choices=["mixtral", "qwen2_moe"], default="mixtral",
-                    help="mixtral: routed experts only; qwen2_moe: routed experts plus one shared expert")
+    ap.add_argument("--arch", choices=["mixtral", "qwen2_moe", "qwen3_moe"], default="mixtral",
+                    help="mixtral, qwen3_moe: routed experts only; qwen2_moe: routed experts plus one shared expert")
     ap.add_argument("--shared-inter", type=int, default=128, help="shared expert intermediate size (qwen2_moe)")
     ap.add_argument("--upcycle-from", default=None,
                     help="start from a trained model folder, splitting each of its experts into --split experts")
@@ -379,12 +408,20 @@ def main() -> None:
     ap.add_argument("--log-every", type=int, default=25)
     ap.add_argument("--eval-every-min", type=float, default=8.0)
     ap.add_argument("--eval-n", type=int, default=100)
+    ap.add_argument("--experts-impl", default="grouped_mm", help="transformers experts_implementation")
+    ap.add_argument("--init-dense-from", default=None,
+                    help="start embeddings/attention/norms from this model folder (same shapes); experts and "
+                         "routers start fresh")
+    ap.add_argument("--tokenizer-from", default=None,
+                    help="use the tokenizer saved in this folder instead of training one")
     ap.add_argument("--init-from", default=None,
                     help="continue from a saved model folder (its tokenizer and weights) instead of training anew")
     ap.add_argument("--mix", default=None, help="domain sampling weights, e.g. arith=0.3,json=0.25,program=0.3,...")
     ap.add_argument("--assumed-tok-s", type=float, default=0.0,
                     help="ignored (kept for old command lines); the cosine schedule follows wall-clock time")
     args = ap.parse_args()
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -403,10 +440,10 @@ def main() -> None:
     log(f"args: {vars(args)}")
     t0 = time.time()
     corpus, assets = Path(args.corpus), Path(args.assets)
-    if args.init_from or args.upcycle_from:
+    if args.init_from or args.upcycle_from or args.tokenizer_from:
         from transformers import AutoTokenizer
 
-        tok = AutoTokenizer.from_pretrained(args.init_from or args.upcycle_from)
+        tok = AutoTokenizer.from_pretrained(args.tokenizer_from or args.init_from or args.upcycle_from)
     else:
         tok = train_tokenizer(corpus, args.vocab, out / "tokenizer")
     log(f"tokenizer: vocab {len(tok)} trained in {time.time() - t0:.1f}s; "
@@ -422,16 +459,21 @@ def main() -> None:
     if args.init_from:
         from transformers import AutoModelForCausalLM
 
-        model = AutoModelForCausalLM.from_pretrained(args.init_from, dtype=torch.float32).to(args.device)
+        model = AutoModelForCausalLM.from_pretrained(args.init_from, dtype=torch.float32,
+                                                     experts_implementation=args.experts_impl).to(args.device)
         model.config.output_router_logits = True
         model.config.router_aux_loss_coef = args.aux_coef
         args.experts = getattr(model.config, "num_local_experts", None) or model.config.num_experts
         args.layers = model.config.num_hidden_layers
+        args.top_k = model.config.num_experts_per_tok
         log(f"continuing from {args.init_from}")
     elif args.upcycle_from:
         model = upcycle(args.upcycle_from, tok, args, log).to(args.device)
     else:
-        model = build_model(tok, args).to(args.device)
+        model = build_model(tok, args)
+        if args.init_dense_from:
+            copy_matching(model, args.init_dense_from, log)
+        model = model.to(args.device)
     affinity = None
     if args.domain_bias > 0 or args.route_loss > 0:
         affinity = DomainRouterBias(model, DOMAINS, args.experts)
@@ -508,7 +550,7 @@ def main() -> None:
 
         if step % args.log_every == 0:
             with torch.no_grad():
-                # per-domain expert usage (top-2 of router softmax) and per-domain loss
+                # per-domain expert usage (top-k of router softmax) and per-domain loss
                 logits = outp.logits.float()
                 tl = torch.nn.functional.cross_entropy(
                     logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
@@ -516,7 +558,7 @@ def main() -> None:
                 for j, di in enumerate(doms):
                     dom_loss[mix_names[di]].append(tl[j].item())
                 for li, rl in enumerate(outp.router_logits):
-                    top = rl.float().softmax(-1).topk(2, dim=-1).indices.view(args.batch, -1, 2)
+                    top = rl.float().softmax(-1).topk(args.top_k, dim=-1).indices.view(args.batch, -1, args.top_k)
                     for j, di in enumerate(doms):
                         usage[mix_names[di]][li] += np.bincount(top[j].reshape(-1).cpu().numpy(),
                                                                 minlength=args.experts)
