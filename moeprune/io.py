@@ -23,6 +23,8 @@ __all__ = [
 ]
 
 DEMO_MODEL_DIR = Path(__file__).resolve().parent / "assets" / "demo-moe"
+# the models shipped inside the package, by the names the commands accept (MODEL_CARD.md in each)
+SHIPPED_MODELS = {"demo": DEMO_MODEL_DIR, "study": DEMO_MODEL_DIR.parent / "study-moe"}
 
 # Files that make up a tokenizer in a Hugging Face model folder (copied verbatim to outputs).
 TOKENIZER_FILES = (
@@ -43,16 +45,16 @@ TOKENIZER_FILES = (
 def resolve_model_dir(spec: str | os.PathLike) -> Path:
     """Turn a user's model argument into a folder holding `config.json`.
 
-    `demo` names the small MoE shipped inside the package, unless the current folder has a model
-    folder named ``demo`` (then that one is used, with a note on stderr).
+    `demo` and `study` name the small MoEs shipped inside the package (SHIPPED_MODELS), unless the
+    current folder has a model folder of that name (then that one is used, with a note on stderr).
     """
     path = Path(spec).expanduser()
-    if str(spec) == "demo":
+    if str(spec) in SHIPPED_MODELS:
         if (path / "config.json").is_file():
-            print(f"note: using the local folder {path.resolve()}, not the shipped demo model "
-                  "(pass ./demo to silence this, or another name for the shipped one)", file=sys.stderr)
+            print(f"note: using the local folder {path.resolve()}, not the shipped {spec} model "
+                  f"(pass ./{spec} to silence this, or another name for the shipped one)", file=sys.stderr)
         else:
-            path = DEMO_MODEL_DIR
+            path = SHIPPED_MODELS[str(spec)]
     if not path.exists():
         raise MoePruneError(f"model folder {path} does not exist (pass a local model folder, or 'demo')")
     if not path.is_dir():

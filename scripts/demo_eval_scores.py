@@ -1,11 +1,12 @@
 #!/usr/bin/env python
-"""Score the shipped demo model with moeprune's evaluation stage and record it in its card.
+"""Score a shipped model (demo, or --model study) with moeprune's evaluation stage and record it in its card.
 
-Writes moeprune/assets/demo-moe/eval_scores.json ("full": every held-out row; "ci_check": the first
-N rows, which tests/test_demo_eval.py re-runs) and the "Evaluation" section of MODEL_CARD.md
+Writes moeprune/assets/demo-moe/eval_scores.json (study: assets/study-moe/) ("full": every held-out row; "ci_check": the first
+N rows, which tests/test_demo_eval.py and tests/test_study_model.py re-run) and the "Evaluation" section of MODEL_CARD.md
 (between the `<!-- eval:start -->` / `<!-- eval:end -->` markers), with trivial baselines.
 
     python scripts/demo_eval_scores.py
+    python scripts/demo_eval_scores.py --model study
 """
 
 from __future__ import annotations
@@ -34,17 +35,19 @@ def _baseline(task) -> str:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--ci-limit", type=int, default=50)
+    ap.add_argument("--model", choices=["demo", "study"], default="demo", help="which shipped model")
     args = ap.parse_args(argv)
     from moeprune.evaluate import evaluate
-    from moeprune.io import DEMO_MODEL_DIR, load_model, load_tokenizer
+    from moeprune.io import SHIPPED_MODELS, load_model, load_tokenizer
 
-    model, tok = load_model("demo", device="cpu"), load_tokenizer("demo")
+    model_dir = SHIPPED_MODELS[args.model]
+    model, tok = load_model(args.model, device="cpu"), load_tokenizer(args.model)
     full = evaluate(model, tok, TASKS, batch_size=32, progress=False)
     gen = [t for t in TASKS if full[t]["metric"] != "perplexity"]
     ci = evaluate(model, tok, gen, limit=args.ci_limit, batch_size=32, progress=False)
     record = {"full": {"tasks": full}, "ci_check": {"limit": args.ci_limit,
                                                     "scores": {t: r["score"] for t, r in ci.items()}}}
-    (DEMO_MODEL_DIR / "eval_scores.json").write_text(json.dumps(record, indent=2) + "\n")
+    (model_dir / "eval_scores.json").write_text(json.dumps(record, indent=2) + "\n")
     lines = [START, "## Evaluation (moeprune eval, greedy decoding, all held-out rows)", "",
              "| task | metric | n | score | trivial baseline |", "|---|---|---|---|---|"]
     for t in TASKS:
@@ -52,10 +55,10 @@ def main(argv=None) -> int:
         base = _baseline(t) if t in gen else "—"
         lines.append(f"| {t} | {r['metric']} | {r['n']} | {r['score']:.3f} | {base} |")
     lines += ["", "Trivial baseline = always answering the most common held-out answer. Perplexity is per token "
-              "(lower is better). Reproduce: `python scripts/demo_eval_scores.py` or "
-              "`moeprune eval demo --tasks " + ",".join(TASKS) + "`.", END]
-    card_path = DEMO_MODEL_DIR / "MODEL_CARD.md"
-    card = card_path.read_text() if card_path.exists() else "# demo-moe\n"
+              f"(lower is better). Reproduce: `python scripts/demo_eval_scores.py --model {args.model}` or "
+              f"`moeprune eval {args.model} --tasks " + ",".join(TASKS) + "`.", END]
+    card_path = model_dir / "MODEL_CARD.md"
+    card = card_path.read_text() if card_path.exists() else f"# {model_dir.name}\n"
     block = "\n".join(lines)
     if START in card:
         card = re.sub(re.escape(START) + ".*?" + re.escape(END), lambda _m: block, card, flags=re.S)

@@ -2,7 +2,7 @@
 """Expert-usage report for the demo MoE: which experts the router picks per domain.
 
 Runs the model on held-out text of each domain with output_router_logits=True, takes the
-top-2 experts of the router softmax for every (non-special) token, and writes
+top-k experts (k: the model's num_experts_per_tok) of the router softmax for every (non-special) token, and writes
   <out>/expert_usage.png   heatmap, domains x experts, one panel per layer
   <out>/expert_usage.json  counts, per-domain fractions, mutual information I(domain; expert)
                            per layer and averaged (bits), greedy held-out exact match for the
@@ -84,7 +84,7 @@ def expert_counts(model, tok, texts: dict[str, list[str]], max_len: int = 256):
     return counts, ppl
 
 
-def plot(counts: dict, mi: list[float], path: Path) -> None:
+def plot(counts: dict, mi: list[float], path: Path, title: str = "demo-moe", k: int = 2) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -100,8 +100,8 @@ def plot(counts: dict, mi: list[float], path: Path) -> None:
         ax.set_xlabel("expert")
         ax.set_yticks(range(len(doms)))
         ax.set_yticklabels(doms)
-    fig.colorbar(im, ax=axes.tolist(), shrink=0.85, label="share of top-2 selections")
-    fig.suptitle("demo-moe: router top-2 expert usage per domain (held-out text)", fontsize=10, y=1.06)
+    fig.colorbar(im, ax=axes.tolist(), shrink=0.85, label=f"share of top-{k} selections")
+    fig.suptitle(f"{title}: router top-{k} expert usage per domain (held-out text)", fontsize=10, y=1.06)
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
 
@@ -150,6 +150,25 @@ def _upcycle_source(a: dict, summaries: list[dict], i: int, out: Path) -> str:
     if i > 0 and Path(src).resolve() == out.resolve():
         return summaries[i - 1]["args"]["out"].removesuffix("/ckpt") + "/final"
     return src
+
+
+def usage_markdown(report: dict, k: int) -> list[str]:
+    """The card's usage section: per layer, a domains x experts table of selection shares, and the MI."""
+    n_layers, n_experts = len(report["mi_bits_per_layer"]), len(report["usage_fraction"][DOMAINS[0]][0])
+    out = [f"Share of top-{k} router selections (router softmax, top-{k}) per domain and layer on held-out text "
+           f"({', '.join(f'{d} {n}' for d, n in report['n_texts_per_domain'].items())} texts), "
+           "special tokens excluded:\n"]
+    for li in range(n_layers):
+        out.append(f"Layer {li} (MI {report['mi_bits_per_layer'][li]:.3f} bits)\n")
+        out.append("| domain | " + " | ".join(f"e{e}" for e in range(n_experts)) + " |\n|---|" + "---|" * n_experts)
+        for d in DOMAINS:
+            out.append(f"| {d} | " + " | ".join(f"{v:.2f}" for v in report["usage_fraction"][d][li]) + " |")
+        out.append("")
+    out.append(f"Mutual information between domain and selected expert (uniform prior over the 5 domains, "
+               f"max possible {report['mi_bits_max_possible']:.2f} bits): per layer "
+               + ", ".join(f"{v:.3f}" for v in report["mi_bits_per_layer"])
+               + f"; mean {report['mi_bits_mean']:.3f} bits. Raw numbers: `expert_usage.json`.\n")
+    return out
 
 
 def write_model_card(out: Path, model, report: dict, summaries: list[dict], manifest_path: Path) -> None:
@@ -253,18 +272,7 @@ def write_model_card(out: Path, model, report: dict, summaries: list[dict], mani
       + ", ".join(f"{d} {v:.2f}" for d, v in report["heldout_perplexity"].items()) + ".\n")
     w("## Expert usage per domain\n")
     w("![expert usage](expert_usage.png)\n")
-    w(f"Share of top-{k} router selections (router softmax, top-{k}) per domain and layer on held-out text "
-      f"({', '.join(f'{d} {n}' for d, n in report['n_texts_per_domain'].items())} texts), special tokens excluded:\n")
-    for li in range(cfg.num_hidden_layers):
-        w(f"Layer {li} (MI {report['mi_bits_per_layer'][li]:.3f} bits)\n")
-        w("| domain | " + " | ".join(f"e{e}" for e in range(E)) + " |\n|---|" + "---|" * E)
-        for d in DOMAINS:
-            w(f"| {d} | " + " | ".join(f"{v:.2f}" for v in report["usage_fraction"][d][li]) + " |")
-        w("")
-    w(f"Mutual information between domain and selected expert (uniform prior over the 5 domains, "
-      f"max possible {report['mi_bits_max_possible']:.2f} bits): per layer "
-      + ", ".join(f"{v:.3f}" for v in report["mi_bits_per_layer"])
-      + f"; mean {report['mi_bits_mean']:.3f} bits. Raw numbers: `expert_usage.json`.\n")
+    L.extend(usage_markdown(report, k))
     w("## Rebuild\n")
     w("```\npython scripts/build_corpus.py")
     for i, s in enumerate(summaries):
@@ -311,6 +319,8 @@ def main() -> None:
     ap.add_argument("--train-summary", nargs="*", default=[],
                     help="summary.json files of the training stages, in order; with these a "
                          "MODEL_CARD.md is written into the output folder")
+    ap.add_argument("--usage-markdown", default=None,
+                    help="also write the card's expert-usage section (markdown) to this file")
     args = ap.parse_args()
     torch.set_num_threads(2)
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -340,11 +350,14 @@ def main() -> None:
         ev = tr.greedy_eval(model, tok, tr.load_eval_rows(Path(args.assets)), "cpu")
         report["heldout_greedy_exact_match"] = {d: {"acc": v["acc"], "n": v["n"], "samples": v["samples"]}
                                                 for d, v in ev.items()}
-    plot(counts, mi, out / "expert_usage.png")
+    k = model.config.num_experts_per_tok
+    plot(counts, mi, out / "expert_usage.png", Path(args.model).name, k)
     (out / "expert_usage.json").write_text(json.dumps(report, indent=2))
     print(json.dumps({k: report[k] for k in ("mi_bits_per_layer", "mi_bits_mean", "heldout_perplexity")}, indent=2))
     if "heldout_greedy_exact_match" in report:
         print({d: v["acc"] for d, v in report["heldout_greedy_exact_match"].items()})
+    if args.usage_markdown:
+        Path(args.usage_markdown).write_text("\n".join(usage_markdown(report, k)))
     if args.train_summary:
         summaries = [dict(load_stage(Path(p)), _path=p) for p in args.train_summary]
         write_model_card(out, model, report, summaries, Path(args.corpus) / "manifest.json")

@@ -408,6 +408,7 @@ def main() -> None:
     ap.add_argument("--log-every", type=int, default=25)
     ap.add_argument("--eval-every-min", type=float, default=8.0)
     ap.add_argument("--eval-n", type=int, default=100)
+    ap.add_argument("--final-eval-n", type=int, default=0, help="held-out rows of the final eval (0: all)")
     ap.add_argument("--experts-impl", default="grouped_mm", help="transformers experts_implementation")
     ap.add_argument("--init-dense-from", default=None,
                     help="start embeddings/attention/norms from this model folder (same shapes); experts and "
@@ -588,7 +589,7 @@ def main() -> None:
 
     wall = time.time() - t_start
     save_model(model, tok, out / "final")
-    ev = greedy_eval(model, tok, load_eval_rows(assets), args.device)
+    ev = greedy_eval(model, tok, load_eval_rows(assets, args.final_eval_n or None), args.device)
     summary = {"params": n_params, "steps": step, "tokens": tokens_seen, "wall_s": wall,
                "final_loss_ema": ema_loss, "final_loss": history[-1]["loss"] if history else None,
                "domain_loss": {d: float(np.mean(v[-20:])) for d, v in dom_loss.items() if v},
