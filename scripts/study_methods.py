@@ -71,12 +71,12 @@ class Recovery:
     """Router KD (moeprune.recover, the recipe's `recover:` defaults unless overridden) after compression;
     the original model's targets are computed once per calibration set and shared by every method."""
 
-    def __init__(self, model, calib, steps: int | None):
+    def __init__(self, model, calib, steps: int | None, lr: float | None = None):
         from moeprune.pipeline.recipe import RecoverConfig
         from moeprune.recover import RouterKD
         from moeprune.recover.router_kd import split_batches
 
-        cfg = RecoverConfig(**({"steps": steps} if steps else {}))
+        cfg = RecoverConfig(**{k: v for k, v in (("steps", steps), ("lr", lr)) if v})
         train, held = split_batches(calib.batches, tokens=cfg.tokens)
         self.kd = RouterKD(steps=cfg.steps, lr=cfg.lr, top_k=cfg.top_k, seed=0, train=train, held=held)
         self.kd.compute_targets(model)
@@ -115,7 +115,7 @@ def methods_table(model, tok, args, result) -> list[dict]:
     entries = args.methods.split(",")
     calib = load_calibration(parse_calibration_spec(args.calib, max_length=256), tok, batch_size=8)
     obs = observe(model, calib, collect=_collect(entries), all_means_tokens=128, progress=False)
-    recovery = _lazy(lambda: Recovery(model, calib, args.recover_steps))
+    recovery = _lazy(lambda: Recovery(model, calib, args.recover_steps, args.recover_lr))
     tasks = args.tasks.split(",")
     base, n = _evaluate(model, tok, tasks, args.limit)
     rows = result.setdefault("methods", [])
@@ -148,7 +148,7 @@ def domain_table(model, tok, args, result) -> list[dict]:
         base, n = _evaluate(model, tok, [task], args.limit)
         calib = load_calibration(parse_calibration_spec(f"demo/{domain}", max_length=256), tok, batch_size=8)
         obs = observe(model, calib, collect=_collect(entries), all_means_tokens=128, progress=False)
-        recovery = _lazy(lambda: Recovery(model, calib, args.recover_steps))
+        recovery = _lazy(lambda: Recovery(model, calib, args.recover_steps, args.recover_lr))
         row = {"domain": domain, "task": task, "base": base[task], "n": n[task], "scores": {}}
         rows.append(row)
         for ratio in ratios:
@@ -291,6 +291,7 @@ def main(argv=None) -> int:
     ap.add_argument("--recovery-study", action="store_true",
                     help=f"both tables with the methods {RECOVERY_METHODS} ('+kd': then router KD)")
     ap.add_argument("--recover-steps", type=int, default=None, help="router KD steps (default: the recipe's)")
+    ap.add_argument("--recover-lr", type=float, default=None, help="router KD learning rate (default: the recipe's)")
     ap.add_argument("--from-json", default=None, help="only render --markdown from a saved --out file")
     ap.add_argument("--limit", type=int, default=100)
     ap.add_argument("--only", choices=["methods", "domain", "quant"], default=None)
