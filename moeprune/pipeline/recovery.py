@@ -113,11 +113,11 @@ class BlockRecovery:
             before = relative_error(block, x_held, z_held)
             after = None
             if self.train:
-                self.losses[c][i] = fit_block_router(block, params, x_train, z_train, steps=self.cfg.steps,
-                                                     lr=self.cfg.lr, batch_tokens=self.cfg.batch_tokens,
-                                                     seed=layer_seed(self.seed, i))
+                self.losses[c][i], trained = fit_block_router(
+                    block, params, x_train, z_train, steps=self.cfg.steps, lr=self.cfg.lr,
+                    batch_tokens=self.cfg.batch_tokens, seed=layer_seed(self.seed, i))
                 after = relative_error(block, x_held, z_held)
-                self.tensors[c][i] = {k: p.detach().clone() for k, p in params.items()}
+                self.tensors[c][i] = {k: params[k].detach().clone() for k in trained}
             self.errors[c][i] = (before, after)
 
     # ------------------------------------------------------------------ after the pass

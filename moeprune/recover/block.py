@@ -62,17 +62,18 @@ def layer_router_parameters(adapter, layer) -> dict[str, torch.nn.Parameter]:
 
 
 def fit_block_router(block, params: dict[str, torch.nn.Parameter], x: torch.Tensor, target: torch.Tensor, *,
-                     steps: int, lr: float, batch_tokens: int, seed: int) -> list[float]:
+                     steps: int, lr: float, batch_tokens: int, seed: int) -> tuple[list[float], list[str]]:
     """Train `params` (the block's router tensors) in place with Adam on float32 master copies, so that
     block(x) matches `target`; x, target (T, H) float32. One mini-batch of `batch_tokens` tokens per step,
-    drawn without replacement in a permutation seeded by `seed`. Returns the loss of every step."""
+    drawn without replacement in a permutation seeded by `seed`. Returns the loss of every step and the
+    names of the parameters that received a gradient (selection-only biases get none and stay as they are)."""
     dtype, dev = _dtype_device(block)
     flags = {id(p): p.requires_grad for p in block.parameters()}
     masters = {k: p.detach().float().clone().requires_grad_(True) for k, p in params.items()}
     opt = torch.optim.Adam(list(masters.values()), lr=lr)
     gen = torch.Generator().manual_seed(seed)
     order: list[int] = []
-    losses = []
+    losses, reached = [], set()
     n = x.shape[0]
     try:
         block.requires_grad_(False)
@@ -88,8 +89,10 @@ def fit_block_router(block, params: dict[str, torch.nn.Parameter], x: torch.Tens
                 out = _forward(block, xb).float()
                 loss = ((out - zb) ** 2).sum() / (zb ** 2).sum().clamp(min=1e-30)
                 grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
-            for m, g in zip(masters.values(), grads):
+            for (k, m), g in zip(masters.items(), grads):
                 m.grad = None if g is None else g.float()
+                if g is not None:
+                    reached.add(k)
             opt.step()
             with torch.no_grad():
                 for k, p in params.items():
@@ -98,7 +101,7 @@ def fit_block_router(block, params: dict[str, torch.nn.Parameter], x: torch.Tens
     finally:
         for p in block.parameters():
             p.requires_grad_(flags.get(id(p), False))
-    return losses
+    return losses, sorted(reached)
 
 
 def set_gate_flag(block, config, key: str, value: bool) -> None:

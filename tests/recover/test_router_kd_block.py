@@ -126,7 +126,8 @@ def test_fit_block_router_is_deterministic_trains_the_router_only_and_lowers_the
         before_state = {k: v.clone() for k, v in block.state_dict().items()}
         params = layer_router_parameters(adapter, adapter.layers[0])
         err0 = relative_error(block, x, target)
-        losses = fit_block_router(block, params, x, target, steps=40, lr=0.02, batch_tokens=64, seed=5)
+        losses, trained = fit_block_router(block, params, x, target, steps=40, lr=0.02, batch_tokens=64, seed=5)
+        assert trained == ["gate.weight"]
         assert relative_error(block, x, target) < err0
         moved = {k for k, v in block.state_dict().items() if not torch.equal(v, before_state[k])}
         assert moved == {"gate.weight"}
@@ -135,12 +136,23 @@ def test_fit_block_router_is_deterministic_trains_the_router_only_and_lowers_the
     assert runs[0][0] == runs[1][0] and torch.equal(runs[0][1], runs[1][1])
     student, adapter = _perturbed_student()  # another seed, another order
     params = layer_router_parameters(adapter, adapter.layers[0])
-    other = fit_block_router(adapter.layers[0].block, params, x, target, steps=40, lr=0.02, batch_tokens=64, seed=6)
+    other, _ = fit_block_router(adapter.layers[0].block, params, x, target, steps=40, lr=0.02, batch_tokens=64, seed=6)
     assert other != runs[0][0]
 
 
-def test_correction_bias_buffer_is_not_trained():
+def test_selection_only_biases_are_not_trained():
+    """DeepSeek-V3's correction bias is a buffer; AFMoE's expert bias is a parameter that only selects
+    experts: no gradient reaches it, so it is reported untrained and left as it is."""
     adapter = MoEAdapter(tiny_model("deepseek_v3"))
     layer = adapter.layers[0]
     assert set(layer_router_parameters(adapter, layer)) == {"gate.weight"}
     assert "gate.e_score_correction_bias" in dict(layer.block.named_buffers())
+    adapter = MoEAdapter(tiny_model("afmoe"))
+    layer = adapter.layers[0]
+    params = layer_router_parameters(adapter, layer)
+    assert set(params) == {"router.gate.weight", "expert_bias"}
+    bias = params["expert_bias"].detach().clone()
+    x = torch.randn(64, 64, generator=torch.Generator().manual_seed(0))
+    target = block_outputs(layer.block, x) * 1.1
+    _, trained = fit_block_router(layer.block, params, x, target, steps=3, lr=0.05, batch_tokens=32, seed=0)
+    assert trained == ["router.gate.weight"] and torch.equal(params["expert_bias"], bias)
