@@ -86,24 +86,9 @@ def echo_result(report: dict, out) -> None:
                f"({report['dtype']['output']}, {report['execution']} execution) -> {out}")
     rec = report.get("recovery")
     if rec:
+        from moeprune.report.markdown import recovery_line
+
         click.echo(recovery_line(rec))
-
-
-def recovery_line(rec: dict) -> str:
-    """One line on what recovery did (router_kd: KL; router_kd_block: block error; the gate-scale choice)."""
-    if rec["method"] == "router_kd":
-        kl = (f"{rec['kl_before']:.4g} -> {rec['kl_after']:.4g}" if rec["kl_before"] is not None else "n/a")
-        line = f"{rec['method']}: {rec['steps']} steps; KL to the original {kl} on {rec['eval_tokens']} {rec['eval_on']}"
-    elif rec["method"] == "router_kd_block":
-        line = (f"{rec['method']}: {rec['steps']} steps per MoE layer; block-output error (relative, mean over layers) "
-                f"{rec['error_before']:.4g} -> {rec['error_after']:.4g} on {rec['eval_tokens']} {rec['eval_on']}")
-    else:
-        line = f"recover: no training; block-output error {rec['error_before']:.4g} on {rec['eval_tokens']} {rec['eval_on']}"
-    gs = rec.get("gate_scale")
-    if gs and gs["mode"] != "keep":
-        line += (f"; gate scale: {gs['key']} = {gs['chosen']} (source {gs['source']})" if gs["applicable"]
-                 else f"; gate scale {gs['note']}")
-    return line
 
 
 def observe_options(fn):

@@ -35,10 +35,10 @@ def gate_candidates(mode: str, spec, config) -> tuple[str | None, list[bool | No
     if key is None:
         rule = ("renormalises always" if spec.gate is not None and spec.gate.renormalize is True else
                 "has no renormalisation switch in its config")
-        note = f"not applicable: {spec.name}'s router {rule}; the gates are left as the architecture computes them"
+        why = f"{spec.name}'s router {rule}"
         if mode == "auto":
-            return None, [None], note
-        raise MoePruneError(f"recover.gate_scale: {mode} needs a renormalisation flag in the config, and {note[16:]}; "
+            return None, [None], f"not applicable: {why}; the gates are left as the architecture computes them"
+        raise MoePruneError(f"recover.gate_scale: {mode} needs a renormalisation flag in the config, and {why}; "
                             "use gate_scale: keep or auto")
     current = bool(getattr(config, key))
     if mode == "auto":
