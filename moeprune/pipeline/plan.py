@@ -235,7 +235,11 @@ def _check_recover(recipe, shape, execution: str) -> None:
     from moeprune.pipeline.recovery import gate_candidates
     from moeprune.recover import router_parameters
 
-    gate_candidates(r.gate_scale, shape.spec, shape.config)  # a forced gate scale needs the flag
+    key, _, _ = gate_candidates(r.gate_scale, shape.spec, shape.config)  # a forced gate scale needs the flag
+    if key is not None and r.gate_scale != "keep":
+        from moeprune.recover.block import set_gate_flag
+
+        set_gate_flag(shape.layers[0].block, key, bool(getattr(shape.config, key)))  # the modules keep it
     if r.method != "none":
         router_parameters(shape.model)  # something to train
 

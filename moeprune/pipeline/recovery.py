@@ -109,7 +109,7 @@ class BlockRecovery:
                 for k, p in params.items():
                     p.copy_(start[k])
             if c is not None:
-                set_gate_flag(block, adapter.config, self.key, c)
+                set_gate_flag(block, self.key, c)
             before = relative_error(block, x_held, z_held)
             after = None
             if self.train:
@@ -147,9 +147,11 @@ class BlockRecovery:
         from moeprune.recover.block import layer_router_parameters, set_gate_flag
 
         c = self.chosen
+        if c is not None:
+            setattr(adapter.config, self.key, c)
         for layer in adapter.layers:
             if c is not None:
-                set_gate_flag(layer.block, adapter.config, self.key, c)
+                set_gate_flag(layer.block, self.key, c)
             params = layer_router_parameters(adapter, layer)
             with torch.no_grad():
                 for path, t in self.tensors[c].get(layer.index, {}).items():

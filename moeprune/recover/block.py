@@ -104,10 +104,17 @@ def fit_block_router(block, params: dict[str, torch.nn.Parameter], x: torch.Tens
     return losses, sorted(reached)
 
 
-def set_gate_flag(block, config, key: str, value: bool) -> None:
-    """Set the gate-scale flag `key` (a boolean config attribute, e.g. norm_topk_prob) on the config and on
-    every module of `block` that keeps its own copy of it."""
-    setattr(config, key, value)
+def set_gate_flag(block, key: str, value: bool) -> None:
+    """Set the gate-scale flag `key` (a boolean config attribute, e.g. norm_topk_prob) on every module of
+    `block` that keeps its own copy of it (the config itself is left to the caller, so that routing rules
+    read from it elsewhere are not changed in the middle of a pass)."""
+    found = False
     for module in block.modules():
         if key in vars(module):
             setattr(module, key, value)
+            found = True
+    if not found:
+        from moeprune.errors import MoePruneError
+
+        raise MoePruneError(f"recover.gate_scale: no module of the MoE block keeps {key!r}; this architecture's "
+                            "gate scale cannot be switched here (use gate_scale: keep)")
