@@ -98,7 +98,8 @@ class BlockRecovery:
         self.tokens = (0 if x_train is None else x_train.shape[0], x_held.shape[0])
         if self.decision.changed_experts(i):
             self.plan.method.apply_layer(adapter, layer, self.decision, self.obs, self.plan)
-            self.replaced.add(i, changed_tensors(self.plan, adapter, layer, self.decision, self.names))
+            if self.replaced is not None:  # None: a loaded model compressed in place, nothing written
+                self.replaced.add(i, changed_tensors(self.plan, adapter, layer, self.decision, self.names))
         prune_layer(adapter, layer, self.decision.kept[i])
         params = layer_router_parameters(adapter, layer)
         if self.train and not params:

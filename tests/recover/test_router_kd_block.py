@@ -156,3 +156,51 @@ def test_selection_only_biases_are_not_trained():
     target = block_outputs(layer.block, x) * 1.1
     _, trained = fit_block_router(layer.block, params, x, target, steps=3, lr=0.05, batch_tokens=32, seed=0)
     assert trained == ["router.gate.weight"] and torch.equal(params["expert_bias"], bias)
+
+
+def test_compress_model_on_a_loaded_model_matches_the_written_checkpoint(tmp_path, monkeypatch):
+    """Studies compress a loaded model with `compress_model`: with router_kd_block and gate_scale auto it
+    leaves the model equal to the checkpoint `run_recipe` writes (weights and gate flag)."""
+    from transformers import AutoModelForCausalLM
+
+    from moeprune.io import load_tokenizer
+    from moeprune.observe import observe
+    from moeprune.observe.calibration import load_calibration
+    from moeprune.pipeline.methods import compress_model
+    from moeprune.pipeline.run import calibration_spec
+
+    monkeypatch.setenv("MOEPRUNE_CACHE", str(tmp_path / "cache"))
+    model, calib = save_tiny(tmp_path / "m", "qwen2_moe"), _calib(tmp_path / "calib.txt")
+    recover = {**BLOCK, "gate_scale": "auto"}
+    report = _run(model, calib, tmp_path / "out", recover=recover)
+    recipe = Recipe.model_validate({"model": str(model), "method": "reap", "ratio": 0.5, "dtype": "float32",
+                                    "calibration": {"spec": str(calib), "max_length": 32, "batch_size": 2},
+                                    "recover": recover})
+    loaded = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).eval()
+    cal = load_calibration(calibration_spec(recipe), load_tokenizer(model), batch_size=2)
+    decision = compress_model(loaded, observe(loaded, cal, progress=False), recipe, calibration=cal)
+    assert decision.details["recovery"] == report["recovery"]
+    written = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32)
+    assert loaded.config.norm_topk_prob == written.config.norm_topk_prob == report["recovery"]["gate_scale"]["chosen"]
+    want = written.state_dict()
+    assert all(torch.equal(t, want[k]) for k, t in loaded.state_dict().items())
+    assert loaded.model.layers[0].mlp.gate.norm_topk_prob == written.model.layers[0].mlp.gate.norm_topk_prob
+
+
+def test_merge_cli_runs_router_kd_block_layerwise(tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from moeprune.cli import cli
+    from moeprune.commands import surgery  # noqa: F401  (registers the commands)
+
+    monkeypatch.setenv("MOEPRUNE_CACHE", str(tmp_path / "cache"))
+    model, calib = save_tiny(tmp_path / "m", "mixtral"), _calib(tmp_path / "calib.txt")
+    args = ["merge", model, "--method", "ream", "--keep-experts", 4, "--calib", calib, "--max-length", 32,
+            "--batch-size", 4, "--recover", "router_kd_block", "--recover-steps", 3, "--recover-batch-tokens", 32,
+            "-o", tmp_path / "out", "--execution", "layerwise"]
+    res = CliRunner().invoke(cli, [str(a) for a in args])
+    assert res.exit_code == 0, res.output
+    assert "router_kd_block: 3 steps per MoE layer; block-output error" in res.output
+    record = json.loads((tmp_path / "out" / "moeprune.json").read_text())
+    assert record["method"] == "ream" and record["recovery"]["batch_tokens"] == 32
+    assert "layer-wise" in res.output or "layerwise" in res.output
