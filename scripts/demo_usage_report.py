@@ -286,6 +286,8 @@ def write_model_card(out: Path, model, report: dict, summaries: list[dict], mani
             cmd += f" --mix {a['mix']}"
         w(cmd)
     w(f"cp -r {summaries[-1]['args']['out']}/final/* moeprune/assets/demo-moe/")
+    w("python scripts/pad_demo_experts.py moeprune/assets/demo-moe /tmp/demo-moe-128 --width 128 && "
+      "cp /tmp/demo-moe-128/{model.safetensors,config.json} moeprune/assets/demo-moe/")
     if any(s.get("note") for s in summaries):
         w("# (stages marked 'stopped early' above were interrupted after their last checkpoint)")
     w("python scripts/demo_usage_report.py --model moeprune/assets/demo-moe --train-summary "

@@ -94,10 +94,13 @@ def _qmax(bits: int) -> int:
 def _group_scale(w: torch.Tensor, *, bits: int, group_size: int) -> torch.Tensor:
     """Symmetric scale per group of `group_size` along the last dim: amax / qmax (..., in/g), float32.
 
-    `group_size` CHANNEL means one group per row (..., 1)."""
+    `group_size` CHANNEL means one group per row (..., 1). An all-zero group (e.g. a padded neuron) gets the
+    smallest scale that stays nonzero in `w`'s dtype (float16 flushes 1e-12 to 0, and 0/0 would be NaN), so it
+    quantizes to exact zeros."""
     group_size = w.shape[-1] if group_size == CHANNEL else group_size
     groups = w.detach().float().reshape(*w.shape[:-1], w.shape[-1] // group_size, group_size)
-    return (groups.abs().amax(-1) / _qmax(bits)).clamp(min=1e-12)
+    floor = max(1e-12, torch.finfo(w.dtype).tiny) if w.dtype.is_floating_point else 1e-12
+    return (groups.abs().amax(-1) / _qmax(bits)).clamp(min=floor)
 
 
 def fake_quantize(w: torch.Tensor, *, bits: int, group_size: int) -> torch.Tensor:
