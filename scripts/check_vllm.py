@@ -16,11 +16,11 @@ Two measures, both over all prompts x --tokens:
 * per-token agreement: the share of vLLM's tokens that transformers' argmax picks too, given the same
   preceding tokens (vLLM's own), i.e. teacher-forced on vLLM's continuation: one near-tie flip costs one
   token instead of the rest of the prompt.
-A folder passes when its --measure is >= --threshold (default 0.9). --measure auto (default): prefix for
-float32 (same network, same precision: exact agreement expected), per-token for quantized checkpoints,
-because vLLM CPU's int4 MoE kernel does not compute the network transformers computes: it quantizes the
-activations to int8 inside the experts (W4A8; transformers runs W4A16), and bfloat16 near-ties then flip a
-token now and then, after which the two continuations drift apart (docs/serving.md). The exit status is 1
+A folder passes when its --measure is >= --threshold (default 0.9). --measure auto (default): prefix in
+float32 (same network, same precision: exact agreement expected), per-token in 16-bit dtypes (quantized
+checkpoints run in bfloat16): there the two engines round differently, and for int4 vLLM CPU's MoE kernel
+even quantizes the activations to int8 inside the experts (W4A8; transformers runs W4A16), so a greedy
+token flips now and then, after which the two continuations are different texts (docs/serving.md). The exit status is 1
 when any folder fails or vLLM cannot load it (with --expect-fail: when any folder passes), 2 on bad input.
 """
 
@@ -75,11 +75,11 @@ def per_token_agreement(argmax: list[list[int]], candidate: list[list[int]], *, 
     return [sum(a == c for a, c in zip(ref[:tokens], cand[:tokens])) for ref, cand in zip(argmax, candidate, strict=True)]
 
 
-def resolve_measure(measure: str, quantized: bool) -> str:
-    """The pass measure: `measure`, or for "auto" per-token when quantized, prefix otherwise."""
+def resolve_measure(measure: str, dtype: str) -> str:
+    """The pass measure: `measure`, or for "auto" prefix in float32, per-token in 16-bit dtypes."""
     if measure != "auto":
         return measure
-    return "per-token" if quantized else "prefix"
+    return "prefix" if dtype == "float32" else "per-token"
 
 
 def check_prompts(model_dir: Path, *, count: int, max_prompt_tokens: int = 64) -> list[list[int]]:
@@ -185,8 +185,9 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--tokens", type=int, default=16, help="new tokens per prompt")
     p.add_argument("--threshold", type=float, default=0.9, help="minimum agreement for a folder to pass")
     p.add_argument("--measure", default="auto", choices=["auto", "prefix", "per-token"],
-                   help="which agreement must reach --threshold; auto: prefix for unquantized folders, per-token "
-                        "for quantized ones (vLLM CPU runs int4 experts with int8 activations)")
+                   help="which agreement must reach --threshold; auto: prefix in float32, per-token in 16-bit "
+                        "dtypes (rounding differs between the engines; vLLM CPU runs int4 experts with int8 "
+                        "activations)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="auto: float32, or bfloat16 for quantized checkpoints (vLLM's CPU int4 kernels take 16-bit "
                         "activations only)")
@@ -215,13 +216,12 @@ def main(argv: list[str] | None = None) -> int:
     models = [m.resolve() for m in args.models]
     prompts = {m: check_prompts(m, count=args.prompts) for m in models}
     dtypes = {m: resolve_dtype(m, args.dtype) for m in models}
-    quantized = {m: bool(json.loads((m / "config.json").read_text()).get("quantization_config")) for m in models}
     jobs = [{"model": str(m), "dtype": dtypes[m], "prompts": prompts[m]} for m in models]
     vllm = run_vllm(vllm_python, jobs, tokens=args.tokens, log=args.log)
     rows, failed = [], 0
     for m, res in zip(models, vllm, strict=True):
         row = {"model": str(m), "dtype": dtypes[m], "prompts": len(prompts[m]), "tokens": args.tokens,
-               "measure": resolve_measure(args.measure, quantized[m])}
+               "measure": resolve_measure(args.measure, dtypes[m])}
         if "error" in res:
             row.update(agreement=0.0, passed=False, error=res["error"])
         else:

@@ -41,10 +41,10 @@ def test_per_token_agreement_counts_each_position():
     assert check_vllm.agreement(argmax, got, tokens=4) == [4, 1, 0]  # the prefix measure on the same lists
 
 
-def test_measure_auto_is_prefix_unless_quantized():
-    assert check_vllm.resolve_measure("auto", False) == "prefix"
-    assert check_vllm.resolve_measure("auto", True) == "per-token"
-    assert check_vllm.resolve_measure("prefix", True) == "prefix"
+def test_measure_auto_is_prefix_in_float32_only():
+    assert check_vllm.resolve_measure("auto", "float32") == "prefix"
+    assert check_vllm.resolve_measure("auto", "bfloat16") == "per-token"
+    assert check_vllm.resolve_measure("prefix", "bfloat16") == "prefix"
 
 
 def test_argmax_along_is_teacher_forced_greedy():
