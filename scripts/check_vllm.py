@@ -34,7 +34,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-__all__ = ["agreement", "per_token_agreement", "resolve_measure", "resolve_dtype", "check_prompts", "transformers_tokens", "default_vllm_python", "main"]
+__all__ = ["agreement", "per_token_agreement", "resolve_measure", "resolve_dtype", "check_prompts", "load_reference",
+           "transformers_argmax_along", "transformers_tokens", "default_vllm_python", "main"]
 
 ROOT = Path(__file__).resolve().parents[1]
 TASKS = ("demo_arith", "demo_program", "demo_json")
@@ -72,7 +73,8 @@ def per_token_agreement(argmax: list[list[int]], candidate: list[list[int]], *, 
     """Per prompt, at how many of the first `tokens` positions `candidate` equals the reference's argmax there.
 
     `argmax[i][j]` is the reference's argmax after prompt i followed by candidate[i][:j] (teacher-forced)."""
-    return [sum(a == c for a, c in zip(ref[:tokens], cand[:tokens])) for ref, cand in zip(argmax, candidate, strict=True)]
+    return [sum(a == c for a, c in zip(ref[:tokens], cand[:tokens]))
+            for ref, cand in zip(argmax, candidate, strict=True)]
 
 
 def resolve_measure(measure: str, dtype: str) -> str:
@@ -236,10 +238,9 @@ def main(argv: list[str] | None = None) -> int:
               f"({dtypes[m]}): {detail}", flush=True)
     if args.json:
         args.json.write_text(json.dumps({"threshold": args.threshold, "dtype": args.dtype, "measure": args.measure,
-                                         "results": rows},
-                                        indent=2) + "\n")
-    print(f"{len(rows) - failed}/{len(rows)} folders agree on >= {args.threshold:.0%} of "
-          f"{args.prompts} prompts x {args.tokens} tokens (measure {args.measure})" + (" (all expected to fail)" if args.expect_fail else ""))
+                                         "results": rows}, indent=2) + "\n")
+    print(f"{len(rows) - failed}/{len(rows)} folders agree on >= {args.threshold:.0%} of {args.prompts} prompts x "
+          f"{args.tokens} tokens (measure {args.measure})" + (" (all expected to fail)" if args.expect_fail else ""))
     if args.expect_fail:
         return 1 if failed < len(rows) else 0
     return 1 if failed else 0

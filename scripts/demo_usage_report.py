@@ -205,10 +205,11 @@ def _architecture_lines(cfg, model, arch: str, size: int, aux_coef) -> list[str]
             share = (f"{routed / 1e6:.2f}M of the {n_params / 1e6:.2f}M stored parameters ({routed / n_params:.0%}; "
                      f"{(routed - pad_params) / 1e6:.2f}M of the {trained / 1e6:.2f}M trained ones, "
                      f"{(routed - pad_params) / trained:.0%})")
-        lines.append(f"- routed experts hold {share}; pruning removes routed experts only, the shared expert always stays")
+        lines.append(f"- routed experts hold {share}; pruning removes routed experts only, the shared expert "
+                     "always stays")
     if pad:
-        lines.append(f"- expert padding: the routed experts were trained {inter - pad} wide and are shipped {inter} wide "
-                     f"(`scripts/pad_demo_experts.py`): each expert has {pad} extra neurons whose `gate_proj`/"
+        lines.append(f"- expert padding: the routed experts were trained {inter - pad} wide and are shipped {inter} "
+                     f"wide (`scripts/pad_demo_experts.py`): each expert has {pad} extra neurons whose `gate_proj`/"
                      f"`up_proj` rows and `down_proj` columns are zero, " + PADDING_NOTE)
     return lines
 

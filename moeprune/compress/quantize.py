@@ -84,7 +84,8 @@ def serving_note(result: "QuantResult | dict") -> str:
     elif q.get("strategy") == "channel" or q.get("group_size") == 32:
         cpu = "not vLLM CPU (its int4 MoE kernel refuses per-row scales and group size 32)"
     elif q.get("group_size") in VLLM_CPU_GROUP_SIZES:  # they divide every width, so widths are multiples of 32
-        cpu = "vLLM CPU (its int4 MoE kernel uses int8 activations, so tokens agree with transformers' per token, not exactly)"
+        cpu = ("vLLM CPU (its int4 MoE kernel uses int8 activations, so tokens agree with transformers' per token, "
+               "not exactly)")
     else:
         cpu = (f"vLLM CPU not verified for group size {q.get('group_size')} (measured: 64 and 128 serve; 16 on "
                "experts 112 wide loads and generates garbage: its int4 MoE kernel tiles widths by 32)")
