@@ -145,7 +145,8 @@ class HFBackend:
                 batch = self.tokenizer.pad({"input_ids": [enc_all[i] for i in idx]}, return_tensors="pt")
                 ids = batch["input_ids"].to(self.device)  # (B, T)
                 mask = batch["attention_mask"].to(self.device)  # (B, T)
-                logits = self.model(input_ids=ids, attention_mask=mask).logits  # (B, T, V)
+                # no KV cache: nothing follows this forward (a layer-by-layer model would keep every layer's)
+                logits = self.model(input_ids=ids, attention_mask=mask, use_cache=False).logits  # (B, T, V)
                 for row, i in enumerate(idx):
                     n = int(mask[row].sum())
                     if n < 2:
