@@ -26,14 +26,18 @@ __all__ = ["LayerwiseBackend"]
 
 
 class LayerwiseBackend(HFBackend):
-    """The evaluation backend of the checkpoint `src`, never loaded whole."""
+    """The evaluation backend of the checkpoint `src`, never loaded whole.
 
-    def __init__(self, src: str | Path, tokenizer, *, dtype: str, device: torch.device, max_memory: int | None = None,
-                 batch_size: int = 16, progress: bool = True) -> None:
+    dtype: compute dtype ("auto" = the checkpoint's own); max_memory: bytes or "8GB" (half of it bounds the
+    hidden states kept in memory and, for generation, what `offloaded_model` keeps resident).
+    """
+
+    def __init__(self, src: str | Path, tokenizer, *, device: str | torch.device, dtype: str | torch.dtype = "auto",
+                 max_memory: int | str | None = None, batch_size: int = 16, progress: bool = True) -> None:
         from moeprune.io import load_config
-        from moeprune.stream.offload import _resolve_dtype
+        from moeprune.stream.offload import _budget, _resolve_dtype
 
-        self.src, self._device, self.max_memory = Path(src), torch.device(device), max_memory
+        self.src, self._device, self.max_memory = Path(src), torch.device(device), _budget(max_memory)
         self.dtype = _resolve_dtype(self.src, dtype)
         self.config = load_config(self.src)
         self._offloaded = None
@@ -103,6 +107,8 @@ class LayerwiseBackend(HFBackend):
                     h = layer(store.get(b), *args, **kwargs)
                     store.put(b, h[0] if isinstance(h, tuple) else h)
                 loader.release(model, layer_names)
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()
             head = _head_names(model, outer, loader)
             loader.materialise(model, head, self.device)
             loaded += head

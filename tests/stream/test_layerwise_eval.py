@@ -33,7 +33,7 @@ def test_tasks_through_the_backend(tmp_path):
     tiny_model("mixtral").save_pretrained(tmp_path / "m")
     tok, tasks = tiny_tokenizer(), ["demo_prose", "demo_json"]
     want = evaluate(load_model(tmp_path / "m", dtype="float32", device="cpu"), tok, tasks, limit=3, progress=False)
-    lw = LayerwiseBackend(tmp_path / "m", tok, dtype="auto", device=torch.device("cpu"), progress=False)
+    lw = LayerwiseBackend(tmp_path / "m", tok, device="cpu", max_memory="1GB", progress=False)
     got = evaluate(None, tok, tasks, limit=3, progress=False, backend=lw)
     assert got["demo_prose"]["score"] == pytest.approx(want["demo_prose"]["score"], rel=1e-5)
     assert got["demo_json"]["score"] == want["demo_json"]["score"]
