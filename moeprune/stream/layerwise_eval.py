@@ -72,13 +72,15 @@ class LayerwiseBackend(HFBackend):
         batches = list(self._nll_batches(texts))
         out: list[tuple[float, int]] = [(0.0, 0)] * len(texts)
         with self._bar(len(texts), desc) as bar:
-            for (idx, batch), logits in zip(batches, self._logits([b for _, b in batches])):
-                rows_nll(logits, batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device), idx, out)
-                bar.update(len(idx))
+            for b, row, logits in self._logits([batch for _, batch in batches]):
+                ids, mask = (batches[b][1][k][row:row + 1].to(self.device) for k in ("input_ids", "attention_mask"))
+                rows_nll(logits, ids, mask, [batches[b][0][row]], out)
+                bar.update(1)
         return out
 
     def _logits(self, batches: list[dict]):
-        """Logits of each batch (yielded in order), from a layer-by-layer pass over all of them."""
+        """(batch, row, logits of that row (1, T, V)) for every row of every batch, from a layer-by-layer pass
+        over all of them; the head runs one row at a time (a batch's logits can be larger than a layer)."""
         from moeprune.stream.layerwise import HiddenStore, _capture, _move_buffers, _outer_names, _skeleton
         from moeprune.stream.loader import WeightLoader
         from moeprune.stream.names import CheckpointNames
@@ -94,11 +96,11 @@ class LayerwiseBackend(HFBackend):
         pairs = [(b["input_ids"], b["attention_mask"]) for b in batches]
         store = HiddenStore(max_ram_bytes=None if self.max_memory is None else self.max_memory // 2, device=self.device)
         outer = _outer_names(model, spec.layers, loader)
-        loaded, aliases = list(outer), _aliases(model, loader)  # tied names, found before loading unties them
+        loaded, aliases = [], _aliases(model, loader)  # tied names, found before loading unties them
         try:
             loader.materialise(model, outer, self.device)
-            _retie(model, aliases)  # a tied head shares the embedding just loaded
             calls = _capture(model, layers, pairs, self.device, store)
+            loader.release(model, outer)  # the embedding is not needed again until the head
             for i, layer in enumerate(layers):
                 layer_names = [k for k in model.state_dict(keep_vars=True) if k.startswith(f"{spec.layers}.{i}.")]
                 loader.materialise(model, layer_names, self.device)
@@ -109,18 +111,20 @@ class LayerwiseBackend(HFBackend):
                 loader.release(model, layer_names)
                 if self.device.type == "cuda":
                     torch.cuda.empty_cache()
-            head = _head_names(model, outer, loader)
-            loader.materialise(model, head, self.device)
-            loaded += head
+            loaded = outer + _head_names(model, outer, loader)
+            loader.materialise(model, loaded, self.device)
+            _retie(model, aliases)  # a tied head shares the embedding just loaded
             missing = [k for k, v in model.state_dict(keep_vars=True).items()
                        if v.device.type == "meta" and not k.startswith(f"{spec.layers}.")]
             if missing:
                 raise MoePruneError(f"{self.src}: the checkpoint has no tensor for {missing[:3]}; it does not match "
                                     "its config.json")
             for b, (ids, mask) in enumerate(pairs):
-                with _replay(layers, store.get(b)):
-                    yield model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
-                                use_cache=False).logits
+                hidden = store.get(b)
+                for row in range(len(ids)):
+                    with _replay(layers, hidden[row:row + 1]):
+                        yield b, row, model(input_ids=ids[row:row + 1].to(self.device),
+                                            attention_mask=mask[row:row + 1].to(self.device), use_cache=False).logits
         finally:
             store.close()
             loader.release(model, loaded)
@@ -133,11 +137,7 @@ def _head_names(model, outer: list[str], loader) -> list[str]:
         return []
     prefix = next(n for n, m in model.named_modules() if m is head)
     return [k for k in model.state_dict(keep_vars=True) if k.startswith(prefix + ".") and k not in outer
-            and k in loader.sources and _is_meta(model, k)]
-
-
-def _is_meta(model, name: str) -> bool:
-    return model.state_dict(keep_vars=True)[name].device.type == "meta"
+            and k in loader.sources]
 
 
 class _replay:
