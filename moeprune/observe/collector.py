@@ -68,6 +68,7 @@ class _LayerObserver:
         s.reap_sum.index_add_(0, ids, g * norms)
         if s.reap_prob_sum is not None and probs is not None:
             s.reap_prob_sum.index_add_(0, ids, probs.detach().to(f64) * norms)
+        # abs().amax: several times faster on CPU than vector_norm(ord=inf)
         s.max_abs.scatter_reduce_(0, ids, outputs.abs().amax(dim=-1).to(f64), reduce="amax")
         if s.out_sum is not None:
             s.out_sum.index_add_(0, ids, outputs.to(f64))
@@ -100,10 +101,39 @@ class _LayerObserver:
             s.data["out_cos_count"] += x.shape[0]
 
 
-def _observed_experts_forward(observer: _LayerObserver, collector: "Collector"):
+_FUSED_IMPLEMENTATIONS = ("grouped_mm", "batched_mm")
+# On these devices the per-expert loop is used even under a fused kernel: on CPU it is as fast as
+# grouped_mm (measured in scripts/bench_observe.py), and the fused path's extra gathers cost more.
+LOOP_DEVICES = ("cpu",)
+
+
+def _fused_implementation(experts) -> bool:
+    """True when the experts module dispatches to one of transformers' fused kernels (grouped_mm,
+    batched_mm): the observed forward then runs that very kernel once over all (token, expert) pairs."""
+    impl = getattr(getattr(experts, "config", None), "_experts_implementation", None)
+    return impl in _FUSED_IMPLEMENTATIONS and hasattr(experts, "_is_expert_parallel")
+
+
+def _observed_experts_forward(observer: _LayerObserver, collector: "Collector", fused: bool):
     adapter, layer = observer.adapter, observer.layer
 
-    def forward(self, hidden_states, top_k_index, top_k_weights):
+    def forward_fused(self, hidden_states, top_k_index, top_k_weights):
+        # The model's own kernel on one row per (token, expert) pair with unit weights gives every pair's
+        # output f_e(x) before gating; the kernel sorts the same expert ids the same way as in the plain
+        # forward, so each pair's output is bit-identical to the one the plain forward computes, and the
+        # gated sum below is the plain forward's own final step.
+        t, k = top_k_index.shape
+        flat_e = top_k_index.reshape(-1, 1)
+        ones = top_k_weights.new_ones(flat_e.shape)
+        out_pairs = type(self).forward(self, hidden_states.repeat_interleave(k, dim=0), flat_e, ones)
+        final = (out_pairs.view(t, k, -1) * top_k_weights.unsqueeze(-1)).sum(dim=1).to(hidden_states.dtype)
+        with torch.no_grad():
+            token = torch.arange(t * k, device=hidden_states.device) // k
+            observer.add(hidden_states, token, flat_e.reshape(-1), top_k_weights.reshape(-1), out_pairs,
+                         collector.token_mask)
+        return final
+
+    def forward_loop(self, hidden_states, top_k_index, top_k_weights):
         t, k = top_k_index.shape
         flat_e = top_k_index.reshape(-1)
         flat_w = top_k_weights.reshape(-1)
@@ -122,6 +152,10 @@ def _observed_experts_forward(observer: _LayerObserver, collector: "Collector"):
         with torch.no_grad():
             observer.add(hidden_states, token, flat_e[order], gates, out_pairs, collector.token_mask)
         return final
+
+    def forward(self, hidden_states, top_k_index, top_k_weights):
+        run = forward_fused if fused and hidden_states.device.type not in LOOP_DEVICES else forward_loop
+        return run(self, hidden_states, top_k_index, top_k_weights)
 
     return forward
 
@@ -145,16 +179,22 @@ class Collector:
         self.collect = collect
         self.observers = {layer.index: _LayerObserver(self.adapter, layer, collect, all_means_tokens)
                           for layer in self.adapter.layers}
-        self.token_mask: torch.Tensor | None = None
+        self.token_mask: torch.Tensor | None = None  # set per batch by `set_mask`
         self._handles: list = []
         self._patched: list = []
+
+    def set_mask(self, attention_mask: torch.Tensor | None) -> None:
+        """The next batch's attention mask (padding tokens stay out of the statistics). A mask without
+        padding is dropped, which spares a masked copy of every pair's output."""
+        flat = None if attention_mask is None else attention_mask.reshape(-1).bool()
+        self.token_mask = None if flat is None or bool(flat.all()) else flat
 
     # ---------------------------------------------------------------- lifecycle
     def attach(self) -> "Collector":
         for layer in self.adapter.layers:
             observer = self.observers[layer.index]
             if self.adapter.spec.experts_call == "indexed":
-                fn = _observed_experts_forward(observer, self)
+                fn = _observed_experts_forward(observer, self, _fused_implementation(layer.experts))
                 layer.experts.forward = types.MethodType(fn, layer.experts)
                 self._patched.append(layer.experts)
             else:

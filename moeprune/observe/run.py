@@ -35,7 +35,7 @@ def observe(model, calibration, *, collect: Iterable[str] = (), all_means_tokens
             ids = batch["input_ids"].to(device)
             mask = batch.get("attention_mask")
             mask = torch.ones_like(ids) if mask is None else mask.to(device)
-            collector.token_mask = mask.reshape(-1).bool()
+            collector.set_mask(mask)
             model(input_ids=ids, attention_mask=mask, use_cache=False)
             num_tokens += int(mask.sum())
         collector.token_mask = None

@@ -240,7 +240,7 @@ def _run_layer(model, i: int, *, loader: WeightLoader, store: HiddenStore, calls
         w = adapter.tensor(adapter.layer(i), spec.router_tensors[0][0])
         fingerprint.update(w.detach().float().cpu().contiguous().numpy().tobytes())
     for b, (_, mask) in enumerate(batches):
-        collector.token_mask = mask.to(device).reshape(-1).bool()
+        collector.set_mask(mask.to(device))
         args, kwargs = calls[b][i]
         out = layer(store.get(b), *args, **kwargs)
         store.put(b, out[0] if isinstance(out, tuple) else out)

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 from moeprune.models import MoEAdapter
 from moeprune.observe import Collector, Observations, observe
-from tiny_models import tiny_model
+from tiny_models import TINY, tiny_model
 
 ALL = ("routed_means", "all_means", "router_gram")
 
@@ -82,9 +82,14 @@ def _brute_force(model, batches):
     return out
 
 
+@pytest.mark.parametrize("impl", ["grouped_mm", "eager"])  # the fused kernel's pairs, and the per-expert loop
 @pytest.mark.parametrize("model_type", ["mixtral", "deepseek_v3"])  # softmax router; sigmoid + bias + groups
-def test_statistics_equal_brute_force(model_type):
+def test_statistics_equal_brute_force(model_type, impl, monkeypatch):
+    from moeprune.observe import collector
+
+    monkeypatch.setattr(collector, "LOOP_DEVICES", ())  # the fused path (used off CPU) runs here too
     model = tiny_model(model_type)
+    model.set_experts_implementation(impl)
     batches = _batches()
     obs = observe(model, batches, collect=ALL, progress=False)
     want = _brute_force(model, batches)
@@ -116,6 +121,28 @@ def test_observation_leaves_output_bit_identical_and_model_unchanged(model_type,
     assert torch.equal(during, before)
     assert torch.equal(after, before)
     assert "forward" not in vars(MoEAdapter(model).layers[0].experts)
+
+
+INDEXED = [t for t in TINY if t != "llama4_text"]  # llama4's experts are dense-prescaled (hooks, not a swap)
+
+
+@pytest.mark.parametrize("model_type,impl", [(t, i) for t in INDEXED for i in ("grouped_mm", "eager")]
+                         + [(t, "batched_mm") for t in ("qwen3_moe", "gpt_oss", "deepseek_v3")])
+def test_every_family_and_experts_kernel_keeps_bfloat16_output_bit_identical(model_type, impl, monkeypatch):
+    from moeprune.observe import collector
+    from moeprune.observe.collector import _fused_implementation
+
+    monkeypatch.setattr(collector, "LOOP_DEVICES", ())  # the fused path (used off CPU) runs here too
+
+    model = tiny_model(model_type).to(torch.bfloat16)
+    model.set_experts_implementation(impl)
+    assert _fused_implementation(MoEAdapter(model).layers[0].experts) == (impl != "eager")
+    ids = torch.randint(3, 128, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        before = model(ids).logits
+        with Collector(model):
+            during = model(ids).logits
+    assert torch.equal(during, before)
 
 
 def test_low_precision_outputs_accumulate_close_to_float64_brute_force():
