@@ -152,9 +152,70 @@ def _upcycle_source(a: dict, summaries: list[dict], i: int, out: Path) -> str:
     return src
 
 
+def zero_neurons(model) -> int:
+    """How many routed-expert neurons are zero in every expert of every layer (padding, scripts/pad_demo_experts.py)."""
+    zero = None
+    for name, p in model.named_parameters():
+        if name.endswith("experts.gate_up_proj"):  # (E, 2I, H)
+            inter = p.shape[1] // 2
+            z = ~(p[:, :inter].any(-1).any(0) | p[:, inter:].any(-1).any(0))
+        elif name.endswith("experts.down_proj"):  # (E, H, I)
+            z = ~p.any(1).any(0)
+        else:
+            continue
+        zero = z if zero is None else zero & z
+    return 0 if zero is None else int(zero.sum())
+
+
+PADDING_NOTE = (  # measured when the demo was padded (2026-12-01): scripts/pad_demo_experts.py, docs/serving.md
+    "so each adds down * silu(0) * 0 = 0 and the network computes the same function (float32 logits of the "
+    "padded and the 112-wide model differ by at most 1.5e-5 on 40 held-out texts, 4779 tokens, same argmax "
+    "everywhere; the routers are untouched, so routing and the usage tables below are unchanged). Why: 128 is "
+    "a multiple of 32, so `moeprune quantize --bits 4` picks group size 128 by default and the int4 output "
+    "serves in vLLM's CPU build, whose int4 MoE kernel needs group sizes 64/128 and expert widths that are "
+    "multiples of 32 (112 is divisible by none of 128/64/32; see docs/serving.md)")
+
+
+def _architecture_lines(cfg, model, arch: str, size: int, aux_coef) -> list[str]:
+    """The card's architecture bullets (parameter counts; expert padding explained when present)."""
+    n_params = sum(p.numel() for p in model.parameters())
+    E, k = num_experts(cfg), cfg.num_experts_per_tok
+    inter = getattr(cfg, "moe_intermediate_size", None) or cfg.intermediate_size
+    shared = getattr(cfg, "shared_expert_intermediate_size", None)
+    pad = zero_neurons(model)
+    pad_params = pad * 3 * cfg.hidden_size * E * cfg.num_hidden_layers
+    trained = n_params - pad_params
+    lines = [f"- `{arch}` (stock transformers classes), "
+             + (f"{n_params / 1e6:.2f}M parameters stored ({trained / 1e6:.2f}M trained + {pad_params / 1e6:.2f}M "
+                "always-zero expert padding, see below)" if pad else f"{n_params / 1e6:.2f}M parameters")
+             + f", weights stored in bfloat16 (folder size {size / 2**20:.1f} MiB)"]
+    width = f"{inter} ({inter - pad} trained neurons + {pad} always-zero ones, see below)" if pad else f"{inter}"
+    lines.append(
+        f"- {cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, {cfg.num_attention_heads} attention heads "
+        f"({cfg.num_key_value_heads} KV heads), {E} routed experts per layer, top-{k} routing "
+        f"({'renormalised ' if getattr(cfg, 'norm_topk_prob', True) else ''}softmax gates), routed expert "
+        f"intermediate size {width}"
+        + (f", plus one always-on shared expert (intermediate size {shared}, sigmoid-gated) per layer"
+           if shared else "")
+        + f", tied input/output embeddings, router aux loss coefficient {aux_coef}")
+    if shared:
+        routed = sum(p.numel() for n, p in model.named_parameters() if ".mlp.experts." in n)
+        share = f"{routed / 1e6:.2f}M of the {n_params / 1e6:.2f}M parameters ({routed / n_params:.0%})"
+        if pad:
+            share = (f"{routed / 1e6:.2f}M of the {n_params / 1e6:.2f}M stored parameters ({routed / n_params:.0%}; "
+                     f"{(routed - pad_params) / 1e6:.2f}M of the {trained / 1e6:.2f}M trained ones, "
+                     f"{(routed - pad_params) / trained:.0%})")
+        lines.append(f"- routed experts hold {share}; pruning removes routed experts only, the shared expert "
+                     "always stays")
+    if pad:
+        lines.append(f"- expert padding: the routed experts were trained {inter - pad} wide and are shipped {inter} "
+                     f"wide (`scripts/pad_demo_experts.py`): each expert has {pad} extra neurons whose `gate_proj`/"
+                     f"`up_proj` rows and `down_proj` columns are zero, " + PADDING_NOTE)
+    return lines
+
+
 def write_model_card(out: Path, model, report: dict, summaries: list[dict], manifest_path: Path) -> None:
     cfg = model.config
-    n_params = sum(p.numel() for p in model.parameters())
     steps = sum(s["steps"] for s in summaries)
     tokens = sum(s["tokens"] for s in summaries)
     wall = sum(s["wall_s"] for s in summaries) / 60
@@ -164,26 +225,13 @@ def write_model_card(out: Path, model, report: dict, summaries: list[dict], mani
     w = L.append
     arch = (cfg.architectures or [type(model).__name__])[0]
     E, k = num_experts(cfg), cfg.num_experts_per_tok
-    inter = getattr(cfg, "moe_intermediate_size", None) or cfg.intermediate_size
-    shared = getattr(cfg, "shared_expert_intermediate_size", None)
     w(f"# demo-moe: a tiny {arch.removesuffix('ForCausalLM')}-architecture MoE trained on CPU\n")
     w("Shipped with moeprune as a self-contained demo model whose experts can be observed, pruned "
       f"and merged. It is a toy: a few million parameters, trained for {wall:.0f} minutes on 2 CPU "
       "cores. It is not useful as a language model beyond these five synthetic/stdlib domains.\n")
     w("## Architecture\n")
-    w(f"- `{arch}` (stock transformers classes), {n_params / 1e6:.2f}M parameters, "
-      f"weights stored in bfloat16 (folder size {size / 2**20:.1f} MiB)")
-    w(f"- {cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, {cfg.num_attention_heads} attention heads "
-      f"({cfg.num_key_value_heads} KV heads), {E} routed experts per layer, top-{k} routing "
-      f"({'renormalised ' if getattr(cfg, 'norm_topk_prob', True) else ''}softmax gates), routed expert "
-      f"intermediate size {inter}"
-      + (f", plus one always-on shared expert (intermediate size {shared}, sigmoid-gated) per layer"
-         if shared else "")
-      + f", tied input/output embeddings, router aux loss coefficient {summaries[-1]['args']['aux_coef']}")
-    if shared:
-        routed = sum(p.numel() for n, p in model.named_parameters() if ".mlp.experts." in n)
-        w(f"- routed experts hold {routed / 1e6:.2f}M of the {n_params / 1e6:.2f}M parameters "
-          f"({routed / n_params:.0%}); pruning removes routed experts only, the shared expert always stays")
+    for line in _architecture_lines(cfg, model, arch, size, summaries[-1]['args']['aux_coef']):
+        w(line)
     w(f"- tokenizer: byte-level BPE, vocab {cfg.vocab_size}, trained with `tokenizers` on the training "
       "split; digits are always split into single tokens, and a space after ':' is its own token so "
       "prompts ending in ': ' tokenize like the training text. Special tokens `<s>` (bos, added to "
@@ -286,6 +334,8 @@ def write_model_card(out: Path, model, report: dict, summaries: list[dict], mani
             cmd += f" --mix {a['mix']}"
         w(cmd)
     w(f"cp -r {summaries[-1]['args']['out']}/final/* moeprune/assets/demo-moe/")
+    w("python scripts/pad_demo_experts.py moeprune/assets/demo-moe /tmp/demo-moe-128 --width 128 && "
+      "cp /tmp/demo-moe-128/{model.safetensors,config.json} moeprune/assets/demo-moe/")
     if any(s.get("note") for s in summaries):
         w("# (stages marked 'stopped early' above were interrupted after their last checkpoint)")
     w("python scripts/demo_usage_report.py --model moeprune/assets/demo-moe --train-summary "

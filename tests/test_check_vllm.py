@@ -30,3 +30,35 @@ def test_missing_vllm_environment_is_a_one_line_error(tmp_path, capsys):
     rc = check_vllm.main([str(demo), "--vllm-python", str(tmp_path / "nope" / "python")])
     err = capsys.readouterr().err
     assert rc == 2 and err.startswith("Error: no vLLM environment at") and err.count("\n") == 1
+
+
+def test_per_token_agreement_counts_each_position():
+    # argmax[i][j]: the reference's choice after prompt i and candidate[i][:j]; a flip costs one token only
+    argmax = [[1, 2, 3, 4], [5, 0, 7, 8], [9, 9, 9, 9]]
+    got = [[1, 2, 3, 4], [5, 6, 7, 8], [0, 9, 9, 9]]
+    assert check_vllm.per_token_agreement(argmax, got, tokens=4) == [4, 3, 3]
+    assert check_vllm.per_token_agreement([[1, 2, 3]], [[1, 2, 0]], tokens=2) == [2]
+    assert check_vllm.agreement(argmax, got, tokens=4) == [4, 1, 0]  # the prefix measure on the same lists
+
+
+def test_measure_auto_is_prefix_in_float32_only():
+    assert check_vllm.resolve_measure("auto", "float32") == "prefix"
+    assert check_vllm.resolve_measure("auto", "bfloat16") == "per-token"
+    assert check_vllm.resolve_measure("prefix", "bfloat16") == "prefix"
+
+
+def test_argmax_along_is_teacher_forced_greedy():
+    # on vLLM's own continuation, transformers' teacher-forced argmax equals its greedy tokens when they agree
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from tiny_models import tiny_config
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_config("qwen3_moe")).eval()
+    prompts = [[1, 2, 3], [4, 5]]
+    greedy = check_vllm.transformers_tokens(model, prompts, tokens=5)
+    assert check_vllm.transformers_argmax_along(model, prompts, greedy) == greedy
+    shifted = [[(t + 1) % model.config.vocab_size for t in g] for g in greedy]  # a different continuation
+    along = check_vllm.transformers_argmax_along(model, prompts, shifted)
+    assert [a[0] for a in along] == [g[0] for g in greedy]  # position 0 sees only the prompt

@@ -86,9 +86,9 @@ def echo_result(report: dict, out) -> None:
                f"({report['dtype']['output']}, {report['execution']} execution) -> {out}")
     rec = report.get("recovery")
     if rec:
-        kl = (f"{rec['kl_before']:.4g} -> {rec['kl_after']:.4g}" if rec["kl_before"] is not None else "n/a")
-        click.echo(f"{rec['method']}: {rec['steps']} steps; KL to the original {kl} on {rec['eval_tokens']} "
-                   f"{rec['eval_on']}")
+        from moeprune.report.markdown import recovery_line
+
+        click.echo(recovery_line(rec))
 
 
 def observe_options(fn):

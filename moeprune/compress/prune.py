@@ -18,7 +18,7 @@ from moeprune.errors import MoePruneError
 from moeprune.inputs import read_text
 from moeprune.models import MoEAdapter
 
-__all__ = ["KeepPlan", "validate_keep", "prune_experts", "load_keep_file"]
+__all__ = ["KeepPlan", "validate_keep", "prune_experts", "prune_layer", "set_expert_count", "load_keep_file"]
 
 KeepPlan = dict[int, list[int]]
 
@@ -123,25 +123,37 @@ def _slice_tensor(root: nn.Module, path: str, idx: torch.Tensor, dim: int) -> No
         module._buffers[name] = new
 
 
+def prune_layer(adapter: MoEAdapter, layer, kept: Sequence[int]) -> int:
+    """Keep only `kept` (sorted) experts of one MoE layer, in place: expert tensors, router rows and biases,
+    the modules' cached expert counts. The config is left to the caller. Returns the new count."""
+    spec = adapter.spec
+    n_before = layer.num_experts
+    idx = torch.tensor(list(kept), dtype=torch.long)
+    for name in spec.layout.tensors:
+        _slice_tensor(layer.experts, name, idx, 0)
+    for path, dim in spec.router_tensors:
+        _slice_tensor(layer.block, path, idx, dim)
+    n_after = len(idx)
+    for module in (layer.block, layer.router, layer.experts):
+        for attr in spec.count_attrs:
+            if getattr(module, attr, None) == n_before:
+                setattr(module, attr, n_after)
+    return n_after
+
+
+def set_expert_count(config, spec, n_after: int) -> None:
+    """The config's expert-count keys after pruning."""
+    for key in spec.num_experts_keys:
+        if hasattr(config, key):
+            setattr(config, key, n_after)
+
+
 def prune_experts(model: nn.Module, keep: Mapping[int, Sequence[int]], *, where: str = "keep") -> KeepPlan:
     """Keep only the listed experts in every MoE layer of `model` (in place). Returns the sorted plan."""
     adapter = MoEAdapter(model)
     plan = validate_keep(adapter, keep, where=where)
-    spec = adapter.spec
     n_after = None
     for layer in adapter.layers:
-        n_before = layer.num_experts
-        idx = torch.tensor(plan[layer.index], dtype=torch.long)
-        for name in spec.layout.tensors:
-            _slice_tensor(layer.experts, name, idx, 0)
-        for path, dim in spec.router_tensors:
-            _slice_tensor(layer.block, path, idx, dim)
-        n_after = len(idx)
-        for module in (layer.block, layer.router, layer.experts):
-            for attr in spec.count_attrs:
-                if getattr(module, attr, None) == n_before:
-                    setattr(module, attr, n_after)
-    for key in spec.num_experts_keys:
-        if hasattr(model.config, key):
-            setattr(model.config, key, n_after)
+        n_after = prune_layer(adapter, layer, plan[layer.index])
+    set_expert_count(model.config, adapter.spec, n_after)
     return plan

@@ -34,6 +34,7 @@ __all__ = ["MixedBudget", "QuantResult", "quantize_model", "save_quantized", "wr
 
 FORMAT_PACKED = "compressed-tensors/pack-quantized"
 FORMAT_MIXED = "torchao/float8-per-layer"
+VLLM_CPU_GROUP_SIZES = (64, 128)  # int4 group sizes vLLM 0.32's CPU MoE kernel serves (measured, docs/serving.md)
 
 
 @dataclass(frozen=True)
@@ -82,8 +83,12 @@ def serving_note(result: "QuantResult | dict") -> str:
         cpu = "not vLLM CPU (it has no int8 weight-only kernel)"
     elif q.get("strategy") == "channel" or q.get("group_size") == 32:
         cpu = "not vLLM CPU (its int4 MoE kernel refuses per-row scales and group size 32)"
+    elif q.get("group_size") in VLLM_CPU_GROUP_SIZES:  # they divide every width, so widths are multiples of 32
+        cpu = ("vLLM CPU (its int4 MoE kernel uses int8 activations, so tokens agree with transformers' per token, "
+               "not exactly)")
     else:
-        cpu = "vLLM CPU when every expert width is a multiple of 32"
+        cpu = (f"vLLM CPU not verified for group size {q.get('group_size')} (measured: 64 and 128 serve; 16 on "
+               "experts 112 wide loads and generates garbage: its int4 MoE kernel tiles widths by 32)")
     return f"transformers; vLLM GPU (documented upstream, not verified here); {cpu}; docs/serving.md"
 
 
@@ -94,10 +99,13 @@ def _qmax(bits: int) -> int:
 def _group_scale(w: torch.Tensor, *, bits: int, group_size: int) -> torch.Tensor:
     """Symmetric scale per group of `group_size` along the last dim: amax / qmax (..., in/g), float32.
 
-    `group_size` CHANNEL means one group per row (..., 1)."""
+    `group_size` CHANNEL means one group per row (..., 1). An all-zero group (e.g. a padded neuron) gets the
+    smallest scale that stays nonzero in `w`'s dtype (float16 flushes 1e-12 to 0, and 0/0 would be NaN), so it
+    quantizes to exact zeros."""
     group_size = w.shape[-1] if group_size == CHANNEL else group_size
     groups = w.detach().float().reshape(*w.shape[:-1], w.shape[-1] // group_size, group_size)
-    return (groups.abs().amax(-1) / _qmax(bits)).clamp(min=1e-12)
+    floor = max(1e-12, torch.finfo(w.dtype).tiny) if w.dtype.is_floating_point else 1e-12
+    return (groups.abs().amax(-1) / _qmax(bits)).clamp(min=floor)
 
 
 def fake_quantize(w: torch.Tensor, *, bits: int, group_size: int) -> torch.Tensor:

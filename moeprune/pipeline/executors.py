@@ -92,11 +92,30 @@ class Executor:
         sampled = {"all_means", "output_cosine"} & set(self.plan.collect)
         return self.plan.recipe.merge.all_means_tokens if sampled else None
 
-    def _write(self, folder: Path, decision, replacements, provenance: dict):
+    def _write(self, folder: Path, decision, replacements, provenance: dict, config: dict | None = None):
         from moeprune.stream.rewrite import write_rewrite
 
         return write_rewrite(self.plan.src, folder, self.plan.names, decision.kept, replacements=replacements,
-                             max_shard_size=self.plan.recipe.max_shard_size, provenance=provenance)
+                             max_shard_size=self.plan.recipe.max_shard_size, provenance=provenance,
+                             config_updates=config)
+
+    def _block_recovery(self, decision, obs, replaced, adapter, model, source=None):
+        """Surgery and block-level recovery in one pass over the layers (pipeline/recovery.py); returns the
+        BlockRecovery, whose chosen router tensors are added to `replaced`."""
+        from moeprune.compress.prune import validate_keep
+        from moeprune.pipeline.layerpass import block_pass
+        from moeprune.pipeline.recovery import BlockRecovery, recovery_batches
+
+        validate_keep(adapter, decision.kept, where="decision")
+        batches, n_train, has_held = recovery_batches(self.plan.recipe.recover, self.calibration().batches)
+        names = source.names if source is not None else self.plan.names
+        blocks = BlockRecovery(self.plan, decision, obs, replaced, n_train=n_train, has_held=has_held, names=names)
+        budget = self._hidden_budget() if source is not None else None
+        block_pass(model, batches, blocks, device=self.plan.device, source=source, max_ram_bytes=budget,
+                   progress=self.progress)
+        for i, tensors in blocks.router_replacements().items():
+            replaced.add(i, tensors)
+        return blocks
 
     def _evaluate(self, model, tokenizer) -> dict:
         from moeprune.evaluate import evaluate
@@ -166,24 +185,39 @@ class MemoryExecutor(Executor):
 
     def compress(self, decision, obs, folder: Path, provenance: dict):
         from moeprune.checkpoint.replacements import Replacements
-        from moeprune.compress import prune_experts
+        from moeprune.compress.prune import set_expert_count
         from moeprune.models import MoEAdapter
+        from moeprune.pipeline.recovery import needs_block_pass
 
         kd = self._router_kd()  # the original model's targets, before any surgery
-        adapter, names, replaced = MoEAdapter(self.model), self.plan.names, Replacements()
+        adapter, replaced, blocks = MoEAdapter(self.model), Replacements(), None
         try:
-            for layer in adapter.layers:
-                if decision.changed_experts(layer.index):
-                    self.plan.method.apply_layer(adapter, layer, decision, obs, self.plan)
-                    replaced.add(layer.index, changed_tensors(self.plan, adapter, layer, decision, names))
-            prune_experts(self.model, decision.kept, where="decision")  # the compressed model, for evaluation
+            if needs_block_pass(self.plan.recipe.recover):
+                blocks = self._block_recovery(decision, obs, replaced, adapter, self.model)
+                set_expert_count(self.model.config, adapter.spec, len(next(iter(decision.kept.values()))))
+                blocks.apply_to(adapter)
+                provenance["recovery"] = blocks.record()
+            else:
+                self._surgery(adapter, decision, obs, replaced)
             if kd is not None:
                 provenance["recovery"] = kd.fit(self.model, progress=self.progress)
+                if blocks is not None:
+                    provenance["recovery"]["gate_scale"] = blocks.gate_record()
                 for i, tensors in router_tensors(self.plan, self.model).items():
                     replaced.add(i, tensors)
-            return self._write(folder, decision, replaced, provenance)
+            config = blocks.config_updates() if blocks is not None else None
+            return self._write(folder, decision, replaced, provenance, config)
         finally:
             replaced.close()
+
+    def _surgery(self, adapter, decision, obs, replaced) -> None:
+        from moeprune.compress import prune_experts
+
+        for layer in adapter.layers:
+            if decision.changed_experts(layer.index):
+                self.plan.method.apply_layer(adapter, layer, decision, obs, self.plan)
+                replaced.add(layer.index, changed_tensors(self.plan, adapter, layer, decision, self.plan.names))
+        prune_experts(self.model, decision.kept, where="decision")  # the compressed model, for evaluation
 
     def evaluate_output(self, folder: Path) -> dict:
         return self._evaluate(self.model, self.tokenizer)
@@ -191,7 +225,7 @@ class MemoryExecutor(Executor):
     def _router_kd(self):
         """Router KD set up with the original model's targets (None without a `recover` section)."""
         r = self.plan.recipe.recover
-        if r is None:
+        if r is None or r.method != "router_kd":
             return None
         from moeprune.recover import RouterKD
         from moeprune.recover.router_kd import split_batches
@@ -240,9 +274,16 @@ class LayerwiseExecutor(Executor):
     def compress(self, decision, obs, folder: Path, provenance: dict):
         from moeprune.checkpoint.replacements import Replacements
 
+        from moeprune.pipeline.recovery import needs_block_pass
+
         replaced = Replacements()
         source = None
         try:
+            if needs_block_pass(self.plan.recipe.recover):
+                source = self._source()
+                blocks = self._block_recovery(decision, obs, replaced, source.adapter, source.model, source)
+                provenance["recovery"] = blocks.record()
+                return self._write(folder, decision, replaced, provenance, blocks.config_updates())
             layers = [i for i in self.plan.shape.layer_indices if decision.changed_experts(i)]
             if layers:
                 source = self._source()

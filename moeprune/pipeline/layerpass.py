@@ -5,6 +5,9 @@ own forward (see moeprune/stream/layerwise.py), then each decoder layer is loade
 files, every batch goes through it, and it is freed. `layerwise_search` runs the per-layer subset search
 of the reconstruction methods on that pass; with `progressive` each layer's outputs are computed with
 its experts already pruned (routing masks), so later layers see the pruned model, as in memory.
+`block_pass` hands every MoE block's inputs to a visitor that may rewrite the block (surgery, recovery)
+after the original layer's outputs have been passed on; the in-memory executor runs the same pass over
+its loaded model, so both executors feed the visitor the same tensors.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-__all__ = ["layerwise_search", "LayerSource"]
+__all__ = ["layerwise_search", "LayerSource", "block_pass"]
 
 
 class LayerSource:
@@ -119,3 +122,53 @@ def layerwise_search(src: Path, calibration, choose, *, dtype: str, device: torc
         store.close()
         source.close()
     return kept
+
+
+def block_pass(model, batches, visit, *, device: torch.device, source: LayerSource | None = None,
+               max_ram_bytes: int | None = None, progress: bool = True, desc: str = "recovery") -> None:
+    """One pass over the decoder layers of `model` (a loaded model, or `source`'s weightless one, loaded
+    layer by layer) with the original weights: for every MoE layer, `visit(adapter, layer, inputs)` gets
+    the block's inputs as a list per batch of (non-padding tokens, H) float32 CPU tensors, after the
+    layer's outputs were stored for the next layer, so the visitor may change the block in place."""
+    from moeprune.models import MoEAdapter
+    from moeprune.stream.layerwise import HiddenStore, _batches, _capture, _move_buffers, _outer_names
+
+    adapter = source.adapter if source is not None else MoEAdapter(model)
+    layers = model.get_submodule(adapter.spec.layers)
+    batches = _batches(batches)
+    if source is not None:
+        _move_buffers(model, device)
+    store = HiddenStore(max_ram_bytes=max_ram_bytes, device=device)
+    state: dict = {"mask": None}
+    try:
+        with torch.no_grad():
+            if source is not None:
+                outer = _outer_names(model, adapter.spec.layers, source.loader)
+                source.load(outer)
+            calls = _capture(model, layers, batches, device, store)
+            if source is not None:
+                source.release(outer)
+            for i in tqdm(range(len(layers)), desc=desc, unit="layer", disable=not progress):
+                names = source.layer_names(i) if source is not None else []
+                if source is not None:
+                    source.load(names)
+                if i not in adapter.layer_indices:
+                    _forward_all(layers[i], i, store, calls, batches, device, state, write=True)
+                else:
+                    moe = adapter.layer(i)
+                    seen: list[torch.Tensor] = []
+
+                    def grab(_m, args, kwargs):
+                        h = args[0] if args else kwargs["hidden_states"]
+                        seen.append(h.reshape(-1, h.shape[-1])[state["mask"]].detach().float().cpu())
+
+                    handle = moe.block.register_forward_pre_hook(grab, with_kwargs=True)
+                    try:
+                        _forward_all(layers[i], i, store, calls, batches, device, state, write=True)
+                    finally:
+                        handle.remove()
+                    visit(adapter, moe, seen)
+                if source is not None:
+                    source.release(names)
+    finally:
+        store.close()

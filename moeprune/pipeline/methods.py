@@ -33,10 +33,15 @@ class _LoadedModel:
 
 
 def compress_model(model, obs, recipe, *, calibration=None, progress: bool = False):
-    """Decide with `recipe.method` and rewrite `model` in place (merge, then slice); returns the Decision."""
+    """Decide with `recipe.method` and rewrite `model` in place (merge, then slice); returns the Decision.
+
+    With a `recover` section that works block by block (`router_kd_block`, `method: none`, or any
+    `gate_scale` other than keep) the surgery runs inside that pass and `decision.details["recovery"]`
+    holds the record, exactly as `run_recipe` computes it in memory. Logit `router_kd` training is left
+    to the caller (moeprune.recover.RouterKD: its targets come from the model before this call)."""
     from moeprune.compress import prune_experts
     from moeprune.methods import get_method
-
+    from moeprune.pipeline.recovery import needs_block_pass
     from moeprune.score import experts_to_keep
 
     adapter = MoEAdapter(model)
@@ -45,8 +50,30 @@ def compress_model(model, obs, recipe, *, calibration=None, progress: bool = Fal
     plan = _LoadedPlan(recipe=recipe, shape=adapter, method=get_method(recipe.method), n_keep=n_keep)
     plan.method.check(plan)
     decision = plan.method.decide(obs, plan, _LoadedModel(model, calibration, progress))
+    if needs_block_pass(recipe.recover):
+        decision.details["recovery"] = _recover_blocks(model, adapter, plan, decision, obs, calibration, progress)
+        return decision
     for layer in adapter.layers:
         if decision.changed_experts(layer.index):
             plan.method.apply_layer(adapter, layer, decision, obs, plan)
     prune_experts(model, decision.kept, where="decision")
     return decision
+
+
+def _recover_blocks(model, adapter, plan, decision, obs, calibration, progress: bool) -> dict:
+    """Surgery and block recovery in one pass over the loaded model (pipeline/recovery.py)."""
+    from moeprune.compress.prune import set_expert_count, validate_keep
+    from moeprune.errors import MoePruneError
+    from moeprune.pipeline.layerpass import block_pass
+    from moeprune.pipeline.recovery import BlockRecovery, gate_candidates, recovery_batches
+
+    if calibration is None:
+        raise MoePruneError("recover: block recovery needs the calibration batches (calibration=...)")
+    gate_candidates(plan.recipe.recover.gate_scale, adapter.spec, adapter.config)  # a forced scale needs the flag
+    kept = validate_keep(adapter, decision.kept, where="decision")
+    batches, n_train, has_held = recovery_batches(plan.recipe.recover, getattr(calibration, "batches", calibration))
+    blocks = BlockRecovery(plan, decision, obs, None, n_train=n_train, has_held=has_held, names=None)
+    block_pass(model, batches, blocks, device=next(model.parameters()).device, progress=progress)
+    set_expert_count(model.config, adapter.spec, len(next(iter(kept.values()))))
+    blocks.apply_to(adapter)
+    return blocks.record()

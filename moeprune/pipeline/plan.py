@@ -224,10 +224,24 @@ def _quantize(recipe, shape, execution: str) -> int | None:
     return check_quantize(shape.model, q.bits, q.group_size, option="quantize.group_size")
 
 
-def _check_recover(recipe, execution: str) -> None:
-    if recipe.recover is not None and execution == "layerwise":
+def _check_recover(recipe, shape, execution: str) -> None:
+    r = recipe.recover
+    if r is None:
+        return
+    if r.method == "router_kd" and execution == "layerwise":
         raise MoePruneError("recover: router_kd trains the whole compressed model in memory and this run is "
-                            "layer-wise; set execution: memory with a larger max_memory, or drop recover")
+                            "layer-wise; use method: router_kd_block (layer by layer), or set execution: memory "
+                            "with a larger max_memory, or drop recover")
+    from moeprune.pipeline.recovery import gate_candidates
+    from moeprune.recover import router_parameters
+
+    key, _, _ = gate_candidates(r.gate_scale, shape.spec, shape.config)  # a forced gate scale needs the flag
+    if key is not None and r.gate_scale != "keep":
+        from moeprune.recover.block import set_gate_flag
+
+        set_gate_flag(shape.layers[0].block, key, bool(getattr(shape.config, key)))  # the modules keep it
+    if r.method != "none":
+        router_parameters(shape.model)  # something to train
 
 
 def _calibration(recipe, config):
@@ -275,7 +289,7 @@ def make_plan(recipe, *, out_dir=None, overwrite: bool = False, needs_output: bo
     plan.n_keep = _check_ratio(recipe, shape)
     method.check(plan)
     plan.collect = tuple(method.needs)
-    _check_recover(recipe, plan.execution)
+    _check_recover(recipe, shape, plan.execution)
     if method.needs_observations or method.needs_layer_inputs or recipe.recover is not None:
         plan.calibration = _calibration(recipe, shape.config)
     plan.quant_group_size = _quantize(recipe, shape, plan.execution)

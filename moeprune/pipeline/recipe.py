@@ -69,14 +69,31 @@ class QuantizeConfig(BaseModel):
 
 class RecoverConfig(BaseModel):
     model_config = _FORBID
-    method: Literal["router_kd"] = Field("router_kd", description="router_kd: train only the router tensors "
-                                                                  "against the original model's next-token distribution")
-    steps: int = Field(100, ge=1, description="optimizer steps, one calibration batch each")
+    method: Literal["router_kd", "router_kd_block", "none"] = Field(
+        "router_kd", description="router_kd: train only the router tensors against the original model's next-token "
+                                 "distribution (in memory); router_kd_block: per MoE layer, train only its router so "
+                                 "the block's output matches the original block's (in memory or layer-wise); none: "
+                                 "no training (with gate_scale)")
+    steps: int = Field(100, ge=1, description="optimizer steps (router_kd: one calibration batch each; "
+                                              "router_kd_block: per MoE layer, batch_tokens tokens each)")
     lr: float = Field(1e-3, gt=0, description="Adam learning rate")
     tokens: int = Field(16384, ge=1, description="calibration tokens to train on (whole batches; the last eighth "
-                                                 "of the calibration batches is held back to measure the KL)")
-    top_k: int = Field(64, ge=1, description="teacher log-probabilities kept per token (>= vocabulary: full KL)")
+                                                 "of the calibration batches is held back to measure the result)")
+    top_k: int = Field(64, ge=1, description="router_kd: teacher log-probabilities kept per token (>= vocabulary: "
+                                             "full KL)")
+    batch_tokens: int = Field(512, ge=1, description="router_kd_block: tokens per optimizer step")
+    gate_scale: Literal["keep", "auto", "renormalize", "no_renormalize"] = Field(
+        "keep", description="whether the surviving top-k gates are renormalised (config flag such as "
+                            "norm_topk_prob): keep the source's setting, auto = measure both on held-back "
+                            "calibration tokens and keep the closer, or force one")
     seed: int | None = Field(None, description="batch-order seed; default: the recipe's seed")
+
+    @model_validator(mode="after")
+    def _does_something(self) -> "RecoverConfig":
+        if self.method == "none" and self.gate_scale == "keep":
+            raise ValueError("method none with gate_scale keep does nothing; set gate_scale: auto (or renormalize, "
+                             "no_renormalize), or a training method")
+        return self
 
 
 class Recipe(BaseModel):

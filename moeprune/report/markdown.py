@@ -15,7 +15,7 @@ from moeprune.units import human_bytes
 
 from moeprune.report.plots import plot_kept_map, plot_saliency, plot_usage_heatmap
 
-__all__ = ["write_report_md", "human_bytes", "render_report_md"]
+__all__ = ["write_report_md", "human_bytes", "render_report_md", "recovery_line"]
 
 _DASH = "—"
 _MAX_LAYER_LINES = 16  # kept-expert lines before the list collapses to a summary
@@ -224,10 +224,39 @@ def _sizes(report: dict) -> list[str]:
     return lines + [""]
 
 
+def recovery_line(rec: dict) -> str:
+    """One line on what recovery did (router_kd: KL; router_kd_block: block error; the gate-scale choice)."""
+    if rec["method"] == "router_kd":
+        kl = (f"{rec['kl_before']:.4g} -> {rec['kl_after']:.4g}" if rec["kl_before"] is not None else "n/a")
+        line = f"{rec['method']}: {rec['steps']} steps; KL to the original {kl} on {rec['eval_tokens']} {rec['eval_on']}"
+    elif rec["method"] == "router_kd_block":
+        line = (f"{rec['method']}: {rec['steps']} steps per MoE layer; block-output error (relative, mean over layers) "
+                f"{rec['error_before']:.4g} -> {rec['error_after']:.4g} on {rec['eval_tokens']} {rec['eval_on']}")
+    else:
+        line = f"recover: no training; block-output error {rec['error_before']:.4g} on {rec['eval_tokens']} {rec['eval_on']}"
+    gs = rec.get("gate_scale")
+    if gs and gs["mode"] != "keep":
+        line += (f"; gate scale: {gs['key']} = {gs['chosen']} (source {gs['source']})" if gs["applicable"]
+                 else f"; gate scale {gs['note']}")
+    return line
+
+
+def _recovery(report: dict) -> list[str]:
+    rec = report.get("recovery")
+    if not rec:
+        return []
+    lines = ["## Recovery", "", recovery_line(rec) + "."]
+    if rec.get("layers"):
+        lines += ["", "| MoE layer | block error before | after |", "|---|---:|---:|"]
+        lines += [f"| {i} | {_num(v['error_before'], '{:.4g}')} | {_num(v.get('error_after'), '{:.4g}')} |"
+                  for i, v in rec["layers"].items()]
+    return lines + [""]
+
+
 def render_report_md(report: dict, *, plot_lines: list[str] | None = None) -> str:
     """The markdown text of a report dict (no files written); `plot_lines` go before the recipe."""
-    lines = (_summary(report) + _eval_table(report) + _sizes(report) + _experts(report) + _calibration(report)
-             + _timings(report) + (plot_lines or []) + _recipe(report))
+    lines = (_summary(report) + _eval_table(report) + _sizes(report) + _recovery(report) + _experts(report)
+             + _calibration(report) + _timings(report) + (plot_lines or []) + _recipe(report))
     if report.get("moeprune_version"):
         lines.append(f"_Written by moeprune {report['moeprune_version']}._")
     text = "\n".join(lines)

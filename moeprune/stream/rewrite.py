@@ -153,20 +153,24 @@ def _write_tensors(folder: Path, tensors: list[OutTensor], *, max_bytes: int, me
     return len(shards)
 
 
-def _write_config(src: Path, folder: Path, names: CheckpointNames, n_after: int) -> None:
+def _write_config(src: Path, folder: Path, names: CheckpointNames, n_after: int, updates: dict | None = None) -> None:
     from moeprune.io import load_config
 
     config = load_config(src)
     for key in names.adapter.spec.num_experts_keys:
         if hasattr(config, key):
             setattr(config, key, n_after)
+    for key, value in (updates or {}).items():  # e.g. the gate-scale flag recovery chose
+        setattr(config, key, value)
     config.save_pretrained(folder)
 
 
 def write_rewrite(src: Path, folder: Path, names: CheckpointNames, kept: Mapping[int, Sequence[int]], *,
-                  replacements=None, max_shard_size: int | str = "5GB", provenance: dict | None = None) -> RewriteResult:
+                  replacements=None, max_shard_size: int | str = "5GB", provenance: dict | None = None,
+                  config_updates: dict | None = None) -> RewriteResult:
     """Write the compressed checkpoint of `src` into the existing (temporary) `folder`: weights shard by
-    shard, config with the new expert count, tokenizer and generation files, `moeprune.json`."""
+    shard, config with the new expert count (and `config_updates`), tokenizer and generation files,
+    `moeprune.json`."""
     from moeprune import __version__
     from moeprune.checkpoint.writer import write_json
     from moeprune.compress.save import PROVENANCE_FILE
@@ -177,7 +181,7 @@ def write_rewrite(src: Path, folder: Path, names: CheckpointNames, kept: Mapping
     tensors = plan_rewrite(ckpt, names, kept, replacements)
     shards = _write_tensors(folder, tensors, max_bytes=parse_size(max_shard_size),
                             metadata=ckpt.metadata or {"format": "pt"})
-    _write_config(src, folder, names, len(next(iter(kept.values()))))
+    _write_config(src, folder, names, len(next(iter(kept.values()))), config_updates)
     for name in (*TOKENIZER_FILES, "generation_config.json"):
         if (src / name).is_file():
             shutil.copy2(src / name, folder / name)

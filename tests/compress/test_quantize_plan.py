@@ -35,9 +35,21 @@ def test_auto_group_size_is_largest_common_divisor_of_128_64_32():
     assert check_quantize(_meta(tiny_config("qwen2_moe")), 4, None) == CHANNEL  # + 48 (shared expert)
 
 
-def test_auto_falls_back_to_one_scale_per_row_on_the_demo():
-    # the demo's expert width 112 is divisible by none of 128/64/32
+def _demo_with_expert_width(width):
+    # the demo's shapes with another routed-expert width (the demo was trained at 112 and ships padded to 128)
+    config = AutoConfig.from_pretrained(DEMO_MODEL_DIR)
+    config.moe_intermediate_size = width
+    return _meta(config)
+
+
+def test_auto_picks_group_128_on_the_demo():
     model = _meta(AutoConfig.from_pretrained(DEMO_MODEL_DIR))
+    assert set(quant_targets(model).widths()) == {128, 256}  # expert/shared width 128, hidden 256
+    assert check_quantize(model, 4, None) == 128
+
+
+def test_auto_falls_back_to_one_scale_per_row_when_no_group_divides():
+    model = _demo_with_expert_width(112)  # divisible by none of 128/64/32
     assert 112 in quant_targets(model).widths()
     assert check_quantize(model, 4, "auto") == CHANNEL
     assert check_quantize(model, 4, "channel") == CHANNEL
@@ -45,7 +57,7 @@ def test_auto_falls_back_to_one_scale_per_row_on_the_demo():
 
 
 def test_explicit_group_size_names_the_width_it_does_not_divide():
-    model = _meta(AutoConfig.from_pretrained(DEMO_MODEL_DIR))
+    model = _demo_with_expert_width(112)
     with pytest.raises(MoePruneError, match=r"input width 112 of model\.layers\.\d+\.mlp\.experts\.down_proj is not a "
                                             r"multiple of --group-size 64"):
         check_quantize(model, 4, 64)
