@@ -83,7 +83,22 @@ def _register_commands() -> None:
     from moeprune import commands  # noqa: F401
 
 
+# oneDNN (torch's CPU matmul library) keeps every compiled matmul kernel in a cache of 1024 entries by default.
+# The expert matmuls of an MoE layer see a different number of rows per expert on every call, so each layer
+# of a forward adds one-off kernels (about 1 MB each on an AVX-512/AMX CPU): 20+ MB per decoder layer that
+# is never given back, the largest part of the memory growth of a layer-by-layer evaluation. 64 entries
+# keep the kernels that repeat (attention projections, the small shapes of token-by-token generation) at a
+# bounded cost. oneDNN reads the variable when it creates its first kernel, so it is set before any
+# command runs; a value the user exported is kept. See docs/scale.md.
+ONEDNN_CACHE_CAPACITY = "64"
+
+
+def _bound_onednn_cache() -> None:
+    os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", ONEDNN_CACHE_CAPACITY)
+
+
 def main() -> None:
+    _bound_onednn_cache()
     _quiet_import_noise()
     _register_commands()
     cli()

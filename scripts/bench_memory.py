@@ -27,6 +27,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -75,7 +76,6 @@ def run_capped(mode: str, src: Path, out: Path, keep: dict, cap: int) -> dict:
 def run_sampled(cmd: list[str], *, env: dict, cwd: Path, log: Path, every: float = 0.05) -> dict:
     """Run `cmd`; its exit code, exact peak RSS (the child's own ru_maxrss, from wait4) and the largest
     RssAnon / RssFile seen by polling /proc (anonymous memory vs mapped file pages)."""
-    import time
 
     peaks = {"RssAnon": 0, "RssFile": 0}
     with open(log, "w") as out:
@@ -160,13 +160,17 @@ def run_recipe_child(src: Path, work: Path, *, max_memory: str = "1GB", rss_targ
     path, out = work / "recipe.yaml", work / "run-out"
     path.write_text(yaml.safe_dump(recipe, sort_keys=False))
     cmd = [sys.executable, "-m", "moeprune", "run", str(path), "-o", str(out), "--no-progress"]
-    child = run_sampled(cmd, env=_child_env(), cwd=Path(__file__).resolve().parent.parent, log=work / "run.log")
+    # a fresh observation cache: the calibration pass is part of what is measured, never reused from a past run
+    env = {**_child_env(), "MOEPRUNE_CACHE": str(work / "cache")}
+    start = time.perf_counter()
+    child = run_sampled(cmd, env=env, cwd=Path(__file__).resolve().parent.parent, log=work / "run.log")
+    seconds = round(time.perf_counter() - start, 1)
     size = _weights_bytes(src)
     result = {"ok": child["rc"] == 0, "max_memory": max_memory, "tasks": list(tasks), "checkpoint_bytes": size, "peak_rss": child["peak_rss"],
               "rss_fraction": None if not child["peak_rss"] else round(child["peak_rss"] / size, 4),
               "output_bytes": None, "bytes_fraction": None, "execution": None, "output_dtype": None,
               "peak_rss_anon": child["peak_rss_anon"], "peak_rss_file": child["peak_rss_file"],
-              "error": None if child["rc"] == 0 else " | ".join(child["tail"])}
+              "error": None if child["rc"] == 0 else " | ".join(child["tail"]), "seconds": seconds}
     if result["ok"]:
         report = json.loads((out / "report.json").read_text())
         result.update(execution=report.get("execution"), execution_reason=report.get("execution_reason"),
@@ -188,6 +192,7 @@ def _print_run(r: dict) -> None:
           f"RssAnon <= {gb(r['peak_rss_anon'])}, RssFile <= {gb(r['peak_rss_file'])})")
     print(f"  output {gb(r['output_bytes'])} = {r['bytes_fraction']} x input (target < {RUN_TARGETS['bytes_fraction']}),"
           f" dtype {r['output_dtype']}")
+    print(f"  wall time {r['seconds']} s (the whole run, start-up included)")
     if r["error"]:
         print(f"  {r['error']}")
 

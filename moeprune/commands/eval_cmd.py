@@ -97,16 +97,18 @@ def eval_command(model_dir: str, tasks: str, limit: int | None, batch_size: int,
     where = placement(model_path, meta_model(model_path), dtype=dtype, device=device, execution=execution,
                       max_memory=max_memory)
     tokenizer = load_tokenizer(model_path)  # the quicker failure first
+    model = backend = None
     if where.execution == "layerwise":
-        from moeprune.stream.offload import offloaded_model
+        from moeprune.stream.layerwise_eval import LayerwiseBackend
 
-        click.echo(f"layer-wise evaluation ({where.reason}): weights are read from the files on every forward",
-                   err=True)
-        model = offloaded_model(model_path, dtype=where.dtype, device=where.device, max_memory=where.max_memory)
+        click.echo(f"layer-wise evaluation ({where.reason}): perplexity one layer at a time, generation reads "
+                   "the weights from the files for every new token", err=True)
+        backend = LayerwiseBackend(model_path, tokenizer, dtype=where.dtype, device=where.device,
+                                   max_memory=where.max_memory, batch_size=batch_size, progress=progress)
     else:
         model = load_model(model_path, dtype=where.dtype, device=str(where.device))
     results = evaluate(model, tokenizer, resolved, limit=limit, batch_size=batch_size, progress=progress,
-                       samples=samples)
+                       samples=samples, backend=backend)
     report = {
         "model": str(model_path),
         "tasks": results,

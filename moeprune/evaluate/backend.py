@@ -20,7 +20,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import StoppingCriteria, StoppingCriteriaList
 
-__all__ = ["Backend", "HFBackend", "truncate_at_stop"]
+__all__ = ["Backend", "HFBackend", "truncate_at_stop", "rows_nll"]
 
 
 class Backend(Protocol):
@@ -134,25 +134,37 @@ class HFBackend:
         limits = [n for n in limits if isinstance(n, int) and 0 < n < 10**7]
         return min(limits) if limits else 2048
 
+    def _nll_batches(self, texts: Sequence[str]) -> Iterator[tuple[list[int], dict]]:
+        """(row indices, right-padded `input_ids`/`attention_mask` on CPU) per batch of `texts`, longest first;
+        texts longer than the model's context are truncated."""
+        enc_all = self.tokenizer(list(texts), truncation=True, max_length=self._max_length())["input_ids"]
+        with _sides(self.tokenizer, padding="right"):
+            for idx in self._batches([len(ids) for ids in enc_all]):
+                yield idx, self.tokenizer.pad({"input_ids": [enc_all[i] for i in idx]}, return_tensors="pt")
+
     @torch.no_grad()  # not inference_mode: quantized tensor subclasses refuse inference tensors
     def token_nll(self, texts: Sequence[str], *, desc: str = "nll") -> list[tuple[float, int]]:
         """Per text: (sum of NLL over tokens 2..L, L - 1). Texts longer than the model's context are truncated."""
-        max_len = self._max_length()
-        enc_all = self.tokenizer(list(texts), truncation=True, max_length=max_len)["input_ids"]
         out: list[tuple[float, int]] = [(0.0, 0)] * len(texts)
-        with self._bar(len(texts), desc) as bar, _sides(self.tokenizer, padding="right"):
-            for idx in self._batches([len(ids) for ids in enc_all]):
-                batch = self.tokenizer.pad({"input_ids": [enc_all[i] for i in idx]}, return_tensors="pt")
+        with self._bar(len(texts), desc) as bar:
+            for idx, batch in self._nll_batches(texts):
                 ids = batch["input_ids"].to(self.device)  # (B, T)
                 mask = batch["attention_mask"].to(self.device)  # (B, T)
-                logits = self.model(input_ids=ids, attention_mask=mask).logits  # (B, T, V)
-                for row, i in enumerate(idx):
-                    n = int(mask[row].sum())
-                    if n < 2:
-                        out[i] = (0.0, 0)
-                        continue
-                    logp = torch.log_softmax(logits[row, : n - 1].float(), dim=-1)  # (n-1, V)
-                    nll = -logp.gather(-1, ids[row, 1:n, None]).sum()
-                    out[i] = (float(nll), n - 1)
+                # no KV cache: nothing follows this forward (a layer-by-layer model would keep every layer's)
+                logits = self.model(input_ids=ids, attention_mask=mask, use_cache=False).logits  # (B, T, V)
+                rows_nll(logits, ids, mask, idx, out)
                 bar.update(len(idx))
         return out
+
+
+def rows_nll(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor, idx: Sequence[int],
+             out: list[tuple[float, int]]) -> None:
+    """For each row of one right-padded batch: out[idx[row]] = (summed NLL of tokens 2..n, n - 1)."""
+    for row, i in enumerate(idx):
+        n = int(mask[row].sum())
+        if n < 2:
+            out[i] = (0.0, 0)
+            continue
+        logp = torch.log_softmax(logits[row, : n - 1].float(), dim=-1)  # (n-1, V)
+        nll = -logp.gather(-1, ids[row, 1:n, None]).sum()
+        out[i] = (float(nll), n - 1)

@@ -85,7 +85,7 @@ def run_task(backend: Backend, task: Task, *, limit: int | None = None, samples:
 
 
 def evaluate(model, tokenizer, tasks: Sequence[str | Task] | str, *, limit: int | None = None, batch_size: int = 16,
-             progress: bool = True, samples: bool = False) -> dict[str, dict[str, Any]]:
+             progress: bool = True, samples: bool = False, backend: Backend | None = None) -> dict[str, dict[str, Any]]:
     """Score ``model`` on ``tasks`` (names, YAML/JSONL paths, loaded Tasks, or ``lm_eval:<task>``;
     a single comma-separated string is split).
 
@@ -96,6 +96,9 @@ def evaluate(model, tokenizer, tasks: Sequence[str | Task] | str, *, limit: int 
         batch_size: rows per forward/generate call.
         progress: show a tqdm bar per task (only when stderr is a terminal).
         samples: add ``"samples"`` (per-row prompt, completion, answer, score) to each result.
+        backend: answers the requests instead of an ``HFBackend`` over ``model`` (e.g. the layer-wise
+            backend of a model larger than memory); ``model`` may then be None (lm-eval tasks use
+            ``backend.model``).
 
     Returns:
         ``{task_name: {"score": float, "metric": str, "n": int, "seconds": float,
@@ -106,7 +109,8 @@ def evaluate(model, tokenizer, tasks: Sequence[str | Task] | str, *, limit: int 
     if isinstance(tasks, str):  # "a,b" as on the command line
         tasks = tasks.split(",")
     resolved = resolve_tasks(tasks)
-    backend = HFBackend(model, tokenizer, batch_size=batch_size, progress=progress)
+    if backend is None:
+        backend = HFBackend(model, tokenizer, batch_size=batch_size, progress=progress)
     results: dict[str, dict[str, Any]] = {}
     lm_eval_names = [t[len(LM_EVAL_PREFIX):] for t in resolved if isinstance(t, str)]
     for task in resolved:
@@ -115,7 +119,7 @@ def evaluate(model, tokenizer, tasks: Sequence[str | Task] | str, *, limit: int 
     if lm_eval_names:
         from moeprune.evaluate.lm_eval_bridge import run_lm_eval
 
-        lm_results = run_lm_eval(model, tokenizer, lm_eval_names, limit=limit, batch_size=batch_size)
+        lm_results = run_lm_eval(backend.model if model is None else model, tokenizer, lm_eval_names, limit=limit, batch_size=batch_size)
         for name, res in lm_results.items():
             results[LM_EVAL_PREFIX + name] = res
     return results

@@ -301,21 +301,24 @@ class LayerwiseExecutor(Executor):
             if source is not None:
                 source.close()
 
-    def _offloaded(self, folder: Path):
-        from moeprune.stream.offload import offloaded_model
+    def _evaluate_folder(self, folder: Path) -> dict:
+        """Perplexity one decoder layer at a time over all texts; generation on the offloaded model."""
+        from moeprune.evaluate import evaluate
+        from moeprune.stream.layerwise_eval import LayerwiseBackend
 
-        return offloaded_model(folder, dtype=self.plan.dtype, device=self.plan.device,
-                               max_memory=self.plan.max_memory)
+        ev = self.plan.recipe.eval
+        if not self.plan.tasks:
+            return {}
+        backend = LayerwiseBackend(folder, self.tokenizer, dtype=self.plan.dtype, device=self.plan.device,
+                                   max_memory=self.plan.max_memory, batch_size=ev.batch_size, progress=self.progress)
+        return evaluate(None, self.tokenizer, self.plan.tasks, limit=ev.limit, batch_size=ev.batch_size,
+                        progress=self.progress, backend=backend)
 
     def evaluate(self) -> dict:
-        if not self.plan.tasks:
-            return {}
-        return self._evaluate(self._offloaded(self.plan.src), self.tokenizer)
+        return self._evaluate_folder(self.plan.src)
 
     def evaluate_output(self, folder: Path) -> dict:
-        if not self.plan.tasks:
-            return {}
-        return self._evaluate(self._offloaded(folder), self.tokenizer)
+        return self._evaluate_folder(folder)
 
 
 def make_executor(plan, **kw) -> Executor:

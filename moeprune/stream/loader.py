@@ -16,7 +16,7 @@ from torch import nn
 
 from moeprune.errors import MoePruneError
 from moeprune.stream.names import CheckpointNames
-from moeprune.stream.safetensors_io import Checkpoint
+from moeprune.stream.safetensors_io import TORCH_DTYPES, Checkpoint
 
 __all__ = ["WeightLoader"]
 
@@ -52,16 +52,32 @@ class WeightLoader:
         conv = self.names.converter_of[pattern]
         if len(conv.target_patterns) != 1:
             raise MoePruneError(f"{name}: one-to-many conversions ({conv}) are not supported by layer-wise loading")
+        stacked = _stacks_first(conv)
         collected: dict = {}
         for p in conv.source_patterns:
             group = sorted((e for e in entries if e[0] == p), key=lambda e: e[1])
             if group:
-                collected[p] = [self._read(disk) for _, _, disk in group]
+                collected[p] = self._stacked(group) if stacked else [self._read(disk) for _, _, disk in group]
         for op in conv.operations:
             collected = op.convert(collected, source_patterns=conv.source_patterns,
                                    target_patterns=conv.target_patterns, config=self.names.adapter.config)
         (value,) = collected.values()
         return value
+
+    def _stacked(self, group: list[tuple]) -> torch.Tensor | list[torch.Tensor]:
+        """Experts 0..E-1 of one source pattern read straight into their slots of one (E, ...) tensor: what
+        `MergeModulelist(dim=0)` would stack, without the per-expert copies (it passes a stacked tensor
+        through as it is). A plain list when the group is not experts 0..E-1 of one shape and dtype."""
+        infos = [self.ckpt.tensors[disk] for _, _, disk in group]
+        first = infos[0]
+        dtype = getattr(torch, TORCH_DTYPES.get(first.dtype, ""), None)
+        if (dtype is None or [expert for _, expert, _ in group] != list(range(len(group)))
+                or any((i.dtype, tuple(i.shape)) != (first.dtype, tuple(first.shape)) for i in infos)):
+            return [self._read(disk) for _, _, disk in group]
+        out = torch.empty((len(infos), *first.shape), dtype=dtype)
+        for j, info in enumerate(infos):
+            self.ckpt.load(info.name, out=out[j])
+        return out
 
     def materialise(self, model: nn.Module, names: list[str], device: torch.device) -> None:
         """Load `names` (in-memory parameter/buffer names) into `model` on `device`."""
@@ -83,6 +99,14 @@ class WeightLoader:
         for name in names:
             set_module_tensor_to_device(model, name, "meta")
         trim_heap()
+
+
+def _stacks_first(conv) -> bool:
+    """Whether the converter's first operation stacks experts along dim 0 (and accepts a stacked tensor)."""
+    from transformers.core_model_loading import MergeModulelist
+
+    ops = list(conv.operations)
+    return bool(ops) and type(ops[0]) is MergeModulelist and ops[0].dim == 0
 
 
 def trim_heap() -> None:

@@ -97,16 +97,23 @@ def _check_entry(path: Path, name: str, h, data_size: int) -> None:
         raise _damaged(path, f"truncated: tensor {name!r} ends at data byte {e}, the file holds {data_size}")
 
 
-def read_tensor(info: TensorInfo):
+def read_tensor(info: TensorInfo, out=None):
     """The tensor `info` as a new CPU torch tensor, read with positioned reads (the file is never mapped,
-    so nothing of it stays resident once the tensor is freed)."""
+    so nothing of it stays resident once the tensor is freed). With `out` (a contiguous CPU tensor of
+    `info`'s dtype and element count, e.g. one expert's slot in a stacked tensor) the bytes go straight
+    there and `out` is returned."""
     import torch
 
     dtype = getattr(torch, TORCH_DTYPES.get(info.dtype, ""), None)
     if dtype is None:
         raise MoePruneError(f"{info.file}: tensor {info.name!r} has dtype {info.dtype}, which this torch cannot hold")
-    out = torch.empty(info.nbytes, dtype=torch.uint8)
-    view = memoryview(out.numpy()) if info.nbytes else memoryview(b"")
+    if out is not None:
+        if out.dtype != dtype or out.numel() * out.element_size() != info.nbytes or not out.is_contiguous():
+            raise ValueError(f"{info.name}: out must be a contiguous {dtype} tensor of {info.nbytes} bytes")
+        target = out
+    else:
+        target = torch.empty(info.shape, dtype=dtype)
+    view = memoryview(target.view(-1).view(torch.uint8).numpy()) if info.nbytes else memoryview(b"")
     try:
         fd = os.open(info.file, os.O_RDONLY)
     except OSError as exc:
@@ -121,7 +128,7 @@ def read_tensor(info: TensorInfo):
             pos += k
     finally:
         os.close(fd)
-    return out.view(dtype).reshape(info.shape)
+    return target
 
 
 class Checkpoint:
@@ -154,9 +161,9 @@ class Checkpoint:
     def total_bytes(self) -> int:
         return sum(t.nbytes for t in self.tensors.values())
 
-    def load(self, name: str, *, device: str = "cpu"):
-        """One tensor as a torch tensor (a copy; the file is not kept mapped)."""
-        t = read_tensor(self.tensors[name])
+    def load(self, name: str, *, device: str = "cpu", out=None):
+        """One tensor as a torch tensor (a copy; the file is not kept mapped); into `out` when given (CPU)."""
+        t = read_tensor(self.tensors[name], out=out)
         return t if str(device) == "cpu" else t.to(device)
 
 
