@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Study: generative scores of the demo model after compression, every method side by side.
+"""Study: generative scores of a shipped model (--model demo | study) after compression, every method side by side.
 
 One calibration pass (all statistics any method needs) is shared by every method; each method then
 compresses a fresh copy of the model at each ratio and the copy is evaluated on the same tasks.
@@ -7,6 +7,11 @@ compresses a fresh copy of the model at each ratio and the copy is evaluated on 
     python scripts/study_methods.py                      # full study (both tables), ~tens of minutes
     python scripts/study_methods.py --quick              # small limits, for a smoke run
     python scripts/study_methods.py --only domain        # per-domain calibration, 4 methods x ratios
+    python scripts/study_methods.py --model study --recovery-study --limit 30   # docs/study.md (issue 15)
+
+`--recovery-study` uses RECOVERY_METHODS in both tables: an entry `method+kd` compresses with the method,
+then trains only the routers by router KD (moeprune.recover, the recipe's `recover:` defaults; the
+teacher targets are computed once per calibration set). Rows are written to --out as they finish.
 
 Table 1 (`methods`): methods x ratios on the mixed calibration set, score and retained fraction.
 Table 3 (`quant`): bytes and quality of pruned only, quantized only, pruned + quantized and pruned +
