@@ -3,7 +3,8 @@
 
 Writes moeprune/assets/demo-moe/eval_scores.json (study: assets/study-moe/) ("full": every held-out
 row; "ci_check": the first N rows, which tests/test_demo_eval.py and tests/test_study_model.py re-run)
-and the "Evaluation" section of MODEL_CARD.md (between the `<!-- eval:start -->` / `<!-- eval:end -->` markers), with trivial baselines.
+and the "Evaluation" section of MODEL_CARD.md (between the `<!-- eval:start -->` /
+`<!-- eval:end -->` markers), with trivial baselines.
 
     python scripts/demo_eval_scores.py
     python scripts/demo_eval_scores.py --model study
