@@ -102,17 +102,8 @@ def layerwise_search(src: Path, calibration, choose, *, dtype: str, device: torc
                     _forward_all(layers[i], i, store, calls, batches, device, state, write=True)
                 else:
                     moe = adapter.layer(i)
-                    seen: list[torch.Tensor] = []
-
-                    def grab(_m, args, kwargs):
-                        h = args[0] if args else kwargs["hidden_states"]
-                        seen.append(h.reshape(-1, h.shape[-1])[state["mask"]].detach().float().cpu())
-
-                    handle = moe.block.register_forward_pre_hook(grab, with_kwargs=True)
-                    try:
-                        _forward_all(layers[i], i, store, calls, batches, device, state, write=not progressive)
-                    finally:
-                        handle.remove()
+                    seen = _forward_grabbing_block_inputs(moe, layers[i], i, store, calls, batches, device, state,
+                                                          write=not progressive)
                     kept[i] = choose(adapter, moe, torch.cat(seen)[:max_tokens])
                     if progressive:
                         with masked_routing(adapter, {i: kept[i]}):
@@ -122,6 +113,23 @@ def layerwise_search(src: Path, calibration, choose, *, dtype: str, device: torc
         store.close()
         source.close()
     return kept
+
+
+def _forward_grabbing_block_inputs(moe, layer, i, store, calls, batches, device, state, *, write: bool):
+    """Forward every batch through decoder layer i, returning the MoE block's inputs per batch as
+    (non-padding tokens, H) float32 CPU tensors."""
+    seen: list[torch.Tensor] = []
+
+    def grab(_m, args, kwargs):
+        h = args[0] if args else kwargs["hidden_states"]
+        seen.append(h.reshape(-1, h.shape[-1])[state["mask"]].detach().float().cpu())
+
+    handle = moe.block.register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        _forward_all(layer, i, store, calls, batches, device, state, write=write)
+    finally:
+        handle.remove()
+    return seen
 
 
 def block_pass(model, batches, visit, *, device: torch.device, source: LayerSource | None = None,
@@ -156,17 +164,8 @@ def block_pass(model, batches, visit, *, device: torch.device, source: LayerSour
                     _forward_all(layers[i], i, store, calls, batches, device, state, write=True)
                 else:
                     moe = adapter.layer(i)
-                    seen: list[torch.Tensor] = []
-
-                    def grab(_m, args, kwargs):
-                        h = args[0] if args else kwargs["hidden_states"]
-                        seen.append(h.reshape(-1, h.shape[-1])[state["mask"]].detach().float().cpu())
-
-                    handle = moe.block.register_forward_pre_hook(grab, with_kwargs=True)
-                    try:
-                        _forward_all(layers[i], i, store, calls, batches, device, state, write=True)
-                    finally:
-                        handle.remove()
+                    seen = _forward_grabbing_block_inputs(moe, layers[i], i, store, calls, batches, device, state,
+                                                          write=True)
                     visit(adapter, moe, seen)
                 if source is not None:
                     source.release(names)
