@@ -119,7 +119,8 @@ def evaluate(model, tokenizer, tasks: Sequence[str | Task] | str, *, limit: int 
     if lm_eval_names:
         from moeprune.evaluate.lm_eval_bridge import run_lm_eval
 
-        lm_results = run_lm_eval(backend.model if model is None else model, tokenizer, lm_eval_names, limit=limit, batch_size=batch_size)
+        lm_results = run_lm_eval(backend.model if model is None else model, tokenizer, lm_eval_names, limit=limit,
+                                 batch_size=batch_size)
         for name, res in lm_results.items():
             results[LM_EVAL_PREFIX + name] = res
     return results

@@ -102,17 +102,12 @@ class Executor:
     def _block_recovery(self, decision, obs, replaced, adapter, model, source=None):
         """Surgery and block-level recovery in one pass over the layers (pipeline/recovery.py); returns the
         BlockRecovery, whose chosen router tensors are added to `replaced`."""
-        from moeprune.compress.prune import validate_keep
-        from moeprune.pipeline.layerpass import block_pass
-        from moeprune.pipeline.recovery import BlockRecovery, recovery_batches
+        from moeprune.pipeline.recovery import run_block_recovery
 
-        validate_keep(adapter, decision.kept, where="decision")
-        batches, n_train, has_held = recovery_batches(self.plan.recipe.recover, self.calibration().batches)
-        names = source.names if source is not None else self.plan.names
-        blocks = BlockRecovery(self.plan, decision, obs, replaced, n_train=n_train, has_held=has_held, names=names)
-        budget = self._hidden_budget() if source is not None else None
-        block_pass(model, batches, blocks, device=self.plan.device, source=source, max_ram_bytes=budget,
-                   progress=self.progress)
+        blocks = run_block_recovery(
+            self.plan, decision, obs, self.calibration().batches, model, adapter, device=self.plan.device,
+            replaced=replaced, names=source.names if source is not None else self.plan.names, source=source,
+            max_ram_bytes=self._hidden_budget() if source is not None else None, progress=self.progress)
         for i, tensors in blocks.router_replacements().items():
             replaced.add(i, tensors)
         return blocks
@@ -185,7 +180,6 @@ class MemoryExecutor(Executor):
 
     def compress(self, decision, obs, folder: Path, provenance: dict):
         from moeprune.checkpoint.replacements import Replacements
-        from moeprune.compress.prune import set_expert_count
         from moeprune.models import MoEAdapter
         from moeprune.pipeline.recovery import needs_block_pass
 
@@ -194,7 +188,6 @@ class MemoryExecutor(Executor):
         try:
             if needs_block_pass(self.plan.recipe.recover):
                 blocks = self._block_recovery(decision, obs, replaced, adapter, self.model)
-                set_expert_count(self.model.config, adapter.spec, len(next(iter(decision.kept.values()))))
                 blocks.apply_to(adapter)
                 provenance["recovery"] = blocks.record()
             else:

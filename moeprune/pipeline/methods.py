@@ -62,18 +62,13 @@ def compress_model(model, obs, recipe, *, calibration=None, progress: bool = Fal
 
 def _recover_blocks(model, adapter, plan, decision, obs, calibration, progress: bool) -> dict:
     """Surgery and block recovery in one pass over the loaded model (pipeline/recovery.py)."""
-    from moeprune.compress.prune import set_expert_count, validate_keep
     from moeprune.errors import MoePruneError
-    from moeprune.pipeline.layerpass import block_pass
-    from moeprune.pipeline.recovery import BlockRecovery, gate_candidates, recovery_batches
+    from moeprune.pipeline.recovery import gate_candidates, run_block_recovery
 
     if calibration is None:
         raise MoePruneError("recover: block recovery needs the calibration batches (calibration=...)")
     gate_candidates(plan.recipe.recover.gate_scale, adapter.spec, adapter.config)  # a forced scale needs the flag
-    kept = validate_keep(adapter, decision.kept, where="decision")
-    batches, n_train, has_held = recovery_batches(plan.recipe.recover, getattr(calibration, "batches", calibration))
-    blocks = BlockRecovery(plan, decision, obs, None, n_train=n_train, has_held=has_held, names=None)
-    block_pass(model, batches, blocks, device=next(model.parameters()).device, progress=progress)
-    set_expert_count(model.config, adapter.spec, len(next(iter(kept.values()))))
+    blocks = run_block_recovery(plan, decision, obs, list(getattr(calibration, "batches", calibration)), model,
+                                adapter, device=next(model.parameters()).device, progress=progress)
     blocks.apply_to(adapter)
     return blocks.record()

@@ -15,7 +15,8 @@ import torch
 
 from moeprune.errors import MoePruneError
 
-__all__ = ["BlockRecovery", "gate_flag", "gate_candidates", "needs_block_pass", "recovery_batches", "layer_seed"]
+__all__ = ["BlockRecovery", "gate_flag", "gate_candidates", "needs_block_pass", "recovery_batches", "layer_seed",
+           "run_block_recovery"]
 
 
 def gate_flag(spec, config) -> str | None:
@@ -60,6 +61,22 @@ def recovery_batches(recover, batches: list[dict]) -> tuple[list[dict], int, boo
     if recover.method != "router_kd_block":
         return (held or train), 0, bool(held)
     return train + held, len(train), bool(held)
+
+
+def run_block_recovery(plan, decision, obs, batches: list[dict], model, adapter, *, device, replaced=None,
+                       names=None, source=None, max_ram_bytes: int | None = None,
+                       progress: bool = True) -> "BlockRecovery":
+    """Surgery and block-level recovery in one `block_pass` over `model` (loaded, or `source`'s weightless
+    one loaded layer by layer); returns the BlockRecovery, which holds the choice and the trained tensors."""
+    from moeprune.compress.prune import validate_keep
+    from moeprune.pipeline.layerpass import block_pass
+
+    validate_keep(adapter, decision.kept, where="decision")
+    batches, n_train, has_held = recovery_batches(plan.recipe.recover, batches)
+    blocks = BlockRecovery(plan, decision, obs, replaced, n_train=n_train, has_held=has_held, names=names)
+    block_pass(model, batches, blocks, device=device, source=source, max_ram_bytes=max_ram_bytes,
+               progress=progress)
+    return blocks
 
 
 def layer_seed(seed: int, layer: int) -> int:
@@ -144,9 +161,12 @@ class BlockRecovery:
         return out
 
     def apply_to(self, adapter) -> None:
-        """Leave a loaded model as chosen: trained router tensors and the gate flag on every MoE block."""
+        """Leave a loaded model as chosen: its config's expert count, trained router tensors and the gate
+        flag on every MoE block."""
+        from moeprune.compress.prune import set_expert_count
         from moeprune.recover.block import layer_router_parameters, set_gate_flag
 
+        set_expert_count(adapter.config, adapter.spec, len(next(iter(self.decision.kept.values()))))
         c = self.chosen
         if c is not None:
             setattr(adapter.config, self.key, c)

@@ -154,12 +154,11 @@ def _write_tensors(folder: Path, tensors: list[OutTensor], *, max_bytes: int, me
 
 
 def _write_config(src: Path, folder: Path, names: CheckpointNames, n_after: int, updates: dict | None = None) -> None:
+    from moeprune.compress.prune import set_expert_count
     from moeprune.io import load_config
 
     config = load_config(src)
-    for key in names.adapter.spec.num_experts_keys:
-        if hasattr(config, key):
-            setattr(config, key, n_after)
+    set_expert_count(config, names.adapter.spec, n_after)
     for key, value in (updates or {}).items():  # e.g. the gate-scale flag recovery chose
         setattr(config, key, value)
     config.save_pretrained(folder)
