@@ -14,18 +14,9 @@ from transformers import AutoModelForCausalLM
 from moeprune.errors import MoePruneError
 from moeprune.pipeline.recipe import Recipe
 from moeprune.pipeline.run import run_recipe
+from recover.common import calib_file as _calib
+from recover.common import reap_recipe as _recipe
 from tiny_models import save_tiny
-
-
-def _calib(path: Path) -> Path:
-    path.write_text("\n\n".join(f"{i} + {i * 3} = {i * 4}. The cat sat on mat {i}; x = [{i}, {i + 1}]."
-                                for i in range(24)))
-    return path
-
-
-def _recipe(model, calib, **kw) -> Recipe:
-    return Recipe.model_validate({"model": str(model), "method": "reap", "ratio": 0.5, "dtype": "float32",
-                                  "calibration": {"spec": str(calib), "max_length": 32, "batch_size": 2}, **kw})
 
 
 def _held_batches(recipe):

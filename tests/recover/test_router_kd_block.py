@@ -18,16 +18,11 @@ from moeprune.models import MoEAdapter
 from moeprune.pipeline.recipe import Recipe
 from moeprune.pipeline.run import run_recipe
 from moeprune.recover.block import block_outputs, fit_block_router, layer_router_parameters, relative_error
+from recover.common import calib_file as _calib
 from tiny_models import save_tiny, tiny_model
 
 TESTS = Path(__file__).resolve().parents[1]
 SKIPPED = {"report.json", "report.md"}  # they record the execution mode and timings
-
-
-def _calib(path: Path) -> Path:
-    path.write_text("\n\n".join(f"{i} + {i * 3} = {i * 4}. The cat sat on mat {i}; x = [{i}, {i + 1}]."
-                                for i in range(24)))
-    return path
 
 
 def _run(model, calib, out, *, method="reap", execution="memory", recover=None):
