@@ -52,23 +52,26 @@ def _method_options(fn):
                      help="Saved observations (moeprune observe) instead of a calibration pass."),
         click.option("--max-shard-size", default="5GB", show_default=True, help="Largest output shard, e.g. 5GB."),
         click.option("--overwrite", is_flag=True, help="Replace a non-empty output folder."),
-        click.option("--recover", type=click.Choice(["router_kd", "router_kd_block"]), default=None,
+        click.option("--recover", type=click.Choice(["router_kd", "router_kd_block", "moe_kd", "moe_kd_block"]),
+                     default=None,
                      help="Recovery after compression: router_kd trains only the routers against the original "
                           "model's next-token distribution (in-memory execution); router_kd_block trains each "
                           "MoE layer's router so the block's output matches the original block's (in memory or "
-                          "layer-wise)."),
+                          "layer-wise); moe_kd / moe_kd_block train every MoE-block weight (router, surviving "
+                          "and shared experts) with the same objectives."),
         click.option("--gate-scale", type=click.Choice(["keep", "auto", "renormalize", "no_renormalize"]),
                      default=None, help="Renormalise the surviving top-k gates or not (config flag such as "
                                         "norm_topk_prob); auto measures both on held-back calibration tokens. "
                                         "Without --recover, only this choice is made."),
         click.option("--recover-batch-tokens", type=click.IntRange(min=1), default=512, show_default=True,
-                     help="router_kd_block: tokens per optimizer step."),
-        click.option("--recover-steps", type=click.IntRange(min=1), default=100, show_default=True,
-                     help="Router KD optimizer steps (one calibration batch each)."),
-        click.option("--recover-lr", type=click.FloatRange(min=0, min_open=True), default=1e-3, show_default=True,
-                     help="Router KD learning rate (Adam)."),
+                     help="router_kd_block, moe_kd_block: tokens per optimizer step."),
+        click.option("--recover-steps", type=click.IntRange(min=1), default=None,
+                     help="Recovery optimizer steps (logit KD: one calibration batch each; *_block: per MoE layer) "
+                          "[default: 100 for router_*, 400 for moe_*]."),
+        click.option("--recover-lr", type=click.FloatRange(min=0, min_open=True), default=None,
+                     help="Recovery learning rate (Adam) [default: 1e-3 for router_*, 3e-4 for moe_*]."),
         click.option("--recover-tokens", type=click.IntRange(min=1), default=16384, show_default=True,
-                     help="Calibration tokens router KD trains on."),
+                     help="Calibration tokens recovery trains on."),
     ]):
         fn = option(fn)
     return calibration_options(fn)
@@ -124,7 +127,7 @@ def merge_cmd(model_dir: str, out_dir: str, method: str, linkage: str, router: s
 
 
 def _compress(model_dir, out_dir, *, method, ratio=None, keep_experts=None, obs_dir=None, overwrite=False,
-              max_shard_size="5GB", recover=None, recover_steps=100, recover_lr=1e-3, recover_tokens=16384,
+              max_shard_size="5GB", recover=None, recover_steps=None, recover_lr=None, recover_tokens=16384,
               gate_scale=None, recover_batch_tokens=512, **calib):
     """`prune` and `merge` build a recipe and run the same pipeline as `moeprune run` (no evaluation)."""
     from moeprune.commands.pipeline_cmds import echo_result

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 __all__ = ["Executor", "MemoryExecutor", "LayerwiseExecutor", "make_executor", "changed_tensors",
-           "router_tensors"]
+           "trained_tensors"]
 
 
 def changed_tensors(plan, adapter, layer, decision, names) -> dict[str, torch.Tensor]:
@@ -47,14 +47,14 @@ def changed_tensors(plan, adapter, layer, decision, names) -> dict[str, torch.Te
     return out
 
 
-def router_tensors(plan, model) -> dict[int, dict[str, torch.Tensor]]:
-    """Layer -> {on-disk name: tensor} of every trainable router tensor of the compressed `model` (what
-    recovery rewrites), in the checkpoint's names and layout."""
+def trained_tensors(plan, model, trains: str) -> dict[int, dict[str, torch.Tensor]]:
+    """Layer -> {on-disk name: tensor} of every tensor logit-KD recovery trained in the compressed `model`
+    (trains: "router" or "moe"), in the checkpoint's names and layout (experts renumbered 0..n-1)."""
     from moeprune.checkpoint.replacements import to_disk_names
-    from moeprune.recover import router_parameters
+    from moeprune.recover import trainable_parameters
 
     spec, mem = plan.shape.spec, {}
-    for i, path, p in router_parameters(model).values():
+    for i, path, p in trainable_parameters(model, trains).values():
         mem.setdefault(i, {})[f"{spec.layers}.{i}.{spec.block}.{path}"] = p.detach()
     return {i: to_disk_names(plan.shape.model, tensors) for i, tensors in mem.items()}
 
@@ -101,7 +101,7 @@ class Executor:
 
     def _block_recovery(self, decision, obs, replaced, adapter, model, source=None):
         """Surgery and block-level recovery in one pass over the layers (pipeline/recovery.py); returns the
-        BlockRecovery, whose chosen router tensors are added to `replaced`."""
+        BlockRecovery, whose chosen trained tensors are added to `replaced`."""
         from moeprune.pipeline.recovery import run_block_recovery
 
         blocks = run_block_recovery(
@@ -196,7 +196,7 @@ class MemoryExecutor(Executor):
                 provenance["recovery"] = kd.fit(self.model, progress=self.progress)
                 if blocks is not None:
                     provenance["recovery"]["gate_scale"] = blocks.gate_record()
-                for i, tensors in router_tensors(self.plan, self.model).items():
+                for i, tensors in trained_tensors(self.plan, self.model, kd.trains).items():
                     replaced.add(i, tensors)
             config = blocks.config_updates() if blocks is not None else None
             return self._write(folder, decision, replaced, provenance, config)
@@ -216,15 +216,15 @@ class MemoryExecutor(Executor):
         return self._evaluate(self.model, self.tokenizer)
 
     def _router_kd(self):
-        """Router KD set up with the original model's targets (None without a `recover` section)."""
+        """Logit KD (router_kd, moe_kd) set up with the original model's targets (None otherwise)."""
         r = self.plan.recipe.recover
-        if r is None or r.method != "router_kd":
+        if r is None or not r.logit_kd:
             return None
         from moeprune.recover import RouterKD
         from moeprune.recover.router_kd import split_batches
 
         train, held = split_batches(self.calibration().batches, tokens=r.tokens)
-        kd = RouterKD(steps=r.steps, lr=r.lr, top_k=r.top_k, train=train, held=held,
+        kd = RouterKD(steps=r.steps, lr=r.lr, top_k=r.top_k, train=train, held=held, trains=r.trains,
                       seed=self.plan.recipe.seed if r.seed is None else r.seed)
         kd.compute_targets(self.model)
         return kd

@@ -35,9 +35,9 @@ class _LoadedModel:
 def compress_model(model, obs, recipe, *, calibration=None, progress: bool = False):
     """Decide with `recipe.method` and rewrite `model` in place (merge, then slice); returns the Decision.
 
-    With a `recover` section that works block by block (`router_kd_block`, `method: none`, or any
-    `gate_scale` other than keep) the surgery runs inside that pass and `decision.details["recovery"]`
-    holds the record, exactly as `run_recipe` computes it in memory. Logit `router_kd` training is left
+    With a `recover` section that works block by block (`router_kd_block`, `moe_kd_block`, `method: none`,
+    or any `gate_scale` other than keep) the surgery runs inside that pass and `decision.details["recovery"]`
+    holds the record, exactly as `run_recipe` computes it in memory. Logit KD (`router_kd`, `moe_kd`) is left
     to the caller (moeprune.recover.RouterKD: its targets come from the model before this call)."""
     from moeprune.compress import prune_experts
     from moeprune.methods import get_method

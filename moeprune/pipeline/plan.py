@@ -228,20 +228,20 @@ def _check_recover(recipe, shape, execution: str) -> None:
     r = recipe.recover
     if r is None:
         return
-    if r.method == "router_kd" and execution == "layerwise":
-        raise MoePruneError("recover: router_kd trains the whole compressed model in memory and this run is "
-                            "layer-wise; use method: router_kd_block (layer by layer), or set execution: memory "
+    if r.logit_kd and execution == "layerwise":
+        raise MoePruneError(f"recover: {r.method} trains the whole compressed model in memory and this run is "
+                            f"layer-wise; use method: {r.method}_block (layer by layer), or set execution: memory "
                             "with a larger max_memory, or drop recover")
     from moeprune.pipeline.recovery import gate_candidates
-    from moeprune.recover import router_parameters
+    from moeprune.recover import trainable_parameters
 
     key, _, _ = gate_candidates(r.gate_scale, shape.spec, shape.config)  # a forced gate scale needs the flag
     if key is not None and r.gate_scale != "keep":
         from moeprune.recover.block import set_gate_flag
 
         set_gate_flag(shape.layers[0].block, key, bool(getattr(shape.config, key)))  # the modules keep it
-    if r.method != "none":
-        router_parameters(shape.model)  # something to train
+    if r.trains is not None:
+        trainable_parameters(shape.model, r.trains)  # something to train
 
 
 def _calibration(recipe, config):

@@ -67,21 +67,32 @@ class QuantizeConfig(BaseModel):
     importance: str = Field("reap", description="scoring method giving each layer's importance for the mix")
 
 
+RECOVER_TRAINS = {"router_kd": "router", "router_kd_block": "router", "moe_kd": "moe", "moe_kd_block": "moe",
+                  "none": None}
+# steps and learning rate when the recipe gives none: the router has a few E x H matrices per layer, the whole
+# MoE block (experts too) has far more weights and needs a smaller step, and more of them
+RECOVER_DEFAULTS = {"router": {"steps": 100, "lr": 1e-3}, "moe": {"steps": 400, "lr": 3e-4},
+                    None: {"steps": 100, "lr": 1e-3}}
+
+
 class RecoverConfig(BaseModel):
     model_config = _FORBID
-    method: Literal["router_kd", "router_kd_block", "none"] = Field(
+    method: Literal["router_kd", "router_kd_block", "moe_kd", "moe_kd_block", "none"] = Field(
         "router_kd", description="router_kd: train only the router tensors against the original model's next-token "
                                  "distribution (in memory); router_kd_block: per MoE layer, train only its router so "
-                                 "the block's output matches the original block's (in memory or layer-wise); none: "
-                                 "no training (with gate_scale)")
-    steps: int = Field(100, ge=1, description="optimizer steps (router_kd: one calibration batch each; "
-                                              "router_kd_block: per MoE layer, batch_tokens tokens each)")
-    lr: float = Field(1e-3, gt=0, description="Adam learning rate")
+                                 "the block's output matches the original block's (in memory or layer-wise); "
+                                 "moe_kd / moe_kd_block: the same two objectives training every weight of the MoE "
+                                 "blocks (router, surviving experts, shared experts); none: no training (with "
+                                 "gate_scale)")
+    steps: int | None = Field(None, ge=1, description="optimizer steps (logit KD: one calibration batch each; "
+                                                      "*_block: per MoE layer, batch_tokens tokens each); default "
+                                                      "100 for router_*, 400 for moe_*")
+    lr: float | None = Field(None, gt=0, description="Adam learning rate; default 1e-3 for router_*, 3e-4 for moe_*")
     tokens: int = Field(16384, ge=1, description="calibration tokens to train on (whole batches; the last eighth "
                                                  "of the calibration batches is held back to measure the result)")
-    top_k: int = Field(64, ge=1, description="router_kd: teacher log-probabilities kept per token (>= vocabulary: "
-                                             "full KL)")
-    batch_tokens: int = Field(512, ge=1, description="router_kd_block: tokens per optimizer step")
+    top_k: int = Field(64, ge=1, description="router_kd / moe_kd: teacher log-probabilities kept per token "
+                                             "(>= vocabulary: full KL)")
+    batch_tokens: int = Field(512, ge=1, description="*_block: tokens per optimizer step")
     gate_scale: Literal["keep", "auto", "renormalize", "no_renormalize"] = Field(
         "keep", description="whether the surviving top-k gates are renormalised (config flag such as "
                             "norm_topk_prob): keep the source's setting, auto = measure both on held-back "
@@ -93,7 +104,26 @@ class RecoverConfig(BaseModel):
         if self.method == "none" and self.gate_scale == "keep":
             raise ValueError("method none with gate_scale keep does nothing; set gate_scale: auto (or renormalize, "
                              "no_renormalize), or a training method")
+        defaults = RECOVER_DEFAULTS[self.trains]
+        if self.steps is None:
+            self.steps = defaults["steps"]
+        if self.lr is None:
+            self.lr = defaults["lr"]
         return self
+
+    @property
+    def trains(self) -> str | None:
+        """What the method trains: "router", "moe" (every MoE-block weight) or None."""
+        return RECOVER_TRAINS[self.method]
+
+    @property
+    def per_block(self) -> bool:
+        """True for the block-output objective (one MoE layer at a time), False for logit KD."""
+        return self.method.endswith("_block")
+
+    @property
+    def logit_kd(self) -> bool:
+        return self.method in ("router_kd", "moe_kd")
 
 
 class Recipe(BaseModel):

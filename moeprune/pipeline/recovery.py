@@ -1,12 +1,13 @@
-"""Recovery that works one MoE block at a time: `router_kd_block` and the gate-scale choice.
+"""Recovery that works one MoE block at a time: `router_kd_block`, `moe_kd_block` and the gate-scale choice.
 
 Both executors run `block_pass` (pipeline/layerpass.py) with a `BlockRecovery` as the visitor. For each
 MoE layer the visitor receives the block's inputs on the calibration batches (original model), computes
 the original block's outputs once, applies the method's surgery to that layer (merge, then slice to the
 kept experts), then for every gate-scale candidate measures the compressed block's relative output
 error on the held-back tokens and, with `router_kd_block`, trains the router from the same starting
-point. At the end the candidate with the least error summed over layers is chosen (after training when
-training). Only router tensors and, for the gate scale, one config flag change.
+point (`moe_kd_block`: every parameter of the block). At the end the candidate with the least error
+summed over layers is chosen (after training when training). Only router tensors (`moe_kd_block`: the
+MoE blocks' tensors) and, for the gate scale, one config flag change.
 """
 
 from __future__ import annotations
@@ -48,17 +49,17 @@ def gate_candidates(mode: str, spec, config) -> tuple[str | None, list[bool | No
 
 
 def needs_block_pass(recover) -> bool:
-    return recover is not None and (recover.method in ("router_kd_block", "none") or recover.gate_scale != "keep")
+    return recover is not None and (not recover.logit_kd or recover.gate_scale != "keep")
 
 
 def recovery_batches(recover, batches: list[dict]) -> tuple[list[dict], int, bool]:
     """(batches the block pass runs over, how many of them are training batches, whether any is held back):
-    training batches (router_kd_block only) first, then the held-back ones (or the training ones when
+    training batches (block training methods only) first, then the held-back ones (or the training ones when
     the calibration set has a single batch)."""
     from moeprune.recover.router_kd import split_batches
 
     train, held = split_batches(batches, tokens=recover.tokens)
-    if recover.method != "router_kd_block":
+    if not (recover.per_block and recover.trains):
         return (held or train), 0, bool(held)
     return train + held, len(train), bool(held)
 
@@ -90,7 +91,7 @@ class BlockRecovery:
     def __init__(self, plan, decision, obs, replaced, *, n_train: int, has_held: bool, names):
         r = plan.recipe.recover
         self.plan, self.decision, self.obs, self.replaced, self.names = plan, decision, obs, replaced, names
-        self.cfg, self.train = r, r.method == "router_kd_block"
+        self.cfg, self.train = r, r.per_block and r.trains is not None
         self.seed = plan.recipe.seed if r.seed is None else r.seed
         self.n_train, self.has_held = n_train, has_held
         self.key, self.candidates, self.note = gate_candidates(r.gate_scale, plan.shape.spec, plan.shape.config)
@@ -103,7 +104,7 @@ class BlockRecovery:
     def __call__(self, adapter, layer, inputs: list[torch.Tensor]) -> None:
         from moeprune.compress.prune import prune_layer
         from moeprune.pipeline.executors import changed_tensors
-        from moeprune.recover.block import block_outputs, fit_block_router, layer_router_parameters, relative_error
+        from moeprune.recover.block import block_outputs, fit_block, layer_trainable_parameters, relative_error
         from moeprune.recover.block import set_gate_flag
 
         i, block = layer.index, layer.block
@@ -118,9 +119,9 @@ class BlockRecovery:
             if self.replaced is not None:  # None: a loaded model compressed in place, nothing written
                 self.replaced.add(i, changed_tensors(self.plan, adapter, layer, self.decision, self.names))
         prune_layer(adapter, layer, self.decision.kept[i])
-        params = layer_router_parameters(adapter, layer)
+        params = layer_trainable_parameters(adapter, layer, self.cfg.trains or "router")
         if self.train and not params:
-            raise MoePruneError(f"recover: {adapter.spec.name} has no router parameters to train")
+            raise MoePruneError(f"recover: {adapter.spec.name} has no {self.cfg.trains} parameters to train")
         start = {k: p.detach().clone() for k, p in params.items()}
         for c in self.candidates:
             with torch.no_grad():
@@ -131,7 +132,7 @@ class BlockRecovery:
             before = relative_error(block, x_held, z_held)
             after = None
             if self.train:
-                self.losses[c][i], trained = fit_block_router(
+                self.losses[c][i], trained = fit_block(
                     block, params, x_train, z_train, steps=self.cfg.steps, lr=self.cfg.lr,
                     batch_tokens=self.cfg.batch_tokens, seed=layer_seed(self.seed, i))
                 after = relative_error(block, x_held, z_held)
@@ -151,7 +152,7 @@ class BlockRecovery:
         return {} if c is None else {self.key: c}
 
     def router_replacements(self) -> dict[int, dict[str, torch.Tensor]]:
-        """Layer -> {on-disk name: trained router tensor} of the chosen candidate (empty without training)."""
+        """Layer -> {on-disk name: trained tensor} of the chosen candidate (empty without training)."""
         from moeprune.checkpoint.replacements import to_disk_names
 
         spec, out = self.plan.shape.spec, {}
@@ -161,10 +162,10 @@ class BlockRecovery:
         return out
 
     def apply_to(self, adapter) -> None:
-        """Leave a loaded model as chosen: its config's expert count, trained router tensors and the gate
+        """Leave a loaded model as chosen: its config's expert count, trained tensors and the gate
         flag on every MoE block."""
         from moeprune.compress.prune import set_expert_count
-        from moeprune.recover.block import layer_router_parameters, set_gate_flag
+        from moeprune.recover.block import layer_trainable_parameters, set_gate_flag
 
         set_expert_count(adapter.config, adapter.spec, len(next(iter(self.decision.kept.values()))))
         c = self.chosen
@@ -173,7 +174,7 @@ class BlockRecovery:
         for layer in adapter.layers:
             if c is not None:
                 set_gate_flag(layer.block, self.key, c)
-            params = layer_router_parameters(adapter, layer)
+            params = layer_trainable_parameters(adapter, layer, self.cfg.trains or "router")
             with torch.no_grad():
                 for path, t in self.tensors[c].get(layer.index, {}).items():
                     params[path].copy_(t)
@@ -208,7 +209,7 @@ class BlockRecovery:
         out = {"mode": mode, "applicable": True, "key": self.key, "source": self.source_flag,
                "chosen": self.source_flag if self.chosen is None else self.chosen}
         if mode != "keep":
-            when = "after router_kd_block" if self.train else "of the compressed model"
+            when = f"after {self.cfg.method}" if self.train else "of the compressed model"
             out["error"] = {str(c).lower(): self._total(c) for c in self.candidates}
             out["criterion"] = f"relative block-output error {when}, summed over MoE layers, on held-back tokens"
         return out

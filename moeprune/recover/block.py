@@ -10,13 +10,17 @@ independently of the others, so the layer-wise executor and the in-memory one co
 The gate-scale flag (e.g. `norm_topk_prob`) is set on the block's modules that copied it from the
 config (transformers' routers keep `self.norm_topk_prob`), so the block's own forward measures both
 choices exactly as a reloaded checkpoint with that config computes them.
+
+`moe_kd_block` is the same objective training every parameter of the block (router, surviving experts,
+shared experts), still one layer at a time on that layer's own inputs.
 """
 
 from __future__ import annotations
 
 import torch
 
-__all__ = ["block_outputs", "relative_error", "layer_router_parameters", "fit_block_router", "set_gate_flag"]
+__all__ = ["block_outputs", "relative_error", "layer_router_parameters", "layer_trainable_parameters", "fit_block",
+           "set_gate_flag"]
 
 CHUNK = 1024  # tokens per forward when computing outputs (memory bound, not a result)
 
@@ -61,9 +65,17 @@ def layer_router_parameters(adapter, layer) -> dict[str, torch.nn.Parameter]:
     return out
 
 
-def fit_block_router(block, params: dict[str, torch.nn.Parameter], x: torch.Tensor, target: torch.Tensor, *,
+def layer_trainable_parameters(adapter, layer, trains: str) -> dict[str, torch.nn.Parameter]:
+    """path within the block -> parameter of what a block method trains: "router" (layer_router_parameters)
+    or "moe" (every parameter of the MoE block)."""
+    if trains == "router":
+        return layer_router_parameters(adapter, layer)
+    return dict(layer.block.named_parameters())
+
+
+def fit_block(block, params: dict[str, torch.nn.Parameter], x: torch.Tensor, target: torch.Tensor, *,
                      steps: int, lr: float, batch_tokens: int, seed: int) -> tuple[list[float], list[str]]:
-    """Train `params` (the block's router tensors) in place with Adam on float32 master copies, so that
+    """Train `params` (the block's router tensors, or all of its parameters) in place with Adam on float32 master copies, so that
     block(x) matches `target`; x, target (T, H) float32. One mini-batch of `batch_tokens` tokens per step,
     drawn without replacement in a permutation seeded by `seed`. Returns the loss of every step and the
     names of the parameters that received a gradient (selection-only biases get none and stay as they are)."""

@@ -10,6 +10,10 @@ vocabulary it is the exact KL. Router tensors train in float32 master copies, wr
 model's own dtype after every step, so bfloat16 models recover too. Biases used only to pick experts
 (DeepSeek-V3's correction bias, a buffer) get no gradient and are left as they are.
 
+`moe_kd` is the same objective training every weight of the MoE blocks (router, the surviving routed
+experts, shared experts): the experts that remain re-learn part of what the dropped ones computed. The
+output keeps the stock format (the same tensors, changed values); attention, norms and embeddings stay.
+
 Cost is bounded by the recipe: `steps` optimizer steps of one calibration batch each, over at most
 `tokens` calibration tokens whose targets are held in memory ((tokens x top_k) values).
 """
@@ -25,7 +29,8 @@ import torch.nn.functional as F
 from moeprune.errors import MoePruneError
 from moeprune.models import MoEAdapter
 
-__all__ = ["RouterKD", "kd_loss", "teacher_targets", "router_parameters", "split_batches"]
+__all__ = ["RouterKD", "kd_loss", "teacher_targets", "router_parameters", "moe_parameters", "trainable_parameters",
+           "split_batches"]
 
 
 def split_batches(batches: list[dict], *, tokens: int) -> tuple[list[dict], list[dict]]:
@@ -86,6 +91,22 @@ def router_parameters(model) -> dict[str, tuple[int, str, torch.nn.Parameter]]:
     return out
 
 
+def moe_parameters(model) -> dict[str, tuple[int, str, torch.nn.Parameter]]:
+    """'layer.path' -> (layer index, path within the MoE block, parameter) for every parameter of every MoE
+    block: router, routed experts (fused tensors), shared experts and their gates."""
+    adapter = MoEAdapter(model)
+    out = {f"{layer.index}.{path}": (layer.index, path, p)
+           for layer in adapter.layers for path, p in layer.block.named_parameters()}
+    if not out:
+        raise MoePruneError(f"recover: {adapter.spec.name}'s MoE blocks have no parameters to train")
+    return out
+
+
+def trainable_parameters(model, trains: str) -> dict[str, tuple[int, str, torch.nn.Parameter]]:
+    """What a recovery method trains: "router" (router_parameters) or "moe" (moe_parameters)."""
+    return router_parameters(model) if trains == "router" else moe_parameters(model)
+
+
 @dataclass
 class RouterKD:
     """One router-KD run: `targets` come from the original model (computed once, before surgery)."""
@@ -98,6 +119,11 @@ class RouterKD:
     held: list[dict]
     train_targets: list = None
     held_targets: list = None
+    trains: str = "router"  # "router": router tensors only (router_kd); "moe": every MoE-block weight (moe_kd)
+
+    @property
+    def method(self) -> str:
+        return "router_kd" if self.trains == "router" else "moe_kd"
 
     def compute_targets(self, model) -> None:
         self.train_targets = teacher_targets(model, self.train, top_k=self.top_k)
@@ -117,12 +143,13 @@ class RouterKD:
         return total / max(n, 1)
 
     def fit(self, model, *, progress: bool = True) -> dict:
-        """Train the router parameters of the compressed `model` in place; returns what was done."""
+        """Train the router parameters (or every MoE-block parameter) of the compressed `model` in place;
+        returns what was done."""
         from tqdm.auto import tqdm
 
         if self.train_targets is None:
             raise MoePruneError("recover: teacher targets were not computed before compression")
-        params = router_parameters(model)
+        params = trainable_parameters(model, self.trains)
         eval_on, eval_t = (self.held, self.held_targets) if self.held else (self.train, self.train_targets)
         before = self.mean_kl(model, eval_on, eval_t)
         flags = {id(p): p.requires_grad for p in model.parameters()}
@@ -136,7 +163,7 @@ class RouterKD:
         try:
             for _, _, p in params.values():
                 p.requires_grad_(True)
-            for _ in tqdm(range(self.steps), desc="router KD", disable=not progress):
+            for _ in tqdm(range(self.steps), desc=f"{self.method} recovery", disable=not progress):
                 if not order:
                     order = torch.randperm(len(self.train), generator=gen).tolist()
                 i = order.pop(0)
@@ -156,7 +183,7 @@ class RouterKD:
             for p in model.parameters():
                 p.requires_grad_(flags.get(id(p), False))
         after = self.mean_kl(model, eval_on, eval_t)
-        return {"method": "router_kd", "steps": self.steps, "lr": self.lr, "top_k": self.top_k, "seed": self.seed,
+        return {"method": self.method, "steps": self.steps, "lr": self.lr, "top_k": self.top_k, "seed": self.seed,
                 "train_tokens": sum(int(_mask(b).sum()) for b in self.train),
                 "eval_tokens": sum(int(_mask(b).sum()) for b in eval_on),
                 "eval_on": "held-back calibration tokens" if self.held else "training tokens (no batch to hold back)",

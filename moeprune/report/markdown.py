@@ -225,11 +225,11 @@ def _sizes(report: dict) -> list[str]:
 
 
 def recovery_line(rec: dict) -> str:
-    """One line on what recovery did (router_kd: KL; router_kd_block: block error; the gate-scale choice)."""
-    if rec["method"] == "router_kd":
+    """One line on what recovery did (logit KD: KL; block KD: block error; the gate-scale choice)."""
+    if rec["method"] in ("router_kd", "moe_kd"):
         kl = (f"{rec['kl_before']:.4g} -> {rec['kl_after']:.4g}" if rec["kl_before"] is not None else "n/a")
         line = f"{rec['method']}: {rec['steps']} steps; KL to the original {kl} on {rec['eval_tokens']} {rec['eval_on']}"
-    elif rec["method"] == "router_kd_block":
+    elif rec["method"] in ("router_kd_block", "moe_kd_block"):
         line = (f"{rec['method']}: {rec['steps']} steps per MoE layer; block-output error (relative, mean over layers) "
                 f"{rec['error_before']:.4g} -> {rec['error_after']:.4g} on {rec['eval_tokens']} {rec['eval_on']}")
     else:

@@ -81,7 +81,7 @@ def _sliced(ckpt: Checkpoint, info: TensorInfo, role: TensorRole, idx: list[int]
 
 
 def _replaced(t: OutTensor, replacements) -> OutTensor:
-    """`t` with its bytes taken from `replacements` (merged tensors) when it is one of them."""
+    """`t` with its bytes taken from `replacements` (merged or trained tensors) when it is one of them."""
     if replacements is None or t.name not in replacements:
         return t
     if tuple(replacements.shape(t.name)) != tuple(t.shape):
@@ -100,8 +100,9 @@ def plan_rewrite(ckpt: Checkpoint, names: CheckpointNames, plan: Mapping[int, Se
     sliced_layers: set[int] = set()
     for info in ckpt.tensors.values():
         role = names.role(info.name)
-        if role.kind == "copy":
-            out.append(OutTensor(info.name, info.dtype, info.shape, info, ranges=[(info.begin, info.end)]))
+        if role.kind == "copy":  # replaced only by recovery that trains shared experts (moe_kd)
+            out.append(_replaced(OutTensor(info.name, info.dtype, info.shape, info, ranges=[(info.begin, info.end)]),
+                                 replacements))
         elif role.kind == "expert":
             seen[(role.layer, role.pattern)].add(role.expert)
             kept = plan[role.layer]

@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from moeprune.models import MoEAdapter
 from moeprune.pipeline.recipe import Recipe
 from moeprune.pipeline.run import run_recipe
-from moeprune.recover.block import block_outputs, fit_block_router, layer_router_parameters, relative_error
+from moeprune.recover.block import block_outputs, fit_block, layer_router_parameters, relative_error
 from recover.common import calib_file as _calib
 from tiny_models import save_tiny, tiny_model
 
@@ -110,7 +110,7 @@ def _perturbed_student(seed: int = 1):
     return student, adapter
 
 
-def test_fit_block_router_is_deterministic_trains_the_router_only_and_lowers_the_error():
+def test_fit_block_is_deterministic_trains_the_router_only_and_lowers_the_error():
     teacher = MoEAdapter(tiny_model("mixtral"))
     x = torch.randn(300, 64, generator=torch.Generator().manual_seed(0))
     target = block_outputs(teacher.layers[0].block, x)
@@ -121,7 +121,7 @@ def test_fit_block_router_is_deterministic_trains_the_router_only_and_lowers_the
         before_state = {k: v.clone() for k, v in block.state_dict().items()}
         params = layer_router_parameters(adapter, adapter.layers[0])
         err0 = relative_error(block, x, target)
-        losses, trained = fit_block_router(block, params, x, target, steps=40, lr=0.02, batch_tokens=64, seed=5)
+        losses, trained = fit_block(block, params, x, target, steps=40, lr=0.02, batch_tokens=64, seed=5)
         assert trained == ["gate.weight"]
         assert relative_error(block, x, target) < err0
         moved = {k for k, v in block.state_dict().items() if not torch.equal(v, before_state[k])}
@@ -131,7 +131,7 @@ def test_fit_block_router_is_deterministic_trains_the_router_only_and_lowers_the
     assert runs[0][0] == runs[1][0] and torch.equal(runs[0][1], runs[1][1])
     student, adapter = _perturbed_student()  # another seed, another order
     params = layer_router_parameters(adapter, adapter.layers[0])
-    other, _ = fit_block_router(adapter.layers[0].block, params, x, target, steps=40, lr=0.02, batch_tokens=64, seed=6)
+    other, _ = fit_block(adapter.layers[0].block, params, x, target, steps=40, lr=0.02, batch_tokens=64, seed=6)
     assert other != runs[0][0]
 
 
@@ -149,7 +149,7 @@ def test_selection_only_biases_are_not_trained():
     bias = params["expert_bias"].detach().clone()
     x = torch.randn(64, 64, generator=torch.Generator().manual_seed(0))
     target = block_outputs(layer.block, x) * 1.1
-    _, trained = fit_block_router(layer.block, params, x, target, steps=3, lr=0.05, batch_tokens=32, seed=0)
+    _, trained = fit_block(layer.block, params, x, target, steps=3, lr=0.05, batch_tokens=32, seed=0)
     assert trained == ["router.gate.weight"] and torch.equal(params["expert_bias"], bias)
 
 
