@@ -11,7 +11,8 @@ compresses a fresh copy of the model at each ratio and the copy is evaluated on 
 
 `--recovery-study` uses RECOVERY_METHODS in both tables: an entry `method+kd` compresses with the method,
 then trains only the routers by router KD (moeprune.recover, the recipe's `recover:` defaults; the
-teacher targets are computed once per calibration set). Rows are written to --out as they finish.
+teacher targets are computed once per calibration set); `+moe` trains every MoE-block weight instead
+(moe_kd), `+kdb` / `+moeb` are the block-output variants (router_kd_block, moe_kd_block). Rows are written to --out as they finish.
 
 Table 1 (`methods`): methods x ratios on the mixed calibration set, score and retained fraction.
 Table 3 (`quant`): bytes and quality of pruned only, quantized only, pruned + quantized and pruned +
@@ -42,19 +43,26 @@ DOMAIN_TASKS = {"arith": "demo_arith", "json": "demo_json", "program": "demo_pro
 GENERATIVE = tuple(DOMAIN_TASKS.values())
 
 
-def _parse_entry(entry: str) -> tuple[str, str, bool]:
-    """`method[:router][+kd]` -> (method, merge router, recover)."""
-    recover = entry.endswith("+kd")
-    method, _, router = entry.removesuffix("+kd").partition(":")
-    return method, router or "dominant", recover
+RECOVER_SUFFIXES = {"kd": "router_kd", "kdb": "router_kd_block", "moe": "moe_kd", "moeb": "moe_kd_block"}
 
 
-def _recipe(model: str, method: str, ratio: float, calib: str, router: str = "dominant"):
+def _parse_entry(entry: str) -> tuple[str, str, str | None]:
+    """`method[:router][+kd|+kdb|+moe|+moeb]` -> (method, merge router, recovery method or None)."""
+    head, _, suffix = entry.partition("+")
+    if suffix and suffix not in RECOVER_SUFFIXES:
+        raise SystemExit(f"Error: {entry}: unknown recovery suffix +{suffix}; use one of "
+                         + ", ".join(f"+{k} ({v})" for k, v in RECOVER_SUFFIXES.items()))
+    method, _, router = head.partition(":")
+    return method, router or "dominant", RECOVER_SUFFIXES.get(suffix)
+
+
+def _recipe(model: str, method: str, ratio: float, calib: str, router: str = "dominant", recover: dict | None = None):
     from moeprune.pipeline import Recipe
 
-    return Recipe.model_validate({"model": model, "method": method, "ratio": ratio, "seed": 0,
-                                  "calibration": {"spec": calib, "max_length": 256, "batch_size": 8},
-                                  "merge": {"router": router, "all_means_tokens": 128}})
+    data = {"model": model, "method": method, "ratio": ratio, "seed": 0,
+            "calibration": {"spec": calib, "max_length": 256, "batch_size": 8},
+            "merge": {"router": router, "all_means_tokens": 128}}
+    return Recipe.model_validate({**data, "recover": recover} if recover else data)
 
 
 def _evaluate(model, tok, tasks, limit):
@@ -65,30 +73,44 @@ def _evaluate(model, tok, tasks, limit):
 
 
 def _compress(model, obs, recipe, calib):
+    """A compressed copy of `model` and the Decision (its details hold a block-recovery record)."""
     from moeprune.pipeline.methods import compress_model
 
     m = copy.deepcopy(model)
-    compress_model(m, obs, recipe, calibration=calib)
-    return m
+    decision = compress_model(m, obs, recipe, calibration=calib)
+    return m, decision
 
 
 class Recovery:
-    """Router KD (moeprune.recover, the recipe's `recover:` defaults unless overridden) after compression;
-    the original model's targets are computed once per calibration set and shared by every method."""
+    """Logit KD (router_kd, moe_kd; moeprune.recover, the recipe's `recover:` defaults unless overridden)
+    after compression; the original model's targets are computed once per calibration set and shared by
+    every method and both KD variants."""
 
     def __init__(self, model, calib, steps: int | None, lr: float | None = None):
+        from moeprune.recover.router_kd import split_batches, teacher_targets
+
+        self.steps, self.lr, self.batches = steps, lr, calib.batches
+        tokens = max(self._config(m).tokens for m in ("router_kd", "moe_kd"))
+        train, held = split_batches(self.batches, tokens=tokens)  # every method's training batches are a prefix
+        top_k = self._config("router_kd").top_k
+        self.targets = (teacher_targets(model, train, top_k=top_k), teacher_targets(model, held, top_k=top_k))
+
+    def _config(self, method: str):
         from moeprune.pipeline.recipe import RecoverConfig
+
+        return RecoverConfig(method=method, **{k: v for k, v in (("steps", self.steps), ("lr", self.lr)) if v})
+
+    def fit(self, model, method: str) -> dict:
         from moeprune.recover import RouterKD
         from moeprune.recover.router_kd import split_batches
 
-        cfg = RecoverConfig(**{k: v for k, v in (("steps", steps), ("lr", lr)) if v})
-        train, held = split_batches(calib.batches, tokens=cfg.tokens)
-        self.kd = RouterKD(steps=cfg.steps, lr=cfg.lr, top_k=cfg.top_k, seed=0, train=train, held=held)
-        self.kd.compute_targets(model)
-
-    def fit(self, model) -> dict:
-        rec = self.kd.fit(model, progress=False)
-        return {k: rec[k] for k in ("steps", "lr", "top_k", "train_tokens", "eval_tokens", "kl_before", "kl_after")}
+        cfg = self._config(method)
+        train, held = split_batches(self.batches, tokens=cfg.tokens)
+        kd = RouterKD(steps=cfg.steps, lr=cfg.lr, top_k=cfg.top_k, seed=0, train=train, held=held, trains=cfg.trains,
+                      train_targets=self.targets[0][:len(train)], held_targets=self.targets[1])
+        rec = kd.fit(model, progress=False)
+        return {k: rec[k] for k in ("method", "steps", "lr", "top_k", "train_tokens", "eval_tokens", "kl_before",
+                                    "kl_after")}
 
 
 def _collect(entries) -> tuple[str, ...]:
@@ -97,13 +119,21 @@ def _collect(entries) -> tuple[str, ...]:
     return tuple(sorted({n for e in entries for n in get_method(_parse_entry(e)[0]).needs}))
 
 
+def _recover_dict(method: str, args) -> dict:
+    return {"method": method, **{k: v for k, v in (("steps", args.recover_steps), ("lr", args.recover_lr)) if v}}
+
+
 def _run_entry(model, tok, obs, calib, entry, ratio, args, tasks, recovery) -> dict:
     method, router, recover = _parse_entry(entry)
     start = time.perf_counter()
-    m = _compress(model, obs, _recipe(args.model, method, ratio, args.calib, router), calib)
+    block = recover is not None and recover.endswith("_block")
+    recipe = _recipe(args.model, method, ratio, args.calib, router, _recover_dict(recover, args) if block else None)
+    m, decision = _compress(model, obs, recipe, calib)
     row = {"method": entry, "ratio": ratio}
-    if recover:
-        row["recovery"] = recovery().fit(m)
+    if block:
+        row["recovery"] = {k: v for k, v in decision.details["recovery"].items() if k not in ("layers", "gate_scale")}
+    elif recover:
+        row["recovery"] = recovery().fit(m, recover)
     scores, n = _evaluate(m, tok, tasks, args.limit)
     return {**row, **scores, "n": n, "seconds": round(time.perf_counter() - start, 1)}
 
@@ -186,7 +216,7 @@ def quant_table(model, tok, args) -> list[dict]:
     calib = load_calibration(parse_calibration_spec(args.calib, max_length=256), tok, batch_size=8)
     obs = observe(model, calib, progress=False)
     rows = [{"setting": "base (fp32)", "bytes": _weight_bytes(model), **_evaluate(model, tok, tasks, args.limit)[0]}]
-    pruned = _compress(model, obs, _recipe(args.model, "reap", 0.5, args.calib), calib)
+    pruned, _ = _compress(model, obs, _recipe(args.model, "reap", 0.5, args.calib), calib)
     rows.append({"setting": "REAP 50%", "bytes": _weight_bytes(pruned), **_evaluate(pruned, tok, tasks, args.limit)[0]})
     from moeprune.models import MoEAdapter
 
@@ -239,13 +269,19 @@ def retained(row: dict, base: dict) -> tuple[float, float] | None:
 
 
 def _kl(rec: dict | None) -> str:
-    return f"KL {rec['kl_before']:.2f} → {rec['kl_after']:.2f}" if rec else "—"
+    """The recovery column: the method and its held-back KL (logit KD) or block error (block KD)."""
+    if not rec:
+        return "—"
+    name = rec.get("method", "router_kd")
+    if "kl_before" in rec:
+        return f"{name}: KL {rec['kl_before']:.2f} → {rec['kl_after']:.2f}"
+    return f"{name}: block error {rec['error_before']:.2f} → {rec['error_after']:.2f}"
 
 
 def _methods_markdown(rows: list[dict]) -> list[str]:
     tasks = [k for k in rows[0] if k not in ("method", "ratio", "seconds", "n", "recovery")]
     base = rows[0]
-    out = ["| method | drop | router KD | " + " | ".join(tasks) + " | generative retained (mean ± se) |",
+    out = ["| method | drop | recovery | " + " | ".join(tasks) + " | generative retained (mean ± se) |",
            "|---|---|---|" + "---|" * (len(tasks) + 1)]
     for r in rows:
         label = "—" if r["method"] == "base" else f"{r['ratio']:.0%}"
@@ -253,9 +289,17 @@ def _methods_markdown(rows: list[dict]) -> list[str]:
                  for t in tasks]
         ret = retained(r, base) if r is not base else None
         cells.append(f"{ret[0]:.0%} ± {ret[1]:.0%}" if ret else "—")
-        out.append(f"| {r['method'].removesuffix('+kd')} | {label} | {_kl(r.get('recovery'))} | "
+        out.append(f"| {r['method'].partition('+')[0]} | {label} | {_kl(r.get('recovery'))} | "
                    + " | ".join(cells) + " |")
     return out + [""]
+
+
+def _entry_label(key: str) -> str:
+    """`reap+moe@0.5` -> `reap + moe_kd 0.5` (`+kd` stays `+ KD`, as the earlier tables read)."""
+    entry, _, ratio = key.partition("@")
+    head, _, suffix = entry.partition("+")
+    label = head if not suffix else f"{head} + {'KD' if suffix == 'kd' else RECOVER_SUFFIXES[suffix]}"
+    return f"{label} {ratio}".strip()
 
 
 def to_markdown(result: dict) -> str:
@@ -266,7 +310,7 @@ def to_markdown(result: dict) -> str:
     if "domain" in result:
         rows = result["domain"]
         keys = list(rows[0]["scores"])
-        out += ["| domain (task) | base | " + " | ".join(k.replace("+kd", " + KD").replace("@", " ") for k in keys)
+        out += ["| domain (task) | base | " + " | ".join(_entry_label(k) for k in keys)
                 + " |", "|---|---|" + "---|" * len(keys)]
         for r in rows:
             out.append(f"| {r['domain']} ({r['task']}) | {r['base']:.3f} ±{_se(r['base'], r['n']):.2f} | "
@@ -294,7 +338,7 @@ def main(argv=None) -> int:
     ap.add_argument("--domain-methods", default="reap,reap_prob,ean,frequency,random",
                     help="methods of the per-domain table")
     ap.add_argument("--recovery-study", action="store_true",
-                    help=f"both tables with the methods {RECOVERY_METHODS} ('+kd': then router KD)")
+                    help=f"both tables with the methods {RECOVERY_METHODS} ('+kd': then router KD, '+moe': MoE-block KD)")
     ap.add_argument("--recover-steps", type=int, default=None, help="router KD steps (default: the recipe's)")
     ap.add_argument("--recover-lr", type=float, default=None, help="router KD learning rate (default: the recipe's)")
     ap.add_argument("--from-json", default=None, help="only render --markdown from a saved --out file")

@@ -70,8 +70,8 @@ def _method_options(fn):
                           "[default: 100 for router_*, 400 for moe_*]."),
         click.option("--recover-lr", type=click.FloatRange(min=0, min_open=True), default=None,
                      help="Recovery learning rate (Adam) [default: 1e-3 for router_*, 3e-4 for moe_*]."),
-        click.option("--recover-tokens", type=click.IntRange(min=1), default=16384, show_default=True,
-                     help="Calibration tokens recovery trains on."),
+        click.option("--recover-tokens", type=click.IntRange(min=1), default=None,
+                     help="Calibration tokens recovery trains on [default: 16384 for router_*, 131072 for moe_*]."),
     ]):
         fn = option(fn)
     return calibration_options(fn)
@@ -127,7 +127,7 @@ def merge_cmd(model_dir: str, out_dir: str, method: str, linkage: str, router: s
 
 
 def _compress(model_dir, out_dir, *, method, ratio=None, keep_experts=None, obs_dir=None, overwrite=False,
-              max_shard_size="5GB", recover=None, recover_steps=None, recover_lr=None, recover_tokens=16384,
+              max_shard_size="5GB", recover=None, recover_steps=None, recover_lr=None, recover_tokens=None,
               gate_scale=None, recover_batch_tokens=512, **calib):
     """`prune` and `merge` build a recipe and run the same pipeline as `moeprune run` (no evaluation)."""
     from moeprune.commands.pipeline_cmds import echo_result

@@ -69,10 +69,12 @@ class QuantizeConfig(BaseModel):
 
 RECOVER_TRAINS = {"router_kd": "router", "router_kd_block": "router", "moe_kd": "moe", "moe_kd_block": "moe",
                   "none": None}
-# steps and learning rate when the recipe gives none: the router has a few E x H matrices per layer, the whole
-# MoE block (experts too) has far more weights and needs a smaller step, and more of them
-RECOVER_DEFAULTS = {"router": {"steps": 100, "lr": 1e-3}, "moe": {"steps": 400, "lr": 3e-4},
-                    None: {"steps": 100, "lr": 1e-3}}
+# steps, learning rate and tokens when the recipe gives none: the router has a few E x H matrices per layer; the
+# whole MoE block (experts too) has far more weights and needs a smaller step, more of them and more data (on
+# the study model 16k tokens left it at 39% of base, 104k at 74%: docs/study.md)
+RECOVER_DEFAULTS = {"router": {"steps": 100, "lr": 1e-3, "tokens": 16384},
+                    "moe": {"steps": 400, "lr": 3e-4, "tokens": 131072},
+                    None: {"steps": 100, "lr": 1e-3, "tokens": 16384}}
 
 
 class RecoverConfig(BaseModel):
@@ -88,8 +90,9 @@ class RecoverConfig(BaseModel):
                                                       "*_block: per MoE layer, batch_tokens tokens each); default "
                                                       "100 for router_*, 400 for moe_*")
     lr: float | None = Field(None, gt=0, description="Adam learning rate; default 1e-3 for router_*, 3e-4 for moe_*")
-    tokens: int = Field(16384, ge=1, description="calibration tokens to train on (whole batches; the last eighth "
-                                                 "of the calibration batches is held back to measure the result)")
+    tokens: int | None = Field(None, ge=1, description="calibration tokens to train on (whole batches; the last "
+                                                       "eighth of the calibration batches is held back to measure "
+                                                       "the result); default 16384 for router_*, 131072 for moe_*")
     top_k: int = Field(64, ge=1, description="router_kd / moe_kd: teacher log-probabilities kept per token "
                                              "(>= vocabulary: full KL)")
     batch_tokens: int = Field(512, ge=1, description="*_block: tokens per optimizer step")
@@ -109,6 +112,8 @@ class RecoverConfig(BaseModel):
             self.steps = defaults["steps"]
         if self.lr is None:
             self.lr = defaults["lr"]
+        if self.tokens is None:
+            self.tokens = defaults["tokens"]
         return self
 
     @property

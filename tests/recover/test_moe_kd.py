@@ -44,6 +44,7 @@ def test_defaults_depend_on_what_is_trained_and_explicit_values_win():
     assert (RecoverConfig(method="router_kd").steps, RecoverConfig(method="router_kd").lr) == (100, 1e-3)
     assert (RecoverConfig(method="moe_kd").steps, RecoverConfig(method="moe_kd").lr) == (400, 3e-4)
     assert (RecoverConfig(method="moe_kd_block").steps, RecoverConfig(method="moe_kd_block").lr) == (400, 3e-4)
+    assert (RecoverConfig(method="router_kd").tokens, RecoverConfig(method="moe_kd_block").tokens) == (16384, 131072)
     cfg = RecoverConfig(method="moe_kd", steps=7, lr=0.5)
     assert (cfg.steps, cfg.lr, cfg.trains, cfg.per_block, cfg.logit_kd) == (7, 0.5, "moe", False, True)
     assert RecoverConfig(method="moe_kd_block").per_block and not RecoverConfig(method="moe_kd_block").logit_kd
