@@ -49,6 +49,21 @@ def test_kd_loss_is_the_exact_kl_with_the_full_vocabulary():
     torch.testing.assert_close(kd_loss(student, idx, vals, mask), per[mask].mean())
 
 
+def test_kd_loss_with_a_top_k_keeps_the_rest_of_the_vocabulary_as_one_outcome():
+    """With k < V the loss is the KL over the k tokens plus "any other token": zero for a student equal
+    to the teacher (renormalising over the top-k would not be), and equal to a hand computation."""
+    teacher, student = torch.randn(2, 3, 11), torch.randn(2, 3, 11)
+    logp = F.log_softmax(teacher, -1)
+    vals, idx = logp.topk(4, dim=-1)
+    mask = torch.ones(2, 3, dtype=torch.bool)
+    assert abs(float(kd_loss(teacher, idx, vals, mask))) < 1e-6
+    t = torch.cat([vals.exp(), 1 - vals.exp().sum(-1, keepdim=True)], -1).double()
+    sp = F.softmax(student, -1).gather(-1, idx)
+    s = torch.cat([sp, 1 - sp.sum(-1, keepdim=True)], -1).double()
+    want = (t * (t.log() - s.log())).sum(-1).mean()
+    torch.testing.assert_close(kd_loss(student, idx, vals, mask).double(), want, rtol=1e-5, atol=1e-6)
+
+
 def test_router_kd_recovers_only_router_tensors_and_reloads_stock(tmp_path, monkeypatch):
     monkeypatch.setenv("MOEPRUNE_CACHE", str(tmp_path / "cache"))
     model, calib = save_tiny(tmp_path / "m", "gpt_oss"), _calib(tmp_path / "calib.txt")  # router weight + bias
