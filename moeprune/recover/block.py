@@ -74,11 +74,12 @@ def layer_trainable_parameters(adapter, layer, trains: str) -> dict[str, torch.n
 
 
 def fit_block(block, params: dict[str, torch.nn.Parameter], x: torch.Tensor, target: torch.Tensor, *,
-                     steps: int, lr: float, batch_tokens: int, seed: int) -> tuple[list[float], list[str]]:
-    """Train `params` (the block's router tensors, or all of its parameters) in place with Adam on float32 master copies, so that
-    block(x) matches `target`; x, target (T, H) float32. One mini-batch of `batch_tokens` tokens per step,
-    drawn without replacement in a permutation seeded by `seed`. Returns the loss of every step and the
-    names of the parameters that received a gradient (selection-only biases get none and stay as they are)."""
+              steps: int, lr: float, batch_tokens: int, seed: int) -> tuple[list[float], list[str]]:
+    """Train `params` (the block's router tensors, or all of its parameters) in place with Adam on float32
+    master copies, so that block(x) matches `target`; x, target (T, H) float32. One mini-batch of
+    `batch_tokens` tokens per step, drawn without replacement in a permutation seeded by `seed`. Returns the
+    loss of every step and the names of the parameters that received a gradient (selection-only biases get
+    none and stay as they are)."""
     dtype, dev = _dtype_device(block)
     flags = {id(p): p.requires_grad for p in block.parameters()}
     masters = {k: p.detach().float().clone().requires_grad_(True) for k, p in params.items()}

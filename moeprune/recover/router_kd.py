@@ -29,8 +29,7 @@ import torch.nn.functional as F
 from moeprune.errors import MoePruneError
 from moeprune.models import MoEAdapter
 
-__all__ = ["RouterKD", "kd_loss", "teacher_targets", "router_parameters", "moe_parameters", "trainable_parameters",
-           "split_batches"]
+__all__ = ["RouterKD", "kd_loss", "teacher_targets", "router_parameters", "trainable_parameters", "split_batches"]
 
 
 def split_batches(batches: list[dict], *, tokens: int) -> tuple[list[dict], list[dict]]:
@@ -83,35 +82,24 @@ def kd_loss(logits: torch.Tensor, idx: torch.Tensor, teacher_logp: torch.Tensor,
     return (kl * m).sum() / m.sum().clamp(min=1)
 
 
-def router_parameters(model) -> dict[str, tuple[int, str, torch.nn.Parameter]]:
-    """'layer.path' -> (layer index, path, parameter) for every router tensor that is a trainable
-    parameter (ArchSpec.router_tensors; buffers such as correction biases are left out)."""
-    adapter = MoEAdapter(model)
-    out = {}
-    for layer in adapter.layers:
-        for path, _dim in adapter.spec.router_tensors:
-            t = adapter.tensor(layer, path)
-            if isinstance(t, torch.nn.Parameter):
-                out[f"{layer.index}.{path}"] = (layer.index, path, t)
-    if not out:
-        raise MoePruneError(f"recover: {adapter.spec.name} has no router parameters to train")
-    return out
+def trainable_parameters(model, trains: str) -> dict[str, tuple[int, str, torch.nn.Parameter]]:
+    """'layer.path' -> (layer index, path within the MoE block, parameter) of what a recovery method trains
+    in every MoE layer: "router" (router tensors that are parameters; buffers such as correction biases are
+    left out) or "moe" (every parameter of the block) — recover.block.layer_trainable_parameters per layer."""
+    from moeprune.recover.block import layer_trainable_parameters
 
-
-def moe_parameters(model) -> dict[str, tuple[int, str, torch.nn.Parameter]]:
-    """'layer.path' -> (layer index, path within the MoE block, parameter) for every parameter of every MoE
-    block: router, routed experts (fused tensors), shared experts and their gates."""
     adapter = MoEAdapter(model)
     out = {f"{layer.index}.{path}": (layer.index, path, p)
-           for layer in adapter.layers for path, p in layer.block.named_parameters()}
+           for layer in adapter.layers for path, p in layer_trainable_parameters(adapter, layer, trains).items()}
     if not out:
-        raise MoePruneError(f"recover: {adapter.spec.name}'s MoE blocks have no parameters to train")
+        what = "router parameters" if trains == "router" else "MoE-block parameters"
+        raise MoePruneError(f"recover: {adapter.spec.name} has no {what} to train")
     return out
 
 
-def trainable_parameters(model, trains: str) -> dict[str, tuple[int, str, torch.nn.Parameter]]:
-    """What a recovery method trains: "router" (router_parameters) or "moe" (moe_parameters)."""
-    return router_parameters(model) if trains == "router" else moe_parameters(model)
+def router_parameters(model) -> dict[str, tuple[int, str, torch.nn.Parameter]]:
+    """trainable_parameters(model, "router")."""
+    return trainable_parameters(model, "router")
 
 
 @dataclass
