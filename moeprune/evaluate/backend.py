@@ -128,8 +128,11 @@ class HFBackend:
                 bar.update(len(idx))
         return out
 
+    def _model_config(self):
+        return self.model.config
+
     def _max_length(self) -> int:
-        limits = [getattr(self.model.config, "max_position_embeddings", None),
+        limits = [getattr(self._model_config(), "max_position_embeddings", None),
                   getattr(self.tokenizer, "model_max_length", None)]
         limits = [n for n in limits if isinstance(n, int) and 0 < n < 10**7]
         return min(limits) if limits else 2048

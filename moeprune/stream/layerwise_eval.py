@@ -61,10 +61,8 @@ class LayerwiseBackend(HFBackend):
     def device(self) -> torch.device:
         return self._device
 
-    def _max_length(self) -> int:
-        limits = [getattr(self.config, "max_position_embeddings", None), getattr(self.tokenizer, "model_max_length", None)]
-        limits = [n for n in limits if isinstance(n, int) and 0 < n < 10**7]
-        return min(limits) if limits else 2048
+    def _model_config(self):  # the checkpoint's config: no need to build the offloaded model for it
+        return self.config
 
     @torch.no_grad()
     def token_nll(self, texts: Sequence[str], *, desc: str = "nll") -> list[tuple[float, int]]:
