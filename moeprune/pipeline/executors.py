@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 __all__ = ["Executor", "MemoryExecutor", "LayerwiseExecutor", "make_executor", "changed_tensors",
-           "trained_tensors"]
+           "trained_tensors", "block_tensors_on_disk"]
 
 
 def changed_tensors(plan, adapter, layer, decision, names) -> dict[str, torch.Tensor]:
@@ -47,16 +47,26 @@ def changed_tensors(plan, adapter, layer, decision, names) -> dict[str, torch.Te
     return out
 
 
+def block_tensors_on_disk(plan, layers: dict[int, dict[str, torch.Tensor]]) -> dict[int, dict[str, torch.Tensor]]:
+    """Layer -> {path within the MoE block: tensor} of the compressed model -> layer -> {on-disk name: tensor},
+    in the checkpoint's names and layout (experts renumbered 0..n-1)."""
+    from moeprune.checkpoint.replacements import to_disk_names
+
+    spec = plan.shape.spec
+    return {i: to_disk_names(plan.shape.model, {f"{spec.layers}.{i}.{spec.block}.{path}": t
+                                                for path, t in tensors.items()})
+            for i, tensors in layers.items()}
+
+
 def trained_tensors(plan, model, trains: str) -> dict[int, dict[str, torch.Tensor]]:
     """Layer -> {on-disk name: tensor} of every tensor logit-KD recovery trained in the compressed `model`
-    (trains: "router" or "moe"), in the checkpoint's names and layout (experts renumbered 0..n-1)."""
-    from moeprune.checkpoint.replacements import to_disk_names
+    (trains: "router" or "moe")."""
     from moeprune.recover import trainable_parameters
 
-    spec, mem = plan.shape.spec, {}
+    layers: dict[int, dict[str, torch.Tensor]] = {}
     for i, path, p in trainable_parameters(model, trains).values():
-        mem.setdefault(i, {})[f"{spec.layers}.{i}.{spec.block}.{path}"] = p.detach()
-    return {i: to_disk_names(plan.shape.model, tensors) for i, tensors in mem.items()}
+        layers.setdefault(i, {})[path] = p.detach()
+    return block_tensors_on_disk(plan, layers)
 
 
 class Executor:
@@ -108,7 +118,7 @@ class Executor:
             self.plan, decision, obs, self.calibration().batches, model, adapter, device=self.plan.device,
             replaced=replaced, names=source.names if source is not None else self.plan.names, source=source,
             max_ram_bytes=self._hidden_budget() if source is not None else None, progress=self.progress)
-        for i, tensors in blocks.router_replacements().items():
+        for i, tensors in blocks.trained_replacements().items():
             replaced.add(i, tensors)
         return blocks
 

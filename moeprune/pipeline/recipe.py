@@ -72,9 +72,9 @@ RECOVER_TRAINS = {"router_kd": "router", "router_kd_block": "router", "moe_kd": 
 # steps, learning rate and tokens when the recipe gives none: the router has a few E x H matrices per layer; the
 # whole MoE block (experts too) has far more weights and needs a smaller step, more of them and more data (on
 # the study model 16k tokens left it at 39% of base, 104k at 74%: docs/study.md)
+# (method none trains nothing; its tokens bound the held-back measurement as for router_*)
 RECOVER_DEFAULTS = {"router": {"steps": 100, "lr": 1e-3, "tokens": 16384},
-                    "moe": {"steps": 400, "lr": 3e-4, "tokens": 131072},
-                    None: {"steps": 100, "lr": 1e-3, "tokens": 16384}}
+                    "moe": {"steps": 400, "lr": 3e-4, "tokens": 131072}}
 
 
 class RecoverConfig(BaseModel):
@@ -107,7 +107,7 @@ class RecoverConfig(BaseModel):
         if self.method == "none" and self.gate_scale == "keep":
             raise ValueError("method none with gate_scale keep does nothing; set gate_scale: auto (or renormalize, "
                              "no_renormalize), or a training method")
-        defaults = RECOVER_DEFAULTS[self.trains]
+        defaults = RECOVER_DEFAULTS[self.trains or "router"]
         if self.steps is None:
             self.steps = defaults["steps"]
         if self.lr is None:
@@ -128,7 +128,13 @@ class RecoverConfig(BaseModel):
 
     @property
     def logit_kd(self) -> bool:
-        return self.method in ("router_kd", "moe_kd")
+        """True for training against the original model's next-token distribution (router_kd, moe_kd)."""
+        return self.trains is not None and not self.per_block
+
+    @property
+    def trains_per_block(self) -> bool:
+        """True for training one MoE block at a time (router_kd_block, moe_kd_block)."""
+        return self.trains is not None and self.per_block
 
 
 class Recipe(BaseModel):

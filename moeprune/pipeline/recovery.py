@@ -59,7 +59,7 @@ def recovery_batches(recover, batches: list[dict]) -> tuple[list[dict], int, boo
     from moeprune.recover.router_kd import split_batches
 
     train, held = split_batches(batches, tokens=recover.tokens)
-    if not (recover.per_block and recover.trains):
+    if not recover.trains_per_block:
         return (held or train), 0, bool(held)
     return train + held, len(train), bool(held)
 
@@ -91,7 +91,7 @@ class BlockRecovery:
     def __init__(self, plan, decision, obs, replaced, *, n_train: int, has_held: bool, names):
         r = plan.recipe.recover
         self.plan, self.decision, self.obs, self.replaced, self.names = plan, decision, obs, replaced, names
-        self.cfg, self.train = r, r.per_block and r.trains is not None
+        self.cfg, self.train = r, r.trains_per_block
         self.seed = plan.recipe.seed if r.seed is None else r.seed
         self.n_train, self.has_held = n_train, has_held
         self.key, self.candidates, self.note = gate_candidates(r.gate_scale, plan.shape.spec, plan.shape.config)
@@ -151,15 +151,11 @@ class BlockRecovery:
         c = self.chosen
         return {} if c is None else {self.key: c}
 
-    def router_replacements(self) -> dict[int, dict[str, torch.Tensor]]:
+    def trained_replacements(self) -> dict[int, dict[str, torch.Tensor]]:
         """Layer -> {on-disk name: trained tensor} of the chosen candidate (empty without training)."""
-        from moeprune.checkpoint.replacements import to_disk_names
+        from moeprune.pipeline.executors import block_tensors_on_disk
 
-        spec, out = self.plan.shape.spec, {}
-        for i, tensors in self.tensors[self.chosen].items():
-            mem = {f"{spec.layers}.{i}.{spec.block}.{path}": t for path, t in tensors.items()}
-            out[i] = to_disk_names(self.plan.shape.model, mem)
-        return out
+        return block_tensors_on_disk(self.plan, self.tensors[self.chosen])
 
     def apply_to(self, adapter) -> None:
         """Leave a loaded model as chosen: its config's expert count, trained tensors and the gate
