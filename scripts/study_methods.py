@@ -98,7 +98,7 @@ class Recovery:
     def _config(self, method: str):
         from moeprune.pipeline.recipe import RecoverConfig
 
-        return RecoverConfig(method=method, **{k: v for k, v in (("steps", self.steps), ("lr", self.lr)) if v})
+        return RecoverConfig(method=method, steps=self.steps, lr=self.lr)  # None: the method's default
 
     def fit(self, model, method: str) -> dict:
         from moeprune.recover import RouterKD
@@ -120,7 +120,7 @@ def _collect(entries) -> tuple[str, ...]:
 
 
 def _recover_dict(method: str, args) -> dict:
-    return {"method": method, **{k: v for k, v in (("steps", args.recover_steps), ("lr", args.recover_lr)) if v}}
+    return {"method": method, "steps": args.recover_steps, "lr": args.recover_lr}  # None: the method's default
 
 
 def _run_entry(model, tok, obs, calib, entry, ratio, args, tasks, recovery) -> dict:
@@ -339,8 +339,8 @@ def main(argv=None) -> int:
                     help="methods of the per-domain table")
     ap.add_argument("--recovery-study", action="store_true",
                     help=f"both tables with the methods {RECOVERY_METHODS} ('+kd': then router KD, '+moe': MoE-block KD)")
-    ap.add_argument("--recover-steps", type=int, default=None, help="router KD steps (default: the recipe's)")
-    ap.add_argument("--recover-lr", type=float, default=None, help="router KD learning rate (default: the recipe's)")
+    ap.add_argument("--recover-steps", type=int, default=None, help="recovery steps (default: the method's)")
+    ap.add_argument("--recover-lr", type=float, default=None, help="recovery learning rate (default: the method's)")
     ap.add_argument("--from-json", default=None, help="only render --markdown from a saved --out file")
     ap.add_argument("--limit", type=int, default=100)
     ap.add_argument("--only", choices=["methods", "domain", "quant"], default=None)
