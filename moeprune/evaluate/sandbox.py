@@ -9,7 +9,8 @@ The evaluating process never executes generated code. Each program runs in a fre
   program cannot signal the evaluator and every process it started dies with the run;
 - a process limit (``RLIMIT_NPROC`` in the user namespace, or a ``pids`` cgroup as root);
 - a wall-clock timeout (SIGKILL to the whole tree), ``RLIMIT_AS``, ``RLIMIT_CPU``,
-  ``RLIMIT_FSIZE``, no core files, and ``setpriv --pdeathsig`` so it dies with the evaluator;
+  ``RLIMIT_FSIZE``, no core files, and ``setpriv --pdeathsig`` plus a lifeline pipe so it dies
+  with the evaluator;
 - a fresh temporary working directory, always removed, and a scrubbed environment;
 - an audit hook (``sandbox_child.py``) refusing sockets, writes outside the working directory,
   process creation, signals and ``ctypes``.
@@ -132,21 +133,21 @@ def _launch(prefix: tuple[str, ...], config: dict, work: Path, log: Path, timeou
             pid_namespace: bool) -> SandboxResult:
     nonce = secrets.token_hex(32).encode()
     done_r, done_w = os.pipe()
+    life_r, life_w = os.pipe()  # the child exits when life_w closes: when this process dies
     try:
         nonce_r, nonce_w = os.pipe()
         try:
             os.write(nonce_w, nonce)
-            config = {**config, "nonce_fd": nonce_r, "done_fd": done_w}
+            config = {**config, "nonce_fd": nonce_r, "done_fd": done_w, "lifeline_fd": life_r}
             cmd = [*prefix, sys.executable, "-I", "-B", str(_CHILD), json.dumps(config)]
             start = time.monotonic()
             with open(log, "wb") as out:
                 proc = subprocess.Popen(cmd, cwd=work, env=_scrubbed_env(work), stdin=subprocess.DEVNULL,
                                         stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-                                        pass_fds=(nonce_r, done_w))
+                                        pass_fds=(nonce_r, done_w, life_r))
         finally:
-            os.close(nonce_r)
-            os.close(nonce_w)
-            os.close(done_w)  # only the child holds the write end now
+            for fd in (nonce_r, nonce_w, done_w, life_r):  # only the child holds these ends now
+                os.close(fd)
         try:
             code = proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
@@ -158,3 +159,4 @@ def _launch(prefix: tuple[str, ...], config: dict, work: Path, log: Path, timeou
         return _verdict(code, _read_marker(done_r), nonce, log, time.monotonic() - start)
     finally:
         os.close(done_r)
+        os.close(life_w)

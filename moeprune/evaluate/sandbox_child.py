@@ -10,12 +10,18 @@ runs, and writes it to a second pipe only after the generated code (which ends w
 leaves no marker and the parent reports a failure, whatever the exit status. The nonce is in this
 process's memory while the generated code runs, so code written to read the interpreter's frames
 (``sys._getframe``) can still forge it: this defeats early exits, it is not a security boundary.
+
+The evaluator also holds the write end of a "lifeline" pipe whose read end this script watches
+from a thread: when the evaluator dies, however early, the read returns and this process exits
+(and, as the first process of its PID namespace, takes every process in it along). This backs up
+``setpriv --pdeathsig``, which misses an evaluator that dies before the launcher has set it.
 """
 
 import json
 import os
 import resource
 import sys
+import threading
 
 _BLOCKED = frozenset((
     "socket.__new__", "socket.connect", "socket.bind", "socket.getaddrinfo",
@@ -97,7 +103,21 @@ def _set_limits(config):
         resource.setrlimit(which, (value, value))
 
 
+def _exit_with_the_evaluator(fd):
+    """End this process when the evaluator's end of the lifeline closes (or ``fd`` is closed)."""
+    def watch():
+        try:
+            while os.read(fd, 1):
+                pass
+        except OSError:
+            pass
+        os._exit(1)
+    threading.Thread(target=watch, name="lifeline", daemon=True).start()
+
+
 def _run(config):
+    if config.get("lifeline_fd") is not None:
+        _exit_with_the_evaluator(config["lifeline_fd"])
     nonce = os.read(config["nonce_fd"], 256)
     os.close(config["nonce_fd"])
     done_fd = config["done_fd"]

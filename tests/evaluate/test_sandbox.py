@@ -197,6 +197,12 @@ for name in ("moeprune", "moeprune.evaluate"):
 from moeprune.evaluate import sandbox
 if sys.argv[2] == "bypass":
     sandbox._CHILD = Path(sys.argv[3])
+if sys.argv[2] == "no-death-signal":  # the launcher without setpriv: only the lifeline is left
+    import dataclasses
+    iso = sandbox.isolation(True)
+    cut = 3 if iso.parent_death_signal else 0
+    sandbox.isolation = lambda network=True: dataclasses.replace(iso, prefix=iso.prefix[cut:],
+                                                                 parent_death_signal=False)
 pid = os.getpid()
 code = open(sys.argv[1]).read().replace("EVALUATOR_PID", str(pid))
 print("result", sandbox.run_python(code, timeout=10).status, flush=True)
@@ -235,27 +241,21 @@ def test_evaluator_survives_kill_attacks_and_leaves_no_temp_folders(tmp_path, mo
     assert list(temp.iterdir()) == []
 
 
-@pytest.mark.skipif(not isolation(True).parent_death_signal, reason="no setpriv --pdeathsig here")
-def test_sandbox_dies_with_the_evaluator(tmp_path):
-    (tmp_path / "sleeper.py").write_text("import time\ntime.sleep(60)\n")
+@pytest.mark.parametrize("mode", ["hook", "no-death-signal"])
+def test_sandbox_dies_with_the_evaluator(tmp_path, mode):
+    if mode == "hook" and not isolation(True).parent_death_signal:
+        pytest.skip("no setpriv --pdeathsig here")
+    (tmp_path / "sleeper.py").write_text("open('started', 'w').close()\nimport time\ntime.sleep(60)\n")
     temp = tmp_path / "tmp"
     temp.mkdir()
     env = {**os.environ, "TMPDIR": str(temp), "PYTHONPATH": str(REPO)}
-    evaluator = subprocess.Popen([sys.executable, "-c", _EVALUATOR, str(tmp_path / "sleeper.py"), "hook"],
+    evaluator = subprocess.Popen([sys.executable, "-c", _EVALUATOR, str(tmp_path / "sleeper.py"), mode],
                                  env=env, cwd=REPO)
-    def program_running() -> bool:  # the child script runs: every launcher is past its set-up
-        for pid in _processes_mentioning(str(temp)):
-            try:
-                if b"sandbox_child.py" in Path(f"/proc/{pid}/cmdline").read_bytes():
-                    return True
-            except OSError:
-                pass
-        return False
-
-    deadline = time.monotonic() + 60
-    while not program_running() and time.monotonic() < deadline:
+    deadline = time.monotonic() + 60  # the program itself runs: every launcher is past its set-up
+    while not list(temp.glob("*/work/started")) and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert program_running(), "the sandbox never started"
+    assert list(temp.glob("*/work/started")), "the sandbox never started"
+    assert _processes_mentioning(str(temp)) != []
     evaluator.send_signal(signal.SIGKILL)
     evaluator.wait()
     deadline = time.monotonic() + 10
