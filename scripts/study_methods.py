@@ -56,11 +56,24 @@ def _parse_entry(entry: str) -> tuple[str, str, str | None]:
     return method, router or "dominant", RECOVER_SUFFIXES.get(suffix)
 
 
-def _recipe(model: str, method: str, ratio: float, calib: str, router: str = "dominant", recover: dict | None = None):
+def _calib_config(args, spec: str | None = None) -> dict:
+    """The recipe's calibration section for `spec` (default --calib), as --calib-length / --unpacked say."""
+    return {"spec": spec or args.calib, "max_length": args.calib_length, "batch_size": 8, "pack": not args.unpacked}
+
+
+def _calibration(tok, args, spec: str | None = None):
+    """The calibration batches of _calib_config(args, spec)."""
+    from moeprune.observe.calibration import load_calibration, parse_calibration_spec
+
+    c = _calib_config(args, spec)
+    return load_calibration(parse_calibration_spec(c["spec"], max_length=c["max_length"], pack=c["pack"]), tok,
+                            batch_size=c["batch_size"])
+
+
+def _recipe(model: str, method: str, ratio: float, calib: dict, router: str = "dominant", recover: dict | None = None):
     from moeprune.pipeline import Recipe
 
-    data = {"model": model, "method": method, "ratio": ratio, "seed": 0,
-            "calibration": {"spec": calib, "max_length": 256, "batch_size": 8},
+    data = {"model": model, "method": method, "ratio": ratio, "seed": 0, "calibration": calib,
             "merge": {"router": router, "all_means_tokens": 128}}
     return Recipe.model_validate({**data, "recover": recover} if recover else data)
 
@@ -127,7 +140,7 @@ def _run_entry(model, tok, obs, calib, entry, ratio, args, tasks, recovery) -> d
     method, router, recover = _parse_entry(entry)
     start = time.perf_counter()
     block = recover is not None and recover.endswith("_block")
-    recipe = _recipe(args.model, method, ratio, args.calib, router, _recover_dict(recover, args) if block else None)
+    recipe = _recipe(args.model, method, ratio, _calib_config(args), router, _recover_dict(recover, args) if block else None)
     m, decision = _compress(model, obs, recipe, calib)
     row = {"method": entry, "ratio": ratio}
     if block:
@@ -145,10 +158,9 @@ def _save(result, args) -> None:
 
 def methods_table(model, tok, args, result) -> list[dict]:
     from moeprune.observe import observe
-    from moeprune.observe.calibration import load_calibration, parse_calibration_spec
 
     entries = args.methods.split(",")
-    calib = load_calibration(parse_calibration_spec(args.calib, max_length=256), tok, batch_size=8)
+    calib = _calibration(tok, args)
     obs = observe(model, calib, collect=_collect(entries), all_means_tokens=128, progress=False)
     recovery = _lazy(lambda: Recovery(model, calib, args.recover_steps, args.recover_lr))
     tasks = args.tasks.split(",")
@@ -174,14 +186,13 @@ def domain_table(model, tok, args, result) -> list[dict]:
     """Per generative domain: calibrate on that domain alone, compress with each of --domain-methods at
     each ratio, score on that domain's task. One observation pass per domain serves every row."""
     from moeprune.observe import observe
-    from moeprune.observe.calibration import load_calibration, parse_calibration_spec
 
     entries = args.domain_methods.split(",")
     ratios = [float(r) for r in args.ratios.split(",")]
     rows = result.setdefault("domain", [])
     for domain, task in DOMAIN_TASKS.items():
         base, n = _evaluate(model, tok, [task], args.limit)
-        calib = load_calibration(parse_calibration_spec(f"demo/{domain}", max_length=256), tok, batch_size=8)
+        calib = _calibration(tok, args, f"demo/{domain}")
         obs = observe(model, calib, collect=_collect(entries), all_means_tokens=128, progress=False)
         recovery = _lazy(lambda: Recovery(model, calib, args.recover_steps, args.recover_lr))
         row = {"domain": domain, "task": task, "base": base[task], "n": n[task], "scores": {}}
@@ -209,14 +220,13 @@ def quant_table(model, tok, args) -> list[dict]:
     the same way for every row, as the quantizer counts them (state-dict tensors)."""
     from moeprune.compress.quantize import MixedBudget, quantize_model
     from moeprune.observe import observe
-    from moeprune.observe.calibration import load_calibration, parse_calibration_spec
     from moeprune.score import score_layer
 
     tasks = args.tasks.split(",")
-    calib = load_calibration(parse_calibration_spec(args.calib, max_length=256), tok, batch_size=8)
+    calib = _calibration(tok, args)
     obs = observe(model, calib, progress=False)
     rows = [{"setting": "base (fp32)", "bytes": _weight_bytes(model), **_evaluate(model, tok, tasks, args.limit)[0]}]
-    pruned, _ = _compress(model, obs, _recipe(args.model, "reap", 0.5, args.calib), calib)
+    pruned, _ = _compress(model, obs, _recipe(args.model, "reap", 0.5, _calib_config(args)), calib)
     rows.append({"setting": "REAP 50%", "bytes": _weight_bytes(pruned), **_evaluate(pruned, tok, tasks, args.limit)[0]})
     from moeprune.models import MoEAdapter
 
@@ -335,6 +345,9 @@ def main(argv=None) -> int:
     ap.add_argument("--ratios", default="0.25,0.5")
     ap.add_argument("--tasks", default="demo_arith,demo_json,demo_program,demo_prose")
     ap.add_argument("--calib", default="demo")
+    ap.add_argument("--calib-length", type=int, default=256, help="calibration tokens per sequence (default 256)")
+    ap.add_argument("--unpacked", action="store_true",
+                    help="one text per calibration row, cut to --calib-length (default: texts packed together)")
     ap.add_argument("--domain-methods", default="reap,reap_prob,ean,frequency,random",
                     help="methods of the per-domain table")
     ap.add_argument("--recovery-study", action="store_true",
@@ -359,7 +372,7 @@ def main(argv=None) -> int:
 
     torch.manual_seed(0)
     model, tok = load_model(args.model, device="cpu"), load_tokenizer(args.model)
-    result = {"model": args.model, "limit": args.limit, "calib": args.calib, "ratios": args.ratios,
+    result = {"model": args.model, "limit": args.limit, "calib": _calib_config(args), "ratios": args.ratios,
               "command": " ".join(sys.argv)}
     if args.only in (None, "methods"):
         print(f"{'method':<20}{'ratio':<6}" + "".join(f"{t:>16}" for t in args.tasks.split(",")))
