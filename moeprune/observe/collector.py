@@ -102,9 +102,9 @@ class _LayerObserver:
 
 
 _FUSED_IMPLEMENTATIONS = ("grouped_mm", "batched_mm")
-# On these devices the per-expert loop is used even under a fused kernel: on CPU it is as fast as
-# grouped_mm (measured in scripts/bench_observe.py), and the fused path's extra gathers cost more.
-LOOP_DEVICES = ("cpu",)
+# A fused kernel is always observed through that kernel: a matrix product's rows are not guaranteed to
+# come out bit-identical when the rows around them change (on some CPUs they do not), so only running the
+# model's own kernel on the same rows in the same order reproduces its output exactly.
 
 
 def _fused_implementation(experts) -> bool:
@@ -134,11 +134,14 @@ def _observed_experts_forward(observer: _LayerObserver, collector: "Collector", 
         return final
 
     def forward_loop(self, hidden_states, top_k_index, top_k_weights):
+        # Pairs grouped by expert and, within an expert, ordered by (top-k slot, token): the rows of each
+        # expert's matrix product in the order transformers' eager per-expert loop gives them, so that
+        # each pair's output is the one the plain forward computes.
         t, k = top_k_index.shape
-        flat_e = top_k_index.reshape(-1)
-        flat_w = top_k_weights.reshape(-1)
+        flat_e = top_k_index.t().reshape(-1)  # slot-major: pair p is token p % t, slot p // t
+        flat_w = top_k_weights.t().reshape(-1)
         order = torch.argsort(flat_e, stable=True)
-        token = order // k  # (S,) token of each (token, expert) pair, grouped by expert
+        token = order % t  # (S,) token of each (token, expert) pair, grouped by expert
         counts = torch.bincount(flat_e, minlength=layer.num_experts).tolist()
         out_pairs = hidden_states.new_empty(order.shape[0], hidden_states.shape[-1])
         start = 0
@@ -154,8 +157,7 @@ def _observed_experts_forward(observer: _LayerObserver, collector: "Collector", 
         return final
 
     def forward(self, hidden_states, top_k_index, top_k_weights):
-        run = forward_fused if fused and hidden_states.device.type not in LOOP_DEVICES else forward_loop
-        return run(self, hidden_states, top_k_index, top_k_weights)
+        return (forward_fused if fused else forward_loop)(self, hidden_states, top_k_index, top_k_weights)
 
     return forward
 
