@@ -29,16 +29,25 @@ class _Group(click.Group):
     def invoke(self, ctx):
         from moeprune import distributed
 
+        launched, clean = distributed.launched(), False
         try:
-            if distributed.launched():  # under torchrun: join the group; only rank 0 prints
-                ctx.call_on_close(distributed.finish)
+            if launched:  # under torchrun: join the group; only rank 0 prints
                 if not distributed.context().is_main:
                     sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (for the life of the process)
-            return super().invoke(ctx)
+            try:
+                result = super().invoke(ctx)
+            except distributed.RankDone:  # this rank's part is over; rank 0 goes on
+                clean = True
+                raise
+            clean = True
+            return result
         except distributed.RankDone:
             sys.exit(0)
         except MoePruneError as exc:
             _error(str(exc))
+        finally:
+            if launched:  # leave together after a clean end, at once after an error
+                distributed.finish(wait=clean)
 
     def main(self, *args, **kwargs):
         if not kwargs.get("standalone_mode", True):

@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 
@@ -157,9 +158,24 @@ def broadcast_flag(flag: bool, ctx: Context | None = None) -> bool:
     return bool(t.item())
 
 
-def finish() -> None:
-    """Leave the process group (a no-op in a single process)."""
+# How long ranks wait for each other at a clean end: rank 0 may still be writing a large checkpoint.
+FINISH_TIMEOUT = timedelta(hours=24)
+
+
+def finish(wait: bool = False) -> None:
+    """Leave the process group (a no-op in a single process).
+
+    With `wait` (a command that ended cleanly) the ranks first wait for each other on a gloo group of their
+    own, so that none tears its connections down while another still works: a rank that left while rank 0
+    was writing its outputs was seen to abort in gloo ("terminate called without an active exception"), and
+    torchrun then reports the job failed. After an error there is no wait: the rank leaves at once and
+    torchrun stops the others."""
     import torch.distributed as dist
 
-    if dist.is_available() and dist.is_initialized():
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    try:
+        if wait and dist.get_world_size() > 1:
+            dist.barrier(group=dist.new_group(backend="gloo", timeout=FINISH_TIMEOUT))
+    finally:
         dist.destroy_process_group()

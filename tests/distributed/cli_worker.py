@@ -14,7 +14,7 @@ from moeprune.cli import _register_commands, cli
 
 def main(path: str) -> int:
     _register_commands()
-    finish, distributed.finish = distributed.finish, lambda: None
+    finish, distributed.finish = distributed.finish, lambda **_: None
     for cache, *args in json.loads(open(path).read()):
         os.environ["MOEPRUNE_CACHE"] = cache
         try:
@@ -22,7 +22,7 @@ def main(path: str) -> int:
         except SystemExit as exc:
             if exc.code not in (0, None):
                 return int(exc.code)
-    finish()
+    finish(wait=True)
     return 0
 
 

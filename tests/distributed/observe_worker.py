@@ -36,7 +36,7 @@ def main(model_dir: str, out_dir: str) -> None:
     if ctx.is_main:
         mem.save(Path(out_dir) / "memory")
         lw.save(Path(out_dir) / "layerwise")
-    distributed.finish()
+    distributed.finish(wait=True)
 
 
 if __name__ == "__main__":
