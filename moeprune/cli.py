@@ -34,14 +34,11 @@ class _Group(click.Group):
             if launched:  # under torchrun: join the group; only rank 0 prints
                 if not distributed.context().is_main:
                     sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (for the life of the process)
-            try:
-                result = super().invoke(ctx)
-            except distributed.RankDone:  # this rank's part is over; rank 0 goes on
-                clean = True
-                raise
+            result = super().invoke(ctx)
             clean = True
             return result
-        except distributed.RankDone:
+        except distributed.RankDone:  # this rank's part is over; rank 0 goes on
+            clean = True
             sys.exit(0)
         except MoePruneError as exc:
             _error(str(exc))
