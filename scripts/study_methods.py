@@ -96,34 +96,42 @@ def _compress(model, obs, recipe, calib):
 
 class Recovery:
     """Logit KD (router_kd, moe_kd; moeprune.recover, the recipe's `recover:` defaults unless overridden)
-    after compression; the original model's targets are computed once per calibration set and shared by
-    every method and both KD variants."""
+    after compression, as the pipeline runs it (moeprune.recover.generate.kd_training_batches). The original
+    model's targets (and, with --recover-generate, its own continuations) are computed once per KD method and
+    shared by every compression method."""
 
-    def __init__(self, model, calib, steps: int | None, lr: float | None = None):
-        from moeprune.recover.router_kd import split_batches, teacher_targets
-
-        self.steps, self.lr, self.batches = steps, lr, calib.batches
-        tokens = max(self._config(m).tokens for m in ("router_kd", "moe_kd"))
-        train, held = split_batches(self.batches, tokens=tokens)  # every method's training batches are a prefix
-        top_k = self._config("router_kd").top_k
-        self.targets = (teacher_targets(model, train, top_k=top_k), teacher_targets(model, held, top_k=top_k))
+    def __init__(self, model, tok, calib, args):
+        self.model, self.tok, self.calib, self.args = model, tok, calib, args
+        self.prepared: dict = {}
 
     def _config(self, method: str):
         from moeprune.pipeline.recipe import RecoverConfig
 
-        return RecoverConfig(method=method, steps=self.steps, lr=self.lr)  # None: the method's default
+        a = self.args  # None: the method's default
+        return RecoverConfig(method=method, steps=a.recover_steps, lr=a.recover_lr, generate=a.recover_generate)
+
+    def _prepare(self, method: str, cfg):
+        from moeprune.recover.generate import kd_training_batches
+        from moeprune.recover.router_kd import split_batches, teacher_targets
+
+        if method not in self.prepared:
+            train, held = split_batches(self.calib.batches, tokens=cfg.tokens)
+            train, generated = kd_training_batches(self.model, self.tok, train, cfg, max_length=self.calib.spec.max_length,
+                                                   batch_size=8, seed=0, progress=False)
+            targets = (teacher_targets(self.model, train, top_k=cfg.top_k), teacher_targets(self.model, held, top_k=cfg.top_k))
+            self.prepared[method] = (train, held, targets, generated)
+        return self.prepared[method]
 
     def fit(self, model, method: str) -> dict:
         from moeprune.recover import RouterKD
-        from moeprune.recover.router_kd import split_batches
 
         cfg = self._config(method)
-        train, held = split_batches(self.batches, tokens=cfg.tokens)
+        train, held, (train_t, held_t), generated = self._prepare(method, cfg)
         kd = RouterKD(steps=cfg.steps, lr=cfg.lr, top_k=cfg.top_k, seed=0, train=train, held=held, trains=cfg.trains,
-                      train_targets=self.targets[0][:len(train)], held_targets=self.targets[1])
+                      train_targets=train_t, held_targets=held_t, generated=generated)
         rec = kd.fit(model, progress=False)
         return {k: rec[k] for k in ("method", "steps", "lr", "top_k", "train_tokens", "eval_tokens", "kl_before",
-                                    "kl_after")}
+                                    "kl_after", "generated") if k in rec}
 
 
 def _collect(entries) -> tuple[str, ...]:
@@ -162,7 +170,7 @@ def methods_table(model, tok, args, result) -> list[dict]:
     entries = args.methods.split(",")
     calib = _calibration(tok, args)
     obs = observe(model, calib, collect=_collect(entries), all_means_tokens=128, progress=False)
-    recovery = _lazy(lambda: Recovery(model, calib, args.recover_steps, args.recover_lr))
+    recovery = _lazy(lambda: Recovery(model, tok, calib, args))
     tasks = args.tasks.split(",")
     base, n = _evaluate(model, tok, tasks, args.limit)
     rows = result.setdefault("methods", [])
@@ -194,7 +202,7 @@ def domain_table(model, tok, args, result) -> list[dict]:
         base, n = _evaluate(model, tok, [task], args.limit)
         calib = _calibration(tok, args, f"demo/{domain}")
         obs = observe(model, calib, collect=_collect(entries), all_means_tokens=128, progress=False)
-        recovery = _lazy(lambda: Recovery(model, calib, args.recover_steps, args.recover_lr))
+        recovery = _lazy(lambda: Recovery(model, tok, calib, args))
         row = {"domain": domain, "task": task, "base": base[task], "n": n[task], "scores": {}}
         rows.append(row)
         for ratio in ratios:
@@ -354,6 +362,8 @@ def main(argv=None) -> int:
                     help=f"both tables with the methods {RECOVERY_METHODS} ('+kd': then router KD, '+moe': MoE-block KD)")
     ap.add_argument("--recover-steps", type=int, default=None, help="recovery steps (default: the method's)")
     ap.add_argument("--recover-lr", type=float, default=None, help="recovery learning rate (default: the method's)")
+    ap.add_argument("--recover-generate", type=int, default=None, metavar="N",
+                    help="logit KD also on N of the original model's continuations of each calibration row")
     ap.add_argument("--from-json", default=None, help="only render --markdown from a saved --out file")
     ap.add_argument("--limit", type=int, default=100)
     ap.add_argument("--only", choices=["methods", "domain", "quant"], default=None)

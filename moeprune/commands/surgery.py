@@ -72,6 +72,9 @@ def _method_options(fn):
                      help="Recovery learning rate (Adam) [default: 1e-3 for router_*, 3e-4 for moe_*]."),
         click.option("--recover-tokens", type=click.IntRange(min=1), default=None,
                      help="Calibration tokens recovery trains on [default: 16384 for router_*, 131072 for moe_*]."),
+        click.option("--recover-generate", type=click.IntRange(min=1), default=None, metavar="N",
+                     help="router_kd, moe_kd: also train on N continuations of each training calibration row "
+                          "sampled from the original model, up to --recover-tokens in all."),
     ]):
         fn = option(fn)
     return calibration_options(fn)
@@ -128,7 +131,7 @@ def merge_cmd(model_dir: str, out_dir: str, method: str, linkage: str, router: s
 
 def _compress(model_dir, out_dir, *, method, ratio=None, keep_experts=None, obs_dir=None, overwrite=False,
               max_shard_size="5GB", recover=None, recover_steps=None, recover_lr=None, recover_tokens=None,
-              gate_scale=None, recover_batch_tokens=512, **calib):
+              gate_scale=None, recover_batch_tokens=512, recover_generate=None, **calib):
     """`prune` and `merge` build a recipe and run the same pipeline as `moeprune run` (no evaluation)."""
     from moeprune.commands.pipeline_cmds import echo_result
     from moeprune.pipeline.run import run_recipe
@@ -136,7 +139,7 @@ def _compress(model_dir, out_dir, *, method, ratio=None, keep_experts=None, obs_
     if recover is not None or gate_scale is not None:
         calib["recover"] = {"method": recover or "none", "steps": recover_steps, "lr": recover_lr,
                             "tokens": recover_tokens, "batch_tokens": recover_batch_tokens,
-                            "gate_scale": gate_scale or "keep"}
+                            "gate_scale": gate_scale or "keep", "generate": recover_generate}
     recipe = recipe_from_cli(model_dir, method=method, ratio=ratio, keep=keep_experts, **calib)
     recipe.max_shard_size = max_shard_size
     report = run_recipe(recipe, out_dir=out_dir, overwrite=overwrite, log=click.echo, observations_dir=obs_dir,

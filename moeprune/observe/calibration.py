@@ -32,7 +32,7 @@ from moeprune.inputs import read_text
 from moeprune.registry import Registry
 
 __all__ = ["CalibrationSource", "CalibrationSpec", "CalibrationSet", "parse_calibration_spec", "load_calibration",
-           "DEMO_DOMAINS", "DEMO_CALIB_DIR", "DEFAULT_SOURCE"]
+           "DEMO_DOMAINS", "DEMO_CALIB_DIR", "DEFAULT_SOURCE", "pad_batches", "pad_id"]
 
 DEMO_CALIB_DIR = Path(__file__).resolve().parent.parent / "assets" / "demo-corpus" / "calib"
 DEMO_DOMAINS = ("arith", "code", "prose", "json", "program")
@@ -349,7 +349,7 @@ def _sequences(texts: list[str], tokenizer, spec: CalibrationSpec) -> list[torch
     return [torch.cat([bos_t, chunk]) for chunk in torch.split(stream, body)]
 
 
-def _batches(seqs: list[torch.Tensor], *, pad: int, batch_size: int, width: int | None) -> list[dict]:
+def pad_batches(seqs: list[torch.Tensor], *, pad: int, batch_size: int, width: int | None = None) -> list[dict]:
     """Right-pad each batch to `width` (or its longest row); attention_mask 0 on padding."""
     out = []
     for i in range(0, len(seqs), batch_size):
@@ -362,6 +362,12 @@ def _batches(seqs: list[torch.Tensor], *, pad: int, batch_size: int, width: int 
             mask[r, :len(s)] = 1
         out.append({"input_ids": ids, "attention_mask": mask})
     return out
+
+
+def pad_id(tokenizer) -> int:
+    """The token id padding positions hold (masked out; the tokenizer's pad, else its end of sequence, else 0)."""
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return 0 if pad is None else pad
 
 
 # -- entry point ----------------------------------------------------------------------------------
@@ -415,8 +421,7 @@ def load_calibration(spec: CalibrationSpec | str | None, tokenizer, *, batch_siz
     if not seqs:
         raise MoePruneError(f"calibration set is empty: no text found in {names} "
                             f"(rows drawn: {sum(counts.values())}); pass a source with text in it")
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    batches = _batches(seqs, pad=0 if pad is None else pad, batch_size=batch_size,
+    batches = pad_batches(seqs, pad=pad_id(tokenizer), batch_size=batch_size,
                        width=spec.max_length if spec.pack else None)
     return CalibrationSet(batches=batches, spec=spec, num_sequences=len(seqs),
                           num_tokens=sum(len(s) for s in seqs), source_counts=counts, used_default=spec.is_default)

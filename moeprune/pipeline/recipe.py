@@ -77,6 +77,18 @@ RECOVER_DEFAULTS = {"router": {"steps": 100, "lr": 1e-3, "tokens": 16384},
                     "moe": {"steps": 400, "lr": 3e-4, "tokens": 131072}}
 
 
+class GenerateConfig(BaseModel):
+    """Logit KD also on text the original model writes (moeprune.recover.generate)."""
+    model_config = _FORBID
+    samples: int = Field(4, ge=1, description="continuations of each training calibration row (fewer when "
+                                              "recover.tokens is reached first)")
+    prompt_tokens: int = Field(4, ge=1, description="tokens of each calibration row the continuation starts from")
+    max_new_tokens: int | None = Field(None, ge=1, description="tokens written per continuation; default: the "
+                                                               "calibration max_length less prompt_tokens")
+    temperature: float = Field(1.0, gt=0, description="sampling temperature (1: the model's own distribution)")
+    batch_size: int = Field(32, ge=1, description="continuations sampled at once")
+
+
 class RecoverConfig(BaseModel):
     model_config = _FORBID
     method: Literal["router_kd", "router_kd_block", "moe_kd", "moe_kd_block", "none"] = Field(
@@ -101,12 +113,23 @@ class RecoverConfig(BaseModel):
                             "norm_topk_prob): keep the source's setting, auto = measure both on held-back "
                             "calibration tokens and keep the closer, or force one")
     seed: int | None = Field(None, description="batch-order seed; default: the recipe's seed")
+    generate: GenerateConfig | None = Field(
+        None, description="router_kd / moe_kd: also train on the original model's own continuations of the "
+                          "training calibration rows, up to `tokens` in all (docs/recovery.md)")
+
+    @field_validator("generate", mode="before")
+    @classmethod
+    def _samples_shorthand(cls, v):
+        return {"samples": v} if isinstance(v, int) and not isinstance(v, bool) else v  # generate: 4
 
     @model_validator(mode="after")
     def _does_something(self) -> "RecoverConfig":
         if self.method == "none" and self.gate_scale == "keep":
             raise ValueError("method none with gate_scale keep does nothing; set gate_scale: auto (or renormalize, "
                              "no_renormalize), or a training method")
+        if self.generate is not None and not self.logit_kd:
+            raise ValueError(f"generate applies to router_kd and moe_kd (KD on the model's output), not to "
+                             f"{self.method}; remove recover.generate or use one of those methods")
         defaults = RECOVER_DEFAULTS[self.trains or "router"]
         if self.steps is None:
             self.steps = defaults["steps"]

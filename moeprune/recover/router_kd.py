@@ -115,6 +115,7 @@ class RouterKD:
     train_targets: list = None
     held_targets: list = None
     trains: str = "router"  # "router": router tensors only (router_kd); "moe": every MoE-block weight (moe_kd)
+    generated: dict | None = None  # what the original model wrote for training (recover.generate), if anything
 
     @property
     def method(self) -> str:
@@ -184,4 +185,5 @@ class RouterKD:
                 "eval_on": "held-back calibration tokens" if self.held else "training tokens (no batch to hold back)",
                 "kl_before": before, "kl_after": after, "loss_first": losses[0], "loss_last": losses[-1],
                 "trained": sorted({path for _, path, _ in params.values()}),
-                "trained_params": sum(p.numel() for _, _, p in params.values())}
+                "trained_params": sum(p.numel() for _, _, p in params.values()),
+                **({"generated": self.generated} if self.generated is not None else {})}

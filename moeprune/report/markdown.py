@@ -229,6 +229,10 @@ def recovery_line(rec: dict) -> str:
     if rec["method"] in ("router_kd", "moe_kd"):
         kl = (f"{rec['kl_before']:.4g} -> {rec['kl_after']:.4g}" if rec["kl_before"] is not None else "n/a")
         line = f"{rec['method']}: {rec['steps']} steps; KL to the original {kl} on {rec['eval_tokens']} {rec['eval_on']}"
+        gen = rec.get("generated")
+        if gen:
+            line += (f"; trained on {rec['train_tokens']} tokens, {gen['tokens']} of them the original model's own "
+                     f"continuations ({gen['rows']} rows)" if gen["rows"] else f"; no text generated: {gen['note']}")
     elif rec["method"] in ("router_kd_block", "moe_kd_block"):
         line = (f"{rec['method']}: {rec['steps']} steps per MoE layer; block-output error (relative, mean over layers) "
                 f"{rec['error_before']:.4g} -> {rec['error_after']:.4g} on {rec['eval_tokens']} {rec['eval_on']}")

@@ -1,0 +1,133 @@
+"""Training text for logit KD written by the original model itself (`recover.generate`).
+
+Calibration sets are small: the built-in one has a few hundred texts, and a recovery that trains the MoE
+blocks for hundreds of steps on them fits those texts rather than the model (docs/study.md). The original
+model can write as much more text as wanted, from its own distribution: each training row's first
+`prompt_tokens` tokens are continued by sampling (temperature `temperature`, no top-k/top-p cut) until an
+end-of-sequence token or the row's length, `samples` times per row, and the continuations join the
+calibration rows as KD training data (data-free distillation from the teacher's own samples). Their targets
+are the original model's next-token distributions like every other row; the held-back calibration rows,
+which measure the result, are neither prompts nor training rows.
+
+Sampling is plain ancestral sampling with the key/value cache, written here rather than through
+`generate()` so that nothing from the checkpoint's generation_config (top-k, top-p, repetition penalty)
+changes the distribution, and so that a seeded `torch.Generator` makes it reproducible.
+"""
+
+from __future__ import annotations
+
+import inspect
+import time
+
+import torch
+
+from moeprune.recover.router_kd import _mask as _row_mask
+
+__all__ = ["kd_training_batches", "sample_continuations", "teacher_rows"]
+
+
+def _eos_ids(model, tokenizer) -> set[int]:
+    ids: set[int] = set()
+    for src in (getattr(model, "generation_config", None), model.config, tokenizer):
+        eos = getattr(src, "eos_token_id", None) if src is not None else None
+        if eos is not None:
+            ids.update([eos] if isinstance(eos, int) else eos)
+    return ids
+
+
+@torch.no_grad()
+def sample_continuations(model, prompts: torch.Tensor, *, max_new_tokens: int, temperature: float,
+                         eos_ids: set[int], generator: torch.Generator) -> list[torch.Tensor]:
+    """Rows of `prompts` (N, P) continued by sampling; each row ends at its first end-of-sequence token
+    (kept) or after `max_new_tokens` new tokens. Returns CPU tensors of the whole rows."""
+    from transformers import DynamicCache
+
+    dev = next(model.parameters()).device
+    ids = prompts.to(dev)
+    cache = DynamicCache(config=model.config)  # filled in place by every forward
+    key = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"  # renamed in 5.x
+    logits = model(input_ids=ids, use_cache=True, **{key: cache}).logits[:, -1]
+    eos = torch.tensor(sorted(eos_ids) or [-1], device=dev)
+    new, done = [], torch.zeros(ids.shape[0], dtype=torch.bool, device=dev)
+    for step in range(max_new_tokens):
+        probs = torch.softmax(logits.float() / temperature, dim=-1)
+        nxt = torch.multinomial(probs, 1, generator=generator)  # (N, 1)
+        new.append(nxt)
+        done |= torch.isin(nxt[:, 0], eos)
+        if bool(done.all()) or step == max_new_tokens - 1:
+            break
+        logits = model(input_ids=nxt, use_cache=True, **{key: cache}).logits[:, -1]
+    full = torch.cat([ids, *new], dim=1).cpu() if new else ids.cpu()
+    rows = []
+    for row in full:
+        tail = torch.isin(row[prompts.shape[1]:], eos.cpu()).nonzero()
+        rows.append(row[:prompts.shape[1] + int(tail[0]) + 1] if len(tail) else row)
+    return rows
+
+
+def teacher_rows(model, tokenizer, batches: list[dict], cfg, *, max_length: int, budget: int, seed: int,
+                 progress: bool = True) -> tuple[list[torch.Tensor], dict]:
+    """The original model's continuations of the rows of `batches` (cfg: a GenerateConfig): every row once,
+    then every row again, up to cfg.samples times, stopping once `budget` tokens are written. Rows shorter
+    than cfg.prompt_tokens are no prompt. Returns (rows in a seeded shuffled order, record)."""
+    from tqdm.auto import tqdm
+
+    start = time.perf_counter()
+    p = cfg.prompt_tokens
+    prompts = [b["input_ids"][r, :p] for b in batches for r in range(b["input_ids"].shape[0])
+               if int(_row_mask(b)[r].sum()) >= p and bool(_row_mask(b)[r, :p].all())]
+    new_tokens = cfg.max_new_tokens or max(max_length - p, 1)
+    dev = next(model.parameters()).device
+    gen = torch.Generator(device=dev).manual_seed(seed)
+    rows: list[torch.Tensor] = []
+    written = 0
+    chunks = [(rep, i) for rep in range(cfg.samples) for i in range(0, len(prompts), cfg.batch_size)]
+    eos = _eos_ids(model, tokenizer)
+    was_training = model.training
+    model.eval()
+    try:
+        with tqdm(total=budget, desc="teacher text", unit="tok", disable=not progress) as bar:
+            for _, i in chunks:
+                if written >= budget:
+                    break
+                got = sample_continuations(model, torch.stack(prompts[i:i + cfg.batch_size]),
+                                           max_new_tokens=new_tokens, temperature=cfg.temperature, eos_ids=eos,
+                                           generator=gen)
+                rows.extend(got)
+                n = sum(len(r) for r in got)
+                written += n
+                bar.update(min(n, max(budget - bar.n, 0)))
+    finally:
+        model.train(was_training)
+    order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed)).tolist()
+    rows = [rows[j] for j in order]
+    record = {"samples": cfg.samples, "prompt_tokens": p, "max_new_tokens": new_tokens,
+              "temperature": cfg.temperature, "prompts": len(prompts), "rows": len(rows),
+              "tokens": sum(len(r) for r in rows), "seconds": round(time.perf_counter() - start, 1)}
+    return rows, record
+
+
+def kd_training_batches(model, tokenizer, train: list[dict], recover, *, max_length: int, batch_size: int, seed: int,
+                        progress: bool = True) -> tuple[list[dict], dict | None]:
+    """`train` (calibration batches) followed by batches of the original model's continuations when
+    `recover.generate` is set, `recover.tokens` tokens in all (whole batches). Returns (batches, what was
+    generated, or None)."""
+    from moeprune.observe.calibration import pad_batches, pad_id
+
+    cfg = recover.generate
+    if cfg is None:
+        return train, None
+    budget = recover.tokens - sum(int(_row_mask(b).sum()) for b in train)
+    if budget <= 0:
+        return train, {"rows": 0, "tokens": 0, "note": f"the calibration rows already fill recover.tokens "
+                                                       f"({recover.tokens}); raise it to train on generated text"}
+    rows, record = teacher_rows(model, tokenizer, train, cfg, max_length=max_length, budget=budget, seed=seed,
+                                progress=progress)
+    batches, used = [], 0
+    for b in pad_batches(rows, pad=pad_id(tokenizer), batch_size=batch_size):
+        if used >= budget:
+            break
+        batches.append(b)
+        used += int(_row_mask(b).sum())
+    record.update(rows=sum(b["input_ids"].shape[0] for b in batches), tokens=used)
+    return train + batches, record
