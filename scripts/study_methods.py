@@ -108,7 +108,8 @@ class Recovery:
         from moeprune.pipeline.recipe import RecoverConfig
 
         a = self.args  # None: the method's default
-        return RecoverConfig(method=method, steps=a.recover_steps, lr=a.recover_lr, generate=a.recover_generate)
+        return RecoverConfig(method=method, steps=a.recover_steps, lr=a.recover_lr, tokens=a.recover_tokens,
+                             generate=a.recover_generate)
 
     def _prepare(self, method: str, cfg):
         from moeprune.recover.generate import kd_training_batches
@@ -141,7 +142,8 @@ def _collect(entries) -> tuple[str, ...]:
 
 
 def _recover_dict(method: str, args) -> dict:
-    return {"method": method, "steps": args.recover_steps, "lr": args.recover_lr}  # None: the method's default
+    return {"method": method, "steps": args.recover_steps, "lr": args.recover_lr,  # None: the method's default
+            "tokens": args.recover_tokens}
 
 
 def _run_entry(model, tok, obs, calib, entry, ratio, args, tasks, recovery) -> dict:
@@ -362,6 +364,8 @@ def main(argv=None) -> int:
                     help=f"both tables with the methods {RECOVERY_METHODS} ('+kd': then router KD, '+moe': MoE-block KD)")
     ap.add_argument("--recover-steps", type=int, default=None, help="recovery steps (default: the method's)")
     ap.add_argument("--recover-lr", type=float, default=None, help="recovery learning rate (default: the method's)")
+    ap.add_argument("--recover-tokens", type=int, default=None,
+                    help="tokens logit KD trains on (default: the method's)")
     ap.add_argument("--recover-generate", type=int, default=None, metavar="N",
                     help="logit KD also on N of the original model's continuations of each calibration row")
     ap.add_argument("--from-json", default=None, help="only render --markdown from a saved --out file")

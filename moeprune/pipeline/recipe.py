@@ -115,7 +115,7 @@ class RecoverConfig(BaseModel):
     seed: int | None = Field(None, description="batch-order seed; default: the recipe's seed")
     generate: GenerateConfig | None = Field(
         None, description="router_kd / moe_kd: also train on the original model's own continuations of the "
-                          "training calibration rows, up to `tokens` in all (docs/recovery.md)")
+                          "training calibration rows, up to `tokens` in all (docs/methods.md)")
 
     @field_validator("generate", mode="before")
     @classmethod

@@ -35,18 +35,22 @@ def _eos_ids(model, tokenizer) -> set[int]:
     return ids
 
 
+def _cache(out):
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else out.past_key_values
+
+
 @torch.no_grad()
 def sample_continuations(model, prompts: torch.Tensor, *, max_new_tokens: int, temperature: float,
                          eos_ids: set[int], generator: torch.Generator) -> list[torch.Tensor]:
     """Rows of `prompts` (N, P) continued by sampling; each row ends at its first end-of-sequence token
     (kept) or after `max_new_tokens` new tokens. Returns CPU tensors of the whole rows."""
-    from transformers import DynamicCache
-
     dev = next(model.parameters()).device
     ids = prompts.to(dev)
-    cache = DynamicCache(config=model.config)  # filled in place by every forward
+    # the model builds the cache its layers need (attention, sliding window, linear attention, Mamba state)
     key = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"  # renamed in 5.x
-    logits = model(input_ids=ids, use_cache=True, **{key: cache}).logits[:, -1]
+    out = model(input_ids=ids, use_cache=True)
+    cache, logits = _cache(out), out.logits[:, -1]
     eos = torch.tensor(sorted(eos_ids) or [-1], device=dev)
     new, done = [], torch.zeros(ids.shape[0], dtype=torch.bool, device=dev)
     for step in range(max_new_tokens):
@@ -56,7 +60,8 @@ def sample_continuations(model, prompts: torch.Tensor, *, max_new_tokens: int, t
         done |= torch.isin(nxt[:, 0], eos)
         if bool(done.all()) or step == max_new_tokens - 1:
             break
-        logits = model(input_ids=nxt, use_cache=True, **{key: cache}).logits[:, -1]
+        out = model(input_ids=nxt, use_cache=True, **{key: cache})
+        cache, logits = _cache(out), out.logits[:, -1]
     full = torch.cat([ids, *new], dim=1).cpu() if new else ids.cpu()
     rows = []
     for row in full:
@@ -99,6 +104,9 @@ def teacher_rows(model, tokenizer, batches: list[dict], cfg, *, max_length: int,
                 bar.update(min(n, max(budget - bar.n, 0)))
     finally:
         model.train(was_training)
+    if not prompts:
+        return [], {"rows": 0, "tokens": 0, "prompts": 0,
+                    "note": f"no training calibration row has {p} tokens to start from; lower prompt_tokens"}
     order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed)).tolist()
     rows = [rows[j] for j in order]
     record = {"samples": cfg.samples, "prompt_tokens": p, "max_new_tokens": new_tokens,

@@ -17,10 +17,11 @@ from moeprune.commands import surgery  # noqa: F401  (registers the commands)
 from moeprune.errors import MoePruneError
 from moeprune.pipeline.recipe import GenerateConfig, RecoverConfig, load_recipe
 from moeprune.pipeline.run import run_recipe
+from moeprune.report.markdown import recovery_line
 from moeprune.recover.generate import kd_training_batches, sample_continuations, teacher_rows
 from recover.common import calib_file as _calib
 from recover.common import reap_recipe as _recipe
-from tiny_models import save_tiny
+from tiny_models import TINY, save_tiny, tiny_model
 
 
 def _tiny(tmp_path):
@@ -39,13 +40,16 @@ def _batches(rows: list[list[int]], width: int) -> list[dict]:
     return [{"input_ids": ids, "attention_mask": mask}]
 
 
-def test_a_vanishing_temperature_is_greedy_decoding(tmp_path):
-    _, model, _ = _tiny(tmp_path)
+@pytest.mark.parametrize("model_type", sorted(TINY))
+def test_a_vanishing_temperature_is_greedy_decoding(model_type):
+    """Every family: the sampler's cache handling (attention, sliding window, linear attention, Mamba
+    state) gives what transformers' own greedy generate() gives."""
+    model = tiny_model(model_type).float()
     prompts = torch.tensor([[5, 9, 13], [7, 7, 21], [30, 2, 8]])
-    got = sample_continuations(model, prompts, max_new_tokens=12, temperature=1e-6, eos_ids=set(),
+    got = sample_continuations(model, prompts, max_new_tokens=10, temperature=1e-6, eos_ids=set(),
                                generator=torch.Generator().manual_seed(0))
     want = model.generate(input_ids=prompts, attention_mask=torch.ones_like(prompts), do_sample=False,
-                          max_new_tokens=12, min_new_tokens=12, eos_token_id=None, pad_token_id=0,
+                          max_new_tokens=10, min_new_tokens=10, eos_token_id=None, pad_token_id=0,
                           temperature=None, top_p=None, top_k=None)
     assert [r.tolist() for r in got] == want.tolist()
 
@@ -101,6 +105,11 @@ def test_kd_training_batches_fill_the_token_budget_after_the_calibration_rows(tm
     full = RecoverConfig(method="moe_kd", tokens=40, generate=2)
     same, note = kd_training_batches(model, tok, calib, full, max_length=8, batch_size=4, seed=0, progress=False)
     assert same == calib and note["rows"] == 0 and "recover.tokens" in note["note"]
+    long = RecoverConfig(method="moe_kd", tokens=150, generate={"prompt_tokens": 7})
+    same, note = kd_training_batches(model, tok, calib, long, max_length=8, batch_size=4, seed=0, progress=False)
+    assert same == calib and note["rows"] == 0 and "prompt_tokens" in note["note"]
+    assert note["note"] in recovery_line({"method": "moe_kd", "steps": 1, "kl_before": 1.0, "kl_after": 0.5,
+                                          "eval_tokens": 8, "eval_on": "x", "train_tokens": 48, "generated": note})
     plain, none = kd_training_batches(model, tok, calib, RecoverConfig(method="moe_kd"), max_length=8, batch_size=4,
                                       seed=0)
     assert plain == calib and none is None
