@@ -62,12 +62,12 @@ def _calib_config(args, spec: str | None = None) -> dict:
 
 
 def _calibration(tok, args, spec: str | None = None):
-    """The calibration batches of _calib_config(args, spec)."""
-    from moeprune.observe.calibration import load_calibration, parse_calibration_spec
+    """The calibration batches of _calib_config(args, spec), drawn as `moeprune run` draws them."""
+    from moeprune.observe.calibration import load_calibration
+    from moeprune.pipeline.run import calibration_spec
 
     c = _calib_config(args, spec)
-    return load_calibration(parse_calibration_spec(c["spec"], max_length=c["max_length"], pack=c["pack"]), tok,
-                            batch_size=c["batch_size"])
+    return load_calibration(calibration_spec(_recipe(args.model, "frequency", 0.5, c)), tok, batch_size=c["batch_size"])
 
 
 def _recipe(model: str, method: str, ratio: float, calib: dict, router: str = "dominant", recover: dict | None = None):
