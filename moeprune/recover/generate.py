@@ -22,6 +22,7 @@ import time
 import torch
 
 from moeprune.recover.router_kd import _mask as _row_mask
+from moeprune.recover.router_kd import take_tokens
 
 __all__ = ["kd_training_batches", "sample_continuations", "teacher_rows"]
 
@@ -79,20 +80,23 @@ def teacher_rows(model, tokenizer, batches: list[dict], cfg, *, max_length: int,
 
     start = time.perf_counter()
     p = cfg.prompt_tokens
-    prompts = [b["input_ids"][r, :p] for b in batches for r in range(b["input_ids"].shape[0])
-               if int(_row_mask(b)[r].sum()) >= p and bool(_row_mask(b)[r, :p].all())]
+    prompts = [ids[:p] for b in batches for ids, mask in zip(b["input_ids"], _row_mask(b))
+               if int(mask[:p].sum()) == p]  # the row's first p positions are all text
+    if not prompts:
+        return [], {"rows": 0, "tokens": 0, "prompts": 0,
+                    "note": f"no training calibration row has {p} tokens to start from; lower prompt_tokens"}
     new_tokens = cfg.max_new_tokens or max(max_length - p, 1)
     dev = next(model.parameters()).device
     gen = torch.Generator(device=dev).manual_seed(seed)
     rows: list[torch.Tensor] = []
     written = 0
-    chunks = [(rep, i) for rep in range(cfg.samples) for i in range(0, len(prompts), cfg.batch_size)]
+    starts = [i for _ in range(cfg.samples) for i in range(0, len(prompts), cfg.batch_size)]  # every row, again
     eos = _eos_ids(model, tokenizer)
     was_training = model.training
     model.eval()
     try:
         with tqdm(total=budget, desc="teacher text", unit="tok", disable=not progress) as bar:
-            for _, i in chunks:
+            for i in starts:
                 if written >= budget:
                     break
                 got = sample_continuations(model, torch.stack(prompts[i:i + cfg.batch_size]),
@@ -104,9 +108,6 @@ def teacher_rows(model, tokenizer, batches: list[dict], cfg, *, max_length: int,
                 bar.update(min(n, max(budget - bar.n, 0)))
     finally:
         model.train(was_training)
-    if not prompts:
-        return [], {"rows": 0, "tokens": 0, "prompts": 0,
-                    "note": f"no training calibration row has {p} tokens to start from; lower prompt_tokens"}
     order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed)).tolist()
     rows = [rows[j] for j in order]
     record = {"samples": cfg.samples, "prompt_tokens": p, "max_new_tokens": new_tokens,
@@ -131,11 +132,6 @@ def kd_training_batches(model, tokenizer, train: list[dict], recover, *, max_len
                                                        f"({recover.tokens}); raise it to train on generated text"}
     rows, record = teacher_rows(model, tokenizer, train, cfg, max_length=max_length, budget=budget, seed=seed,
                                 progress=progress)
-    batches, used = [], 0
-    for b in pad_batches(rows, pad=pad_id(tokenizer), batch_size=batch_size):
-        if used >= budget:
-            break
-        batches.append(b)
-        used += int(_row_mask(b).sum())
+    batches, used = take_tokens(pad_batches(rows, pad=pad_id(tokenizer), batch_size=batch_size), budget)
     record.update(rows=sum(b["input_ids"].shape[0] for b in batches), tokens=used)
     return train + batches, record

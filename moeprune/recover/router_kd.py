@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from moeprune.errors import MoePruneError
 from moeprune.models import MoEAdapter
 
-__all__ = ["RouterKD", "kd_loss", "teacher_targets", "router_parameters", "trainable_parameters", "split_batches"]
+__all__ = ["RouterKD", "kd_loss", "teacher_targets", "router_parameters", "trainable_parameters", "split_batches", "take_tokens"]
 
 
 def split_batches(batches: list[dict], *, tokens: int) -> tuple[list[dict], list[dict]]:
@@ -37,13 +37,19 @@ def split_batches(batches: list[dict], *, tokens: int) -> tuple[list[dict], list
     batches (the last eighth of the calibration set, at least one when there are two or more)."""
     n_held = math.ceil(len(batches) / 8) if len(batches) >= 2 else 0
     pool, held = batches[:len(batches) - n_held], batches[len(batches) - n_held:]
-    train, used = [], 0
-    for b in pool:
-        if train and used >= tokens:
+    return take_tokens(pool, tokens)[0], held
+
+
+def take_tokens(batches: list[dict], tokens: int) -> tuple[list[dict], int]:
+    """The leading whole batches of `batches` until they hold at least `tokens` non-padding tokens (at least
+    one batch), and how many tokens they hold."""
+    taken, used = [], 0
+    for b in batches:
+        if taken and used >= tokens:
             break
-        train.append(b)
+        taken.append(b)
         used += int(_mask(b).sum())
-    return train, held
+    return taken, used
 
 
 def _mask(batch: dict) -> torch.Tensor:
