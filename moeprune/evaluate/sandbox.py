@@ -1,22 +1,28 @@
-"""Run model-written Python in a separate, restricted process.
+"""Run model-written Python in separate, confined processes; the verdict comes from outside them.
 
-The evaluating process never executes generated code. Each program runs in a fresh interpreter
-(``python -I -B``, the script ``sandbox_child.py``) with:
+Two entry points:
 
-- a pass only when the child writes back a random nonce after the whole program, tests included,
-  has returned (exit status 0 alone is not enough);
-- user, PID, mount and network namespaces where the machine allows them (``sandbox_os``), so the
-  program cannot signal the evaluator and every process it started dies with the run;
-- a process limit (``RLIMIT_NPROC`` in the user namespace, or a ``pids`` cgroup as root);
-- a wall-clock timeout (SIGKILL to the whole tree), ``RLIMIT_AS``, ``RLIMIT_CPU``,
-  ``RLIMIT_FSIZE``, no core files, and ``setpriv --pdeathsig`` plus a lifeline pipe so it dies
-  with the evaluator;
-- a fresh temporary working directory, always removed, and a scrubbed environment;
-- an audit hook (``sandbox_child.py``) refusing sockets, writes outside the working directory,
-  process creation, signals and ``ctypes``.
+- :func:`run_tests` (used by the ``code_exec`` scorer) runs a code task as two processes, each
+  in its own sandbox: the *program* process runs only ``prompt + completion`` and then answers
+  calls to its functions over a pipe; the *test* process runs the task's tests with the entry
+  point (and any function the program defines that the prompt does not) bound to proxies that
+  forward each call to the program. Values cross only as Python literals. The test process
+  writes a random nonce, which the parent gave it over a pipe, only after ``check`` returned. The
+  program never sees the tests, the reference or the nonce, and cannot reach the test process
+  (separate PID, mount, network and IPC-free namespaces), so nothing it does to itself, its
+  frames or its builtins can turn a wrong answer into a pass.
+- :func:`run_python` runs one plain program; it passes when it exits with status 0.
+
+Every sandboxed process runs with the kernel's limits (see ``sandbox_os`` and
+``sandbox_child``): a read-only root file system that holds only system folders and the
+interpreter (no site-packages for the program, no home, no repository, no task data), a
+size-limited tmpfs as its only writable folder, uid 65534 and no capabilities, no network
+interfaces, its own PID namespace, ``RLIMIT_AS``/``CPU``/``FSIZE``/``NOFILE``/``CORE``, and as
+root a memory and a pids cgroup. Where that confinement cannot be set up, both functions return
+``SandboxResult("refused", reason)`` and run nothing. An audit hook stays in the program as a
+second line; the verdict and the containment do not rely on it.
 
 ``docs/evaluation.md`` lists what this guarantees, what it does not, and what was measured.
-Run untrusted code inside a container or VM.
 """
 
 from __future__ import annotations
@@ -28,60 +34,59 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from moeprune.evaluate.sandbox_os import PidsCgroup, isolation, kill_tree, process_limit, remove_tree
+from moeprune.evaluate import sandbox_os
+from moeprune.evaluate.sandbox_os import Cgroups, isolation, kill_tree, process_limit, remove_tree, setup_config
 
-__all__ = ["SandboxResult", "run_python", "isolation"]
+__all__ = ["SandboxResult", "run_python", "run_tests", "isolation"]
 
-_LOG_TAIL = 2000
-_CHILD = Path(__file__).with_name("sandbox_child.py")
-_NO_MARKER = "exited before its tests finished (no completion marker)"
+_LOG_TAIL = 4000
+_CHILD = sandbox_os.CHILD
+_AUDIT_HOOK = True  # defence in depth; tests switch it off to show the kernel's limits hold alone
+_NO_MARKER = "the tests did not finish (no completion marker)"
 
 
 @dataclass(frozen=True)
 class SandboxResult:
     """Outcome of one sandboxed run.
 
-    ``status`` is ``passed`` (exit code 0 and the completion marker, which the child writes only
-    after the whole program, tests included, has returned), ``failed`` (an exception, a non-zero
-    exit, or exit 0 without the marker; ``detail`` holds the last line of stderr), ``timeout``
-    (killed after the wall limit) or ``killed`` (ended by a signal such as SIGKILL from a
-    resource limit).
+    ``status``: ``passed``; ``failed`` (an exception, a non-zero exit, or for :func:`run_tests`
+    no completion marker; ``detail`` holds the last line of stderr); ``timeout`` (killed after the
+    wall limit); ``killed`` (ended by a signal, e.g. SIGKILL from the memory cgroup); ``refused``
+    (this machine cannot confine the code, nothing ran; ``detail`` says why). ``output`` is the
+    tail of what the program wrote (stdout and stderr together).
     """
 
-    status: Literal["passed", "failed", "timeout", "killed"]
+    status: Literal["passed", "failed", "timeout", "killed", "refused"]
     detail: str
     seconds: float
+    output: str = ""
 
     @property
     def passed(self) -> bool:
         return self.status == "passed"
 
 
-def _scrubbed_env(work: Path) -> dict[str, str]:
-    return {
-        "PATH": "/usr/bin:/bin",
-        "HOME": str(work),
-        "TMPDIR": str(work),
-        "LANG": "C.UTF-8",
-        "PYTHONHASHSEED": "0",
-        "PYTHONDONTWRITEBYTECODE": "1",
-        "OMP_NUM_THREADS": "1",
-        "OPENBLAS_NUM_THREADS": "1",
-        "MKL_NUM_THREADS": "1",
-    }
+def _tail(path: Path) -> str:
+    try:
+        with open(path, "rb") as f:
+            f.seek(max(0, os.path.getsize(path) - _LOG_TAIL))
+            return f.read().decode("utf-8", errors="replace")
+    except OSError:
+        return ""
 
 
-def _last_line(path: Path) -> str:
-    text = path.read_bytes()[-_LOG_TAIL:].decode("utf-8", errors="replace").strip()
-    return text.splitlines()[-1] if text else ""
+def _last_line(text: str) -> str:
+    lines = text.strip().splitlines()
+    return lines[-1] if lines else ""
 
 
-def _read_marker(fd: int) -> bytes:
+def _read_available(fd: int) -> bytes:
     os.set_blocking(fd, False)
     try:
         return os.read(fd, 256)
@@ -89,74 +94,193 @@ def _read_marker(fd: int) -> bytes:
         return b""
 
 
-def _verdict(code: int, marker: bytes, nonce: bytes, log: Path, seconds: float) -> SandboxResult:
-    if code < 0:
-        return SandboxResult("killed", f"signal {signal.Signals(-code).name}", seconds)
-    if code != 0:
-        return SandboxResult("failed", _last_line(log) or f"exit code {code}", seconds)
-    if marker != nonce:
-        return SandboxResult("failed", _NO_MARKER, seconds)
-    return SandboxResult("passed", "", seconds)
+def _writer(fd: int, data: bytes) -> None:
+    """Write ``data`` to a pipe from a thread (the reader may be slow, or dead), then close it."""
+    def write() -> None:
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+    threading.Thread(target=write, daemon=True).start()
+
+
+class _Sandboxed:
+    """One confined process: its cgroups, its folder, its log and its launcher."""
+
+    def __init__(self, role: str, root: Path, iso, limits: dict, *, memory: int, max_processes: int,
+                 disk: int, fds: dict, audit_hook: bool) -> None:
+        self.cgroups = Cgroups(memory, max_processes)
+        self.log = root / f"{role}.log"
+        fs = root / f"fs-{role}"
+        fs.mkdir()
+        status_r, status_w = os.pipe()
+        self.status_r = status_r
+        life_r, self.life_w = os.pipe()  # the process exits when life_w closes: when we die
+        fds = {**fds, "lifeline": life_r}
+        config = setup_config(role, fs, iso.user_namespace, status_w, fds, limits, audit_hook=audit_hook,
+                              disk=disk, cgroups=self.cgroups.procs)
+        passed = [status_w, *(fd for fd in fds.values() if fd is not None)]
+        cmd = [*iso.prefix, sys.executable, "-I", "-B", str(_CHILD), "setup", json.dumps(config)]
+        try:
+            with open(self.log, "wb") as out:
+                self.proc = subprocess.Popen(cmd, cwd="/", env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"},
+                                             stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                                             start_new_session=True, pass_fds=tuple(passed))
+        finally:
+            for fd in passed:
+                os.close(fd)
+
+    def setup_failure(self) -> str:
+        return _read_available(self.status_r).decode(errors="replace")
+
+    def finish(self) -> None:
+        kill_tree(self.proc)
+        self.cgroups.kill_all()
+        os.close(self.status_r)
+        os.close(self.life_w)
+
+
+def _limits(iso, timeout: float, memory_mb: int, max_file_mb: int, max_processes: int) -> dict:
+    return {"memory": memory_mb * 2**20, "cpu": int(timeout) + 1, "fsize": max_file_mb * 2**20,
+            "nofile": 64, "nproc": process_limit(iso, max_processes)}
+
+
+def _ended(code: int) -> str:
+    return f"signal {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
 
 
 def run_python(program: str, *, timeout: float = 10.0, memory_mb: int = 1024, max_file_mb: int = 16,
-               max_processes: int = 32, isolate_network: bool = True) -> SandboxResult:
-    """Run ``program`` (Python source) in a restricted child process and report how it ended.
+               max_processes: int = 32, isolate_network: bool = True, disk_mb: int = 64) -> SandboxResult:
+    """Run ``program`` (Python source, as ``__main__``) in one sandboxed process.
+
+    It passes when it exits with status 0; ``output`` holds the tail of what it printed. For a
+    code task with tests, use :func:`run_tests`, whose verdict the program cannot forge.
 
     Args:
-        program: the full source, e.g. ``prompt + completion + test + "check(entry_point)"``.
-        timeout: wall-clock seconds before the child's whole tree is killed; the CPU limit is
-            ``ceil(timeout) + 1`` seconds.
-        memory_mb: address-space cap (``RLIMIT_AS``) for the child interpreter.
-        max_file_mb: largest file the child may write (``RLIMIT_FSIZE``).
-        max_processes: processes and threads the child's tree may hold at once (``RLIMIT_NPROC``
-            in a user namespace, or a ``pids`` cgroup when running as root).
-        isolate_network: also run in a network namespace without interfaces when available.
+        timeout: wall-clock seconds before the whole tree is killed; ``RLIMIT_CPU`` is
+            ``int(timeout) + 1`` seconds.
+        memory_mb: ``RLIMIT_AS`` of the interpreter and, as root, the memory cgroup's limit
+            (which also counts tmpfs and memfd pages).
+        max_file_mb: largest file the program may write (``RLIMIT_FSIZE``).
+        max_processes: processes and threads at once (pids cgroup as root, ``RLIMIT_NPROC`` in a
+            user namespace).
+        isolate_network: a network namespace without interfaces (refused where unavailable).
+        disk_mb: size of the writable tmpfs (``/tmp``, the working folder) and of ``/dev/shm``.
     """
     iso = isolation(isolate_network)
+    if not iso.usable:
+        return SandboxResult("refused", iso.refusal or "", 0.0)
     root = Path(tempfile.mkdtemp(prefix="moeprune-exec-"))
-    cgroup = PidsCgroup(max_processes)
+    box = None
     try:
-        work = root / "work"
-        work.mkdir()
-        (work / "program.py").write_text(program, encoding="utf-8")
-        config = {"memory": memory_mb * 2**20, "cpu": int(timeout) + 1, "fsize": max_file_mb * 2**20,
-                  "nproc": process_limit(iso, max_processes)}
-        prefix = (*cgroup.prefix, *iso.prefix)
-        return _launch(prefix, config, work, root / "output.log", timeout, iso.pid_namespace)
+        source_r, source_w = os.pipe()
+        start = time.monotonic()
+        try:
+            box = _Sandboxed("plain", root, iso, _limits(iso, timeout, memory_mb, max_file_mb, max_processes),
+                             memory=memory_mb * 2**20, max_processes=max_processes, disk=disk_mb * 2**20,
+                             fds={"source": source_r}, audit_hook=_AUDIT_HOOK)
+        except BaseException:
+            os.close(source_w)
+            raise
+        _writer(source_w, program.encode("utf-8", "surrogatepass"))
+        try:
+            code = box.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return SandboxResult("timeout", f"killed after {timeout:g}s", time.monotonic() - start, _tail(box.log))
+        seconds, output = time.monotonic() - start, _tail(box.log)
+        failure = box.setup_failure()
+        if failure:
+            return SandboxResult("refused", failure, seconds, output)
+        if code < 0 or (code != 0 and box.cgroups.out_of_memory()):
+            return SandboxResult("killed", "out of memory" if box.cgroups.out_of_memory() else _ended(code),
+                                 seconds, output)
+        if code != 0:
+            return SandboxResult("failed", _last_line(output) or _ended(code), seconds, output)
+        return SandboxResult("passed", "", seconds, output)
     finally:
-        cgroup.kill_all()
+        if box is not None:
+            box.finish()
         remove_tree(root)
 
 
-def _launch(prefix: tuple[str, ...], config: dict, work: Path, log: Path, timeout: float,
-            pid_namespace: bool) -> SandboxResult:
-    nonce = secrets.token_hex(32).encode()
+def run_tests(program: str, test: str, entry_point: str, *, prompt: str | None = None, timeout: float = 10.0,
+              memory_mb: int = 1024, max_file_mb: int = 16, max_processes: int = 32,
+              isolate_network: bool = True, disk_mb: int = 64) -> SandboxResult:
+    """Run a code task: ``program`` (prompt + completion) in one sandbox, ``test`` in another.
+
+    The test process runs ``test`` and then ``check(<entry_point>)`` with ``entry_point`` bound to a
+    proxy of the program's function. With ``prompt`` (the task's own text, trusted), the helpers
+    the prompt defines in full (e.g. ``encode_cyclic``) come from the test process's own run of
+    the prompt, so a completion cannot redefine what the tests rely on; functions the prompt only
+    declares, and those only the program defines, are proxies. Arguments and return values must be
+    Python literals (numbers, strings, bytes, None and lists, tuples, dicts, sets of them).
+
+    Passed: the test process exited 0 and wrote back the parent's nonce. Other arguments as
+    :func:`run_python`, applied to each of the two processes.
+    """
+    iso = isolation(isolate_network)
+    if not iso.usable:
+        return SandboxResult("refused", iso.refusal or "", 0.0)
+    nonce = secrets.token_hex(32)
+    root = Path(tempfile.mkdtemp(prefix="moeprune-exec-"))
+    limits = _limits(iso, timeout, memory_mb, max_file_mb, max_processes)
+    common = {"iso": iso, "limits": limits, "memory": memory_mb * 2**20, "max_processes": max_processes,
+              "disk": disk_mb * 2**20}
+    boxes: list[_Sandboxed] = []
+    req_r, req_w = os.pipe()
+    rep_r, rep_w = os.pipe()
+    source_r, source_w = os.pipe()
+    task_r, task_w = os.pipe()
     done_r, done_w = os.pipe()
-    life_r, life_w = os.pipe()  # the child exits when life_w closes: when this process dies
+    mine = {req_r, req_w, rep_r, rep_w, source_r, source_w, task_r, task_w, done_r, done_w}
     try:
-        nonce_r, nonce_w = os.pipe()
+        start = time.monotonic()
+        mine -= {req_r, rep_w, source_r}  # _Sandboxed closes what it passed to the child
+        boxes.append(_Sandboxed("program", root, **common, audit_hook=_AUDIT_HOOK,
+                                fds={"source": source_r, "requests": req_r, "replies": rep_w}))
+        mine -= {req_w, rep_r, task_r, done_w}
+        boxes.append(_Sandboxed("test", root, **common, audit_hook=False,
+                                fds={"task": task_r, "requests": req_w, "replies": rep_r, "done": done_w}))
+        program_box, test_box = boxes
+        mine -= {source_w, task_w}
+        _writer(source_w, program.encode("utf-8", "surrogatepass"))
+        task = {"test": test, "entry_point": entry_point, "prompt": prompt, "nonce": nonce}
+        _writer(task_w, json.dumps(task).encode())
         try:
-            os.write(nonce_w, nonce)
-            config = {**config, "nonce_fd": nonce_r, "done_fd": done_w, "lifeline_fd": life_r}
-            cmd = [*prefix, sys.executable, "-I", "-B", str(_CHILD), json.dumps(config)]
-            start = time.monotonic()
-            with open(log, "wb") as out:
-                proc = subprocess.Popen(cmd, cwd=work, env=_scrubbed_env(work), stdin=subprocess.DEVNULL,
-                                        stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-                                        pass_fds=(nonce_r, done_w, life_r))
-        finally:
-            for fd in (nonce_r, nonce_w, done_w, life_r):  # only the child holds these ends now
-                os.close(fd)
-        try:
-            code = proc.wait(timeout=timeout)
+            code = test_box.proc.wait(timeout=max(0.0, timeout - (time.monotonic() - start)))
         except subprocess.TimeoutExpired:
-            kill_tree(proc)
-            return SandboxResult("timeout", f"killed after {timeout:g}s", time.monotonic() - start)
-        finally:
-            if not pid_namespace:
-                kill_tree(proc)  # what is left in the group; a PID namespace has already ended
-        return _verdict(code, _read_marker(done_r), nonce, log, time.monotonic() - start)
+            return SandboxResult("timeout", f"killed after {timeout:g}s", time.monotonic() - start,
+                                 _tail(program_box.log))
+        seconds = time.monotonic() - start
+        marker = _read_available(done_r)
+        failure = program_box.setup_failure() or test_box.setup_failure()
+        if failure:
+            return SandboxResult("refused", failure, seconds, _tail(program_box.log))
+        if code == 0 and marker == nonce.encode():
+            return SandboxResult("passed", "", seconds, _tail(program_box.log))
+        if code < 0:
+            return SandboxResult("killed", "tests: " + _ended(code), seconds, _tail(program_box.log))
+        line = _last_line(_tail(test_box.log))
+        if "the program ended" in line:
+            try:  # it ended on its own (the tests only saw the pipe close): say how
+                program_code = program_box.proc.wait(timeout=2)
+            except subprocess.TimeoutExpired:
+                program_code = 0
+            output = _tail(program_box.log)
+            if program_box.cgroups.out_of_memory():
+                return SandboxResult("killed", "program: out of memory (memory cgroup)", seconds, output)
+            if program_code < 0:
+                return SandboxResult("killed", "program: " + _ended(program_code), seconds, output)
+            line = f"{line} ({_last_line(output) or _ended(program_code)})"
+        detail = line if code != 0 else _NO_MARKER
+        return SandboxResult("failed", detail or _ended(code), seconds, _tail(program_box.log))
     finally:
-        os.close(done_r)
-        os.close(life_w)
+        for fd in mine:
+            os.close(fd)
+        for box in boxes:
+            box.finish()
+        remove_tree(root)

@@ -23,7 +23,8 @@ from typing import Any, Callable, ClassVar, Literal, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from moeprune.evaluate.sandbox import run_python
+from moeprune.errors import MoePruneError
+from moeprune.evaluate.sandbox import run_tests
 from moeprune.registry import Registry
 
 __all__ = [
@@ -134,15 +135,21 @@ class NumericMatch(_PerSample):
 
 
 def build_program(completion: str, row: dict) -> str:
-    """The program a code task runs: prompt + completion, the tests, then ``check(entry_point)``."""
+    """The code task as one file: prompt + completion, the tests, then ``check(entry_point)``.
+
+    For reading and for running outside the sandbox; :class:`CodeExec` does not run this file but
+    runs ``prompt + completion`` and the tests in two separate sandboxes (:func:`run_tests`).
+    """
     return f"{row['prompt']}{completion}\n\n{row['test']}\n\ncheck({row['entry_point']})\n"
 
 
 @SCORERS.register("code_exec")
 class CodeExec(Scorer):
-    """pass@1 with greedy decoding: 1.0 when the program runs its tests without error.
+    """pass@1 with greedy decoding: 1.0 when the task's tests pass against the completion.
 
-    Each program runs in :func:`moeprune.evaluate.sandbox.run_python`, never in this process.
+    Each completion runs in :func:`moeprune.evaluate.sandbox.run_tests`, never in this process:
+    ``prompt + completion`` in one sandbox, the tests in another that calls the program's functions
+    over a pipe. Raises :class:`MoePruneError` when this machine cannot confine code (nothing runs).
     """
 
     required_fields: ClassVar[tuple[str, ...]] = ("prompt", "test", "entry_point")
@@ -151,11 +158,17 @@ class CodeExec(Scorer):
     memory_mb: int = Field(default=1024, ge=64)
     workers: int = Field(default_factory=lambda: max(1, min(4, os.cpu_count() or 1)), ge=1)
 
+    def _run(self, completion: str, row: dict):
+        return run_tests(f"{row['prompt']}{completion}", row["test"], row["entry_point"], prompt=row["prompt"],
+                         timeout=self.timeout, memory_mb=self.memory_mb)
+
     def score(self, outputs: Sequence[str], rows: Sequence[dict]) -> ScoreResult:
-        programs = [build_program(out, row) for out, row in zip(outputs, rows, strict=True)]
-        run = lambda prog: run_python(prog, timeout=self.timeout, memory_mb=self.memory_mb)  # noqa: E731
+        pairs = list(zip(outputs, rows, strict=True))
         with ThreadPoolExecutor(max_workers=self.workers) as pool:
-            results = list(pool.map(run, programs))
+            results = list(pool.map(lambda pair: self._run(*pair), pairs))
+        refused = next((r for r in results if r.status == "refused"), None)
+        if refused is not None:
+            raise MoePruneError(f"code_exec: generated code was not run: {refused.detail}")
         values = [float(r.passed) for r in results]
         details = [r.status if not r.detail else f"{r.status}: {r.detail}" for r in results]
         return ScoreResult(score=sum(values) / len(values) if values else 0.0, per_sample=values,

@@ -1,4 +1,4 @@
-"""The code-execution sandbox: generated code runs in a restricted child process."""
+"""The code-execution sandbox: generated code runs in confined child processes."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ import time
 
 import pytest
 
-from moeprune.evaluate.sandbox import run_python
+from moeprune.evaluate import sandbox
+from moeprune.evaluate.sandbox import run_python, run_tests
 from moeprune.evaluate.scorers import CodeExec, build_program
 
 ROW = {
@@ -24,7 +25,7 @@ def test_correct_solution_passes_and_wrong_one_fails():
     assert result.details[1].startswith("failed: AssertionError")
 
 
-def test_program_is_prompt_completion_test_and_check():
+def test_build_program_is_prompt_completion_test_and_check():
     program = build_program("    return a + b\n", ROW)
     assert program.startswith(ROW["prompt"] + "    return a + b\n")
     assert program.rstrip().endswith("check(add)")
@@ -56,21 +57,29 @@ def test_memory_bomb_is_stopped():
 
 
 def test_writing_outside_the_temp_dir_fails(tmp_path):
-    target = tmp_path / "escaped.txt"
+    target = tmp_path / "escaped.txt"  # not even visible inside: the program has its own root
     result = run_python(f"open({str(target)!r}, 'w').write('x')\n")
-    assert result.status == "failed" and "PermissionError" in result.detail
+    assert result.status == "failed" and "Error" in result.detail
     assert not target.exists()
+    for path in ("/escaped.txt", "/usr/escaped.txt", "/etc/escaped.txt"):
+        assert run_python(f"open({path!r}, 'w').write('x')\n").status == "failed"
+        assert not os.path.exists(path)
 
 
 @pytest.mark.parametrize("code", [
     "import os\nos.remove('/etc/hostname')\n",
     "import os\nos.rename('/etc/hostname', 'x')\n",
-    "import shutil\nshutil.rmtree('/tmp/definitely-not-here')\n",
-    "import os\nos.open('/tmp/sandbox-escape', os.O_WRONLY | os.O_CREAT)\n",
+    "import shutil\nshutil.rmtree('/usr/definitely-not-here')\n",
+    "import os\nos.open('/etc/sandbox-escape', os.O_WRONLY | os.O_CREAT)\n",
 ])
-def test_destructive_calls_outside_the_temp_dir_are_refused(code):
+def test_destructive_calls_outside_the_temp_dir_are_refused(code, monkeypatch):
     result = run_python(code)
-    assert result.status == "failed" and "PermissionError" in result.detail
+    assert result.status == "failed" and "PermissionError" in result.detail  # the audit hook
+    monkeypatch.setattr(sandbox, "_AUDIT_HOOK", False)
+    result = run_python(code)  # the kernel: a read-only root, uid 65534
+    assert result.status == "failed", result
+    assert os.path.exists("/etc/hostname") or not os.path.exists("/etc")
+    assert not os.path.exists("/etc/sandbox-escape")
 
 
 def test_writing_inside_the_temp_dir_works():
@@ -109,20 +118,15 @@ import subprocess
 import sys
 from pathlib import Path
 
-from moeprune.evaluate import sandbox
-from moeprune.evaluate.sandbox_os import PidsCgroup, isolation
+from moeprune.evaluate.sandbox_os import isolation
 
 REPO = Path(__file__).resolve().parents[2]
-_BOUND = isolation(True).user_namespace or PidsCgroup(4).__dict__.get("path") is not None
+_BOUND = isolation(True).user_namespace or (os.geteuid() == 0 and Path("/sys/fs/cgroup").is_dir())
 
 
-def _no_hook_child(tmp_path: Path) -> Path:
-    script = tmp_path / "no_hook_child.py"
-    script.write_text("import sys\nsys.addaudithook = lambda hook: None\n"
-                      f"source = open({str(sandbox._CHILD)!r}).read()\n"
-                      "source = source.replace('    _disarm_process_creation()\\n', '')\n"
-                      "exec(compile(source, 'child', 'exec'), {'__name__': '__main__'})\n")
-    return script
+def _no_hook(monkeypatch) -> None:
+    """Run the sandbox without its audit hook: what remains is what the kernel enforces."""
+    monkeypatch.setattr(sandbox, "_AUDIT_HOOK", False)
 
 
 def _processes_mentioning(text: str) -> list[int]:
@@ -140,14 +144,19 @@ def _processes_mentioning(text: str) -> list[int]:
 @pytest.mark.parametrize("ending", ["import os\nos._exit(0)\n", "raise SystemExit(0)\n",
                                     "import sys\nsys.exit()\n"])
 def test_exiting_with_status_0_before_the_tests_is_a_failure(ending):
-    result = run_python(build_program("    return a - b\n" + ending, ROW))
-    assert result.status == "failed" and "no completion marker" in result.detail
+    result = run_tests(ROW["prompt"] + "    return a - b\n" + ending, ROW["test"], "add", prompt=ROW["prompt"])
+    assert result.status == "failed" and "before its tests ran" in result.detail
+
+
+def test_exiting_with_status_0_during_a_call_is_a_failure():
+    result = run_tests(ROW["prompt"] + "    import os\n    os._exit(0)\n", ROW["test"], "add")
+    assert result.status == "failed" and "ended during a call" in result.detail
 
 
 def test_writing_guesses_to_every_descriptor_does_not_forge_a_pass():
     code = ("import os\nfor fd in range(3, 64):\n    try:\n        os.write(fd, b'0' * 64)\n"
             "    except OSError:\n        pass\nos._exit(0)\n")
-    assert run_python(code).status == "failed"
+    assert run_tests(ROW["prompt"] + "    return a - b\n" + code, ROW["test"], "add").status == "failed"
 
 
 def test_posixsubprocess_fork_exec_is_refused():
@@ -169,7 +178,7 @@ def test_thread_bomb_is_bounded_by_the_process_limit():
 
 @pytest.mark.skipif(not _BOUND, reason="no user namespace and no pids cgroup here")
 def test_fork_bomb_past_the_audit_hook_is_bounded(tmp_path, monkeypatch):
-    monkeypatch.setattr(sandbox, "_CHILD", _no_hook_child(tmp_path))
+    _no_hook(monkeypatch)
     code = ("import os, time\nn = 0\ntry:\n    for _ in range(200):\n        if os.fork() == 0:\n"
             "            time.sleep(30)\n            os._exit(0)\n        n += 1\nexcept OSError:\n    pass\n"
             "print(n)\nassert n < 16, n\n")
@@ -180,7 +189,7 @@ def test_fork_bomb_past_the_audit_hook_is_bounded(tmp_path, monkeypatch):
 
 @pytest.mark.skipif(not isolation(True).pid_namespace, reason="no PID namespace here")
 def test_new_session_shell_past_the_audit_hook_is_killed_on_return(tmp_path, monkeypatch):
-    monkeypatch.setattr(sandbox, "_CHILD", _no_hook_child(tmp_path))
+    _no_hook(monkeypatch)
     code = ("import subprocess\nsubprocess.Popen(['sh', '-c', 'sleep 1234.5'], start_new_session=True)\n"
             "subprocess.Popen(['setsid', 'sleep', '1234.5'])\nimport time\ntime.sleep(0.5)\n")
     assert run_python(code).passed
@@ -196,7 +205,7 @@ for name in ("moeprune", "moeprune.evaluate"):
     sys.modules[name].__path__ = [os.path.join(os.getcwd(), *name.split("."))]
 from moeprune.evaluate import sandbox
 if sys.argv[2] == "bypass":
-    sandbox._CHILD = Path(sys.argv[3])
+    sandbox._AUDIT_HOOK = False
 if sys.argv[2] == "no-death-signal":  # the launcher without setpriv: only the lifeline is left
     import dataclasses
     iso = sandbox.isolation(True)
@@ -233,8 +242,7 @@ def test_evaluator_survives_kill_attacks_and_leaves_no_temp_folders(tmp_path, mo
     temp = tmp_path / "tmp"
     temp.mkdir()
     env = {**os.environ, "TMPDIR": str(temp), "PYTHONPATH": str(REPO)}
-    done = subprocess.run([sys.executable, "-c", _EVALUATOR, str(tmp_path / "killer.py"), mode,
-                           str(_no_hook_child(tmp_path))], env=env, capture_output=True, text=True,
+    done = subprocess.run([sys.executable, "-c", _EVALUATOR, str(tmp_path / "killer.py"), mode], env=env, capture_output=True, text=True,
                           timeout=60, cwd=REPO)
     assert done.returncode == 0, done.stderr
     assert "result " in done.stdout
@@ -245,23 +253,27 @@ def test_evaluator_survives_kill_attacks_and_leaves_no_temp_folders(tmp_path, mo
 def test_sandbox_dies_with_the_evaluator(tmp_path, mode):
     if mode == "hook" and not isolation(True).parent_death_signal:
         pytest.skip("no setpriv --pdeathsig here")
-    (tmp_path / "sleeper.py").write_text("open('started', 'w').close()\nimport time\ntime.sleep(60)\n")
+    # the program's folder is private to it: it announces itself on its output (a file outside),
+    # and its working folder's name marks it in the host's /proc
+    (tmp_path / "sleeper.py").write_text("import os, time\nos.mkdir('sleeper-5678.5')\nos.chdir('sleeper-5678.5')\n"
+                                         "print('started', flush=True)\ntime.sleep(60)\n")
     temp = tmp_path / "tmp"
     temp.mkdir()
     env = {**os.environ, "TMPDIR": str(temp), "PYTHONPATH": str(REPO)}
     evaluator = subprocess.Popen([sys.executable, "-c", _EVALUATOR, str(tmp_path / "sleeper.py"), mode],
                                  env=env, cwd=REPO)
     deadline = time.monotonic() + 60  # the program itself runs: every launcher is past its set-up
-    while not list(temp.glob("*/work/started")) and time.monotonic() < deadline:
+    started = lambda: any(b"started" in p.read_bytes() for p in temp.glob("*/plain.log"))  # noqa: E731
+    while not started() and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert list(temp.glob("*/work/started")), "the sandbox never started"
-    assert _processes_mentioning(str(temp)) != []
+    assert started(), "the sandbox never started"
+    assert _processes_mentioning(str(temp)) != [] and _processes_mentioning("sleeper-5678.5") != []
     evaluator.send_signal(signal.SIGKILL)
     evaluator.wait()
     deadline = time.monotonic() + 10
-    while _processes_mentioning(str(temp)) and time.monotonic() < deadline:
+    while (_processes_mentioning(str(temp)) or _processes_mentioning("sleeper-5678.5")) and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert _processes_mentioning(str(temp)) == []
+    assert _processes_mentioning(str(temp)) == [] and _processes_mentioning("sleeper-5678.5") == []
 
 
 def test_temp_folder_is_removed_even_when_the_program_locks_it(tmp_path, monkeypatch):
@@ -274,7 +286,7 @@ def test_temp_folder_is_removed_even_when_the_program_locks_it(tmp_path, monkeyp
 
 @pytest.mark.skipif(not isolation(True).network_namespace, reason="no network namespace here")
 def test_network_namespace_holds_past_the_audit_hook(tmp_path, monkeypatch):
-    monkeypatch.setattr(sandbox, "_CHILD", _no_hook_child(tmp_path))
+    _no_hook(monkeypatch)
     import socket
 
     if [n for _, n in socket.if_nameindex()] == ["lo"]:
@@ -284,18 +296,13 @@ def test_network_namespace_holds_past_the_audit_hook(tmp_path, monkeypatch):
 
 
 def test_reading_proc_self_mem_is_refused():
-    result = run_python("open('/proc/self/mem', 'rb')\n")
-    assert result.status == "failed" and "PermissionError" in result.detail
+    result = run_python("open('/proc/self/mem', 'rb')\n")  # the sandbox has no /proc at all
+    assert result.status == "failed" and "FileNotFoundError" in result.detail
 
 
 def test_process_limit_per_isolation():
-    import threading
-
     from moeprune.evaluate.sandbox_os import Isolation, process_limit
 
     assert process_limit(Isolation((), True, True, False, False), 16) == 16  # counted per namespace
-    plain = Isolation((), False, False, False, False)
-    if os.geteuid() == 0:
-        assert process_limit(plain, 16) == 0  # the kernel ignores RLIMIT_NPROC for root: a cgroup instead
-    else:  # the user's current tasks (this process's threads at least) plus the sandbox's allowance
-        assert process_limit(plain, 16) >= 16 + threading.active_count()
+    # as root the sandbox runs as uid 65534, shared by every sandbox: the pids cgroup bounds it instead
+    assert process_limit(Isolation((), True, False, False, False), 16) == 0
