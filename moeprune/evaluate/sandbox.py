@@ -138,6 +138,7 @@ class _Sandboxed:
         return _read_available(self.status_r).decode(errors="replace")
 
     def finish(self) -> None:
+        self.cgroups.kill_all(keep=True)  # everything in the namespace, then the launcher reaps its child
         kill_tree(self.proc)
         self.cgroups.kill_all()
         os.close(self.status_r)

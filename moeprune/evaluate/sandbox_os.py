@@ -218,8 +218,8 @@ class Cgroups:
                     return True
         return False
 
-    def kill_all(self) -> None:
-        """SIGKILL every process left in the cgroups, then remove them."""
+    def kill_all(self, keep: bool = False) -> None:
+        """SIGKILL every process left in the cgroups, then remove them (unless ``keep``)."""
         for path in self.paths:
             procs = path / "cgroup.procs"
             for _ in range(200):
@@ -232,6 +232,8 @@ class Cgroups:
                 for pid in pids:
                     _signal(pid)
                 time.sleep(0.01)
+            if keep:
+                continue
             for _ in range(50):
                 try:
                     path.rmdir()
@@ -240,7 +242,8 @@ class Cgroups:
                     break
                 except OSError:
                     time.sleep(0.01)
-        self.paths = []
+        if not keep:
+            self.paths = []
 
 
 class PidsCgroup(Cgroups):
@@ -267,8 +270,31 @@ def _signal(pid: int) -> None:
         pass
 
 
+def _children(pid: int) -> list[int]:
+    found = []
+    try:
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{task}/children") as f:
+                found += [int(c) for c in f.read().split()]
+    except OSError:
+        pass
+    return found
+
+
 def kill_tree(proc: subprocess.Popen) -> None:
-    """SIGKILL the launcher's process group (and so, with ``--kill-child``, its namespace)."""
+    """End the sandbox started by ``proc`` and wait until the launcher has reaped it.
+
+    The namespace's first process (the launcher's child) is killed first, so the kernel kills the
+    rest of its PID namespace and the launcher reaps it before it exits itself; then the launcher's
+    process group is killed too, in case anything is left.
+    """
+    if proc.returncode is None:
+        for child in _children(proc.pid):
+            _signal(child)
+        try:
+            proc.wait(timeout=2)
+        except subprocess.TimeoutExpired:
+            pass
     try:
         os.killpg(proc.pid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):

@@ -260,6 +260,7 @@ def test_sandbox_dies_with_the_evaluator(tmp_path, mode):
     temp = tmp_path / "tmp"
     temp.mkdir()
     env = {**os.environ, "TMPDIR": str(temp), "PYTHONPATH": str(REPO)}
+    cgroups = set(Path("/sys/fs/cgroup").glob("*/moeprune-exec-*"))
     evaluator = subprocess.Popen([sys.executable, "-c", _EVALUATOR, str(tmp_path / "sleeper.py"), mode],
                                  env=env, cwd=REPO)
     deadline = time.monotonic() + 60  # the program itself runs: every launcher is past its set-up
@@ -274,6 +275,9 @@ def test_sandbox_dies_with_the_evaluator(tmp_path, mode):
     while (_processes_mentioning(str(temp)) or _processes_mentioning("sleeper-5678.5")) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert _processes_mentioning(str(temp)) == [] and _processes_mentioning("sleeper-5678.5") == []
+    for cgroup in Path("/sys/fs/cgroup").glob("*/moeprune-exec-*"):  # a killed evaluator leaves them
+        if cgroup not in cgroups:
+            cgroup.rmdir()
 
 
 def test_temp_folder_is_removed_even_when_the_program_locks_it(tmp_path, monkeypatch):
