@@ -26,6 +26,16 @@ class _Group(click.Group):
     Anything else is a bug: Python prints the traceback and exits with 1.
     """
 
+    _loaded = False
+
+    def get_command(self, ctx, name):
+        _register_commands()
+        return super().get_command(ctx, name)
+
+    def list_commands(self, ctx):
+        _register_commands()
+        return super().list_commands(ctx)
+
     def invoke(self, ctx):
         from moeprune import distributed
 
@@ -85,8 +95,15 @@ def cli() -> None:
 
 
 def _register_commands() -> None:
-    # Each sub-package adds its commands here; imported lazily so `moeprune --help` stays fast.
-    from moeprune import commands  # noqa: F401
+    """Add the commands of `moeprune.commands` to the group (once; on first use, so importing this module stays
+    fast). The commands do not import this module: the arrow runs from the CLI down to them only."""
+    if _Group._loaded:
+        return
+    _Group._loaded = True
+    from moeprune.commands import COMMANDS
+
+    for command in COMMANDS:
+        cli.add_command(command)
 
 
 # oneDNN (torch's CPU matmul library) keeps every compiled matmul kernel in a cache of 1024 entries by default.

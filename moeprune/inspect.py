@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from moeprune.errors import MoePruneError
-from moeprune.io import meta_model, resolve_model_dir
+from moeprune.checkpoint.model_dir import meta_model, resolve_model_dir
 from moeprune.models import MoEAdapter
 
 __all__ = ["ModelSummary", "inspect_model", "summarize_module"]

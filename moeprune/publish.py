@@ -110,7 +110,7 @@ def _quantization_section(f: FolderFacts) -> list[str]:
     q = f.provenance.get("quantization")
     if not q:
         return []
-    from moeprune.compress.quantize import serving_note
+    from moeprune.compress.quant_format import serving_note
 
     group = "one scale per output row (channel)" if q.get("strategy") == "channel" else q.get("group_size")
     rows = [["format", q.get("format")], ["bits", q.get("bits")], ["group size", group],
@@ -170,7 +170,7 @@ _ABS_PATH = re.compile(r"(?<![\w.~])/[^\s:,;'\"()\[\]{}`]+")
 def portable_path(path: str, folder: Path) -> str:
     """A local absolute path as a published card shows it: relative to the output folder when inside it,
     `demo` for the shipped demo model, else the last part of the path (the base model's folder name)."""
-    from moeprune.io import DEMO_MODEL_DIR
+    from moeprune.checkpoint.model_dir import DEMO_MODEL_DIR
 
     p = Path(path)
     for root, name in ((Path(folder).resolve(), "."), (DEMO_MODEL_DIR.resolve(), "demo")):

@@ -34,7 +34,7 @@ def model_folder(spec: str, dtype: str, where: Path) -> Path:
     """A folder holding the model (random models are generated and saved once, for every process)."""
     from bench_observe import RANDOM, random_qwen3_moe
 
-    from moeprune.io import resolve_model_dir
+    from moeprune.checkpoint.model_dir import resolve_model_dir
 
     if spec not in RANDOM:
         return resolve_model_dir(spec)
@@ -51,11 +51,11 @@ def batches(args, vocab: int) -> list[dict]:
 
 def observe_once(folder: Path, args):
     """(Observations, seconds of the observation pass) in this process (one rank under torchrun)."""
-    from moeprune.io import load_config, load_model
+    from moeprune.checkpoint.model_dir import load_config, load_model
 
     data = batches(args, load_config(folder).vocab_size)
     if args.execution == "layerwise":
-        from moeprune.stream import observe_layerwise
+        from moeprune.execution.layers import observe_layerwise
 
         start = time.perf_counter()
         return observe_layerwise(folder, data, dtype=args.dtype, progress=False), time.perf_counter() - start

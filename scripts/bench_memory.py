@@ -49,11 +49,12 @@ def hwm():
     return status("VmHWM")
 try:
     if mode == "stream":
-        from moeprune.stream import prune_checkpoint
+        from moeprune.checkpoint.rewrite import prune_checkpoint
         prune_checkpoint(src, out, plan)
     else:
-        from moeprune.compress import prune_experts, save_compressed
-        from moeprune.io import load_model
+        from moeprune.compress import prune_experts
+        from moeprune.checkpoint.writer import save_compressed
+        from moeprune.checkpoint.model_dir import load_model
         model = load_model(src, dtype="auto", device="cpu")
         prune_experts(model, plan)
         save_compressed(model, out, source_dir=src)
@@ -105,7 +106,7 @@ def _child_env() -> dict:
 
 _OBSERVE = r"""
 import sys, torch
-from moeprune.stream import observe_layerwise
+from moeprune.execution.layers import observe_layerwise
 g = torch.Generator().manual_seed(0)
 vocab = int(sys.argv[2])
 batches = [{"input_ids": torch.randint(0, vocab, (1, 128), generator=g)} for _ in range(8)]
@@ -134,7 +135,7 @@ def _weights_bytes(folder: Path) -> int:
 
 def _with_tokenizer(src: Path, work: Path) -> Path:
     """`src` if it has a tokenizer; else a folder of links to its files plus the demo tokenizer (src untouched)."""
-    from moeprune.io import DEMO_MODEL_DIR, TOKENIZER_FILES
+    from moeprune.checkpoint.model_dir import DEMO_MODEL_DIR, TOKENIZER_FILES
 
     if any((src / name).is_file() for name in TOKENIZER_FILES):
         return src

@@ -48,7 +48,7 @@ def load(spec: str, dtype: str, device: str):
     if spec in RANDOM:
         model = random_qwen3_moe(*RANDOM[spec]).to(getattr(torch, dtype))
     else:
-        from moeprune.io import load_model
+        from moeprune.checkpoint.model_dir import load_model
 
         model = load_model(spec, dtype=dtype, device="cpu")
     return model.to(device).eval()

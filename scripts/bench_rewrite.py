@@ -37,7 +37,7 @@ def copy_folder(src: Path, dst: Path) -> int:
 
 
 def half_plan(model_dir: Path) -> dict[int, list[int]]:
-    from moeprune.io import meta_model
+    from moeprune.checkpoint.model_dir import meta_model
     from moeprune.models import MoEAdapter
 
     adapter = MoEAdapter(meta_model(model_dir))
@@ -52,7 +52,7 @@ def _warm(src: Path) -> None:
 
 
 def run(src: Path, work: Path, repeats: int) -> dict:
-    from moeprune.stream import prune_checkpoint
+    from moeprune.checkpoint.rewrite import prune_checkpoint
 
     plan = half_plan(src)
     _warm(src)

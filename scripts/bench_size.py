@@ -18,16 +18,15 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 __all__ = ["measure", "main"]
 
 
 def measure(src: Path, out: Path, keep_n: int) -> dict:
-    from moeprune.io import meta_model
-    from moeprune.stream import prune_checkpoint
-    from moeprune.stream.names import CheckpointNames
-    from moeprune.stream.safetensors_io import Checkpoint
+    from moeprune.checkpoint.model_dir import meta_model
+    from moeprune.checkpoint.rewrite import prune_checkpoint
+    from moeprune.checkpoint.names import CheckpointNames
+    from moeprune.checkpoint.safetensors_io import Checkpoint
 
     names = CheckpointNames(meta_model(src))
     ckpt = Checkpoint(src)
@@ -52,7 +51,7 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="0.2 GB generated checkpoint.")
     args = ap.parse_args(argv)
     from make_random_checkpoint import source_checkpoint
-    from tiny_models import tiny_model
+    from moeprune.testing import tiny_model
 
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench-size-") as tmp:

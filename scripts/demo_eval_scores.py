@@ -39,7 +39,7 @@ def main(argv=None) -> int:
     ap.add_argument("--model", choices=["demo", "study"], default="demo", help="which shipped model")
     args = ap.parse_args(argv)
     from moeprune.evaluate import evaluate
-    from moeprune.io import SHIPPED_MODELS, load_model, load_tokenizer
+    from moeprune.checkpoint.model_dir import SHIPPED_MODELS, load_model, load_tokenizer
 
     model_dir = SHIPPED_MODELS[args.model]
     model, tok = load_model(args.model, device="cpu"), load_tokenizer(args.model)

@@ -17,7 +17,6 @@ log2(#domains) bits; each token contributes its two selected experts.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import math
 import re
@@ -394,10 +393,9 @@ def main() -> None:
         "trivial_baselines": trivial_baselines(Path(args.assets)),
     }
     if not args.no_generate:
-        spec = importlib.util.spec_from_file_location("train_demo_moe", Path(__file__).with_name("train_demo_moe.py"))
-        tr = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(tr)
-        ev = tr.greedy_eval(model, tok, tr.load_eval_rows(Path(args.assets)), "cpu")
+        from demo_training.heldout import greedy_eval, load_eval_rows
+
+        ev = greedy_eval(model, tok, load_eval_rows(Path(args.assets)), "cpu")
         report["heldout_greedy_exact_match"] = {d: {"acc": v["acc"], "n": v["n"], "samples": v["samples"]}
                                                 for d, v in ev.items()}
     k = model.config.num_experts_per_tok

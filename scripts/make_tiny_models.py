@@ -2,7 +2,7 @@
 
     python scripts/make_tiny_models.py OUT_DIR [MODEL_TYPE ...]     (default: every family)
 
-The configs are tests/tiny_models.py's (2-3 layers, 8 experts, every routing branch exercised) with the
+The configs are moeprune/testing.py's (2-3 layers, 8 experts, every routing branch exercised) with the
 widths vLLM's CPU build needs: attention head_dim 32 (its CPU attention refuses 16), hidden 128 and
 expert widths multiples of 32. Weights are random (seeded), routers non-trivial, so a greedy decode
 exercises every part of the network. Used by the CI engine check (scripts/ci_vllm_stage.sh).
@@ -13,9 +13,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-
-from tiny_models import TINY, tiny_model, tiny_tokenizer  # noqa: E402
+from moeprune.testing import TINY, tiny_model, tiny_tokenizer
 
 # wider than the unit tests' models: vLLM CPU attention needs head_dim >= 32
 VLLM_SHAPE = dict(hidden_size=128, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2, head_dim=32)
@@ -24,7 +22,7 @@ _WIDTH_KEYS = ("moe_intermediate_size", "shared_expert_intermediate_size", "shar
 
 
 def vllm_overrides(model_type: str) -> dict:
-    """Overrides on top of tests/tiny_models.py's config for `model_type`."""
+    """Overrides on top of moeprune/testing.py's config for `model_type`."""
     base = TINY[model_type]
     out = dict(VLLM_SHAPE)
     out.update({k: 64 for k in _WIDTH_KEYS if k in base})

@@ -64,7 +64,7 @@ def _calib_config(args, spec: str | None = None) -> dict:
 def _calibration(tok, args, spec: str | None = None):
     """The calibration batches of _calib_config(args, spec), drawn as `moeprune run` draws them."""
     from moeprune.observe.calibration import load_calibration
-    from moeprune.pipeline.run import calibration_spec
+    from moeprune.pipeline.recipe import calibration_spec
 
     c = _calib_config(args, spec)
     return load_calibration(calibration_spec(_recipe(args.model, "frequency", 0.5, c)), tok, batch_size=c["batch_size"])
@@ -87,7 +87,7 @@ def _evaluate(model, tok, tasks, limit):
 
 def _compress(model, obs, recipe, calib):
     """A compressed copy of `model` and the Decision (its details hold a block-recovery record)."""
-    from moeprune.pipeline.methods import compress_model
+    from moeprune.execution.memory import compress_model
 
     m = copy.deepcopy(model)
     decision = compress_model(m, obs, recipe, calibration=calib)
@@ -382,7 +382,7 @@ def main(argv=None) -> int:
         args.methods = args.domain_methods = RECOVERY_METHODS
     if args.quick:
         args.limit, args.ratios, args.methods = 10, "0.5", "reap,frequency,hc_smoe"
-    from moeprune.io import load_model, load_tokenizer
+    from moeprune.checkpoint.model_dir import load_model, load_tokenizer
 
     torch.manual_seed(0)
     model, tok = load_model(args.model, device="cpu"), load_tokenizer(args.model)

@@ -52,7 +52,7 @@ def test_argmax_along_is_teacher_forced_greedy():
     import torch
     from transformers import AutoModelForCausalLM
 
-    from tiny_models import tiny_config
+    from moeprune.testing import tiny_config
 
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(tiny_config("qwen3_moe")).eval()

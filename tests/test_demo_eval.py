@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from moeprune.io import DEMO_MODEL_DIR
+from moeprune.checkpoint.model_dir import DEMO_MODEL_DIR
 
 SCORES = DEMO_MODEL_DIR / "eval_scores.json"
 
@@ -18,7 +18,7 @@ def recorded():
 
 def test_card_scores_reproduce(recorded):
     from moeprune.evaluate import evaluate
-    from moeprune.io import load_model, load_tokenizer
+    from moeprune.checkpoint.model_dir import load_model, load_tokenizer
 
     check = recorded["ci_check"]
     model, tok = load_model("demo", device="cpu"), load_tokenizer("demo")

@@ -20,7 +20,7 @@ METHOD = "reap_prob"  # REAP weighing routed tokens by the router's probability 
 def demo():
     import torch
 
-    from moeprune.io import load_model, load_tokenizer
+    from moeprune.checkpoint.model_dir import load_model, load_tokenizer
 
     torch.manual_seed(0)
     return load_model("demo", device="cpu"), load_tokenizer("demo")
@@ -36,7 +36,7 @@ def _pruned(model, tok, domain, method, ratio=0.5):
     from moeprune.observe import observe
     from moeprune.observe.calibration import load_calibration, parse_calibration_spec
     from moeprune.pipeline import Recipe
-    from moeprune.pipeline.methods import compress_model
+    from moeprune.execution.memory import compress_model
 
     spec = f"demo/{domain}"
     calib = load_calibration(parse_calibration_spec(spec, max_length=256), tok, batch_size=8)

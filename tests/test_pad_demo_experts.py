@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from tiny_models import save_tiny
+from moeprune.testing import save_tiny
 
 ROOT = Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location("pad_demo_experts", ROOT / "scripts" / "pad_demo_experts.py")

@@ -6,7 +6,7 @@ import shutil
 import pytest
 from click.testing import CliRunner
 
-import moeprune.commands  # noqa: F401  (registers the commands)
+import moeprune.commands  # noqa: F401
 from moeprune.cli import cli
 from moeprune.errors import MoePruneError
 from moeprune.publish import ensure_provenance, publish_folder, write_model_card
@@ -130,7 +130,7 @@ def test_not_a_moeprune_folder(tmp_path):
 
 
 def test_card_paths_are_portable(tmp_path):
-    from moeprune.io import DEMO_MODEL_DIR
+    from moeprune.checkpoint.model_dir import DEMO_MODEL_DIR
     from moeprune.publish import portable
 
     out = tmp_path / "out"

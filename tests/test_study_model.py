@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from moeprune.io import SHIPPED_MODELS, resolve_model_dir
+from moeprune.checkpoint.model_dir import SHIPPED_MODELS, resolve_model_dir
 
 MODEL = SHIPPED_MODELS["study"]
 TESTS = Path(__file__).resolve().parent
@@ -58,7 +58,7 @@ def test_loads_with_stock_transformers_only(tmp_path):
 
 def test_card_scores_reproduce(recorded):
     from moeprune.evaluate import evaluate
-    from moeprune.io import load_model, load_tokenizer
+    from moeprune.checkpoint.model_dir import load_model, load_tokenizer
 
     check = recorded["ci_check"]
     model, tok = load_model("study", device="cpu"), load_tokenizer("study")

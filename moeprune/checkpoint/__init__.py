@@ -1,5 +1,4 @@
-"""Everything moeprune writes to disk goes through here: one atomic output-folder writer, on-disk sizes
-and dtypes of checkpoints, and the shard-by-shard rewrite of compressed checkpoints."""
+"""Everything on disk: every checkpoint byte is read (folders, headers, names, per-layer weights) and written here."""
 
 from moeprune.checkpoint.files import checkpoint_dtype, files_bytes, safetensors_files
 from moeprune.checkpoint.writer import OutputFolder, check_output_dir, portable_path, write_json

@@ -25,7 +25,7 @@ def checkpoint_dtype(folder: str | Path, config=None) -> str:
     """The floating dtype the weights are stored in: the most common one by bytes in the safetensors
     headers, else the config's `dtype` / `torch_dtype`, else float32."""
     from moeprune.checks import check_weight_files
-    from moeprune.stream.safetensors_io import Checkpoint
+    from moeprune.checkpoint.safetensors_io import Checkpoint
 
     if not safetensors_files(folder):
         check_weight_files(Path(folder))  # the one-line error for pickle-only or empty folders
@@ -50,7 +50,7 @@ def weights_summary(folder: str | Path, names=None) -> dict:
     (classified by `names`, a CheckpointNames of the model family, when given)."""
     import math as _math
 
-    from moeprune.stream.safetensors_io import Checkpoint
+    from moeprune.checkpoint.safetensors_io import Checkpoint
 
     ckpt = Checkpoint(folder)
     params = sum(_math.prod(t.shape) for t in ckpt.tensors.values())

@@ -15,8 +15,8 @@ import torch
 from torch import nn
 
 from moeprune.errors import MoePruneError
-from moeprune.stream.names import CheckpointNames
-from moeprune.stream.safetensors_io import TORCH_DTYPES, Checkpoint
+from moeprune.checkpoint.names import CheckpointNames
+from moeprune.checkpoint.safetensors_io import TORCH_DTYPES, Checkpoint
 
 __all__ = ["WeightLoader"]
 

@@ -1,12 +1,11 @@
-"""Loading models and tokenizers, and writing output folders atomically."""
+"""Reading model folders: which folder a model argument names (the shipped `demo` / `study` models), its
+config, the model on the meta device, the loaded model and its tokenizer."""
 
 from __future__ import annotations
 
-import contextlib
 import os
 import sys
 from pathlib import Path
-from typing import Iterator
 
 from moeprune.errors import MoePruneError
 
@@ -17,12 +16,10 @@ __all__ = [
     "load_tokenizer",
     "load_config",
     "meta_model",
-    "atomic_output_dir",
-    "check_output_dir",
     "TOKENIZER_FILES",
 ]
 
-DEMO_MODEL_DIR = Path(__file__).resolve().parent / "assets" / "demo-moe"
+DEMO_MODEL_DIR = Path(__file__).resolve().parent.parent / "assets" / "demo-moe"
 # the models shipped inside the package, by the names the commands accept (MODEL_CARD.md in each)
 SHIPPED_MODELS = {"demo": DEMO_MODEL_DIR, "study": DEMO_MODEL_DIR.parent / "study-moe"}
 
@@ -132,21 +129,3 @@ def load_tokenizer(spec: str | os.PathLike, *, trust_remote_code: bool = False):
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise MoePruneError(f"{path}: cannot load the tokenizer ({type(exc).__name__}: {first}); "
                             "check or replace tokenizer.json / tokenizer_config.json") from None
-
-
-def check_output_dir(out: str | os.PathLike, *, inputs: tuple[str | os.PathLike, ...] = (),
-                     overwrite: bool = False) -> Path:
-    """Refuse an output folder that is, contains or is inside an input, a file, or not empty."""
-    from moeprune.checkpoint.writer import check_output_dir as _check
-
-    return _check(out, inputs=inputs, overwrite=overwrite)
-
-
-@contextlib.contextmanager
-def atomic_output_dir(out: str | os.PathLike, *, inputs: tuple[str | os.PathLike, ...] = (),
-                      overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary folder beside `out`; on success it becomes `out` (see `OutputFolder`)."""
-    from moeprune.checkpoint.writer import OutputFolder
-
-    with OutputFolder(out, inputs=inputs, overwrite=overwrite) as tmp:
-        yield tmp

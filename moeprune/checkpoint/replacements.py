@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["Replacements", "to_disk_names"]
+__all__ = ["Replacements", "to_disk_names", "changed_tensors", "block_tensors_on_disk"]
 
 _ST_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64"}
 
@@ -72,3 +72,41 @@ class Replacements:
 
     def close(self) -> None:
         self._dir.cleanup()
+
+
+def changed_tensors(plan, adapter, layer, decision, names) -> dict[str, torch.Tensor]:
+    """On-disk name -> tensor for what a method rewrote in one loaded layer (merged experts, merged
+    router rows), in the compressed layout (kept experts renumbered 0..n-1)."""
+    changed = decision.changed_experts(layer.index)
+    router = plan.method.changed_router(plan) and bool(changed)
+    if not changed:
+        return {}
+    spec = adapter.spec
+    kept = decision.kept[layer.index]
+    idx = torch.tensor(kept, dtype=torch.long)
+    prefix = f"{spec.layers}.{layer.index}.{spec.block}"
+    mem = {f"{prefix}.{spec.experts}.{t}": getattr(layer.experts, t).detach().index_select(0, idx.to(
+        getattr(layer.experts, t).device)) for t in spec.layout.tensors}
+    if router:
+        for path, dim in spec.router_tensors:
+            t = adapter.tensor(layer, path).detach()
+            mem[f"{prefix}.{path}"] = t.index_select(dim, idx.to(t.device))
+    new_index = {kept.index(j) for j in changed}
+    out = {}
+    for name, t in to_disk_names(plan.shape.model, mem).items():
+        role = names.role(name)
+        if role.kind == "expert" and role.expert not in new_index:
+            continue  # untouched expert: copied byte for byte from the source
+        if role.kind == "router" and not router:
+            continue
+        out[name] = t
+    return out
+
+
+def block_tensors_on_disk(plan, layers: dict[int, dict[str, torch.Tensor]]) -> dict[int, dict[str, torch.Tensor]]:
+    """Layer -> {path within the MoE block: tensor} of the compressed model -> layer -> {on-disk name: tensor},
+    in the checkpoint's names and layout (experts renumbered 0..n-1)."""
+    spec = plan.shape.spec
+    return {i: to_disk_names(plan.shape.model, {f"{spec.layers}.{i}.{spec.block}.{path}": t
+                                                for path, t in tensors.items()})
+            for i, tensors in layers.items()}

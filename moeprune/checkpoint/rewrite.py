@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 import time
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
@@ -21,14 +20,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from moeprune.errors import MoePruneError
-from moeprune.stream.names import CheckpointNames, TensorRole
-from moeprune.stream.safetensors_io import INDEX_FILE, SINGLE_FILE, Checkpoint, OutTensor, TensorInfo, write_shard
+from moeprune.checkpoint.names import CheckpointNames, TensorRole
+from moeprune.checkpoint.safetensors_io import INDEX_FILE, SINGLE_FILE, Checkpoint, OutTensor, TensorInfo, write_shard
 
 __all__ = ["RewriteResult", "plan_rewrite", "prune_checkpoint", "write_rewrite", "parse_size"]
 
 def parse_size(size: int | str) -> int:
     """Bytes from an int or a string such as "5GB", "100KB", "2GiB" (the plan's parser, one unit table)."""
-    from moeprune.pipeline.plan import parse_memory
+    from moeprune.units import parse_memory
 
     return parse_memory(size, field_name="max_shard_size")
 
@@ -155,8 +154,8 @@ def _write_tensors(folder: Path, tensors: list[OutTensor], *, max_bytes: int, me
 
 
 def _write_config(src: Path, folder: Path, names: CheckpointNames, n_after: int, updates: dict | None = None) -> None:
-    from moeprune.compress.prune import set_expert_count
-    from moeprune.io import load_config
+    from moeprune.checkpoint.model_dir import load_config
+    from moeprune.models.keep import set_expert_count
 
     config = load_config(src)
     set_expert_count(config, names.adapter.spec, n_after)
@@ -171,10 +170,7 @@ def write_rewrite(src: Path, folder: Path, names: CheckpointNames, kept: Mapping
     """Write the compressed checkpoint of `src` into the existing (temporary) `folder`: weights shard by
     shard, config with the new expert count (and `config_updates`), tokenizer and generation files,
     `moeprune.json`."""
-    from moeprune import __version__
-    from moeprune.checkpoint.writer import write_json
-    from moeprune.compress.save import PROVENANCE_FILE
-    from moeprune.io import TOKENIZER_FILES
+    from moeprune.checkpoint.writer import write_side_files
 
     start = time.perf_counter()
     ckpt = Checkpoint(src)
@@ -182,10 +178,7 @@ def write_rewrite(src: Path, folder: Path, names: CheckpointNames, kept: Mapping
     shards = _write_tensors(folder, tensors, max_bytes=parse_size(max_shard_size),
                             metadata=ckpt.metadata or {"format": "pt"})
     _write_config(src, folder, names, len(next(iter(kept.values()))), config_updates)
-    for name in (*TOKENIZER_FILES, "generation_config.json"):
-        if (src / name).is_file():
-            shutil.copy2(src / name, folder / name)
-    write_json(folder / PROVENANCE_FILE, {"moeprune_version": __version__, **(provenance or {})})
+    write_side_files(src, folder, provenance)
     return RewriteResult(out_dir=folder, kept=dict(kept), bytes_before=ckpt.total_bytes,
                          bytes_after=sum(t.nbytes for t in tensors), tensors_written=len(tensors), shards=shards,
                          seconds=time.perf_counter() - start)
@@ -199,9 +192,9 @@ def prune_checkpoint(model_dir: str | Path, out_dir: str | Path, keep: Mapping[i
     Memory stays O(largest sliced router tensor), whatever the checkpoint size. Tokenizer files and the
     generation config are copied; `moeprune.json` records the provenance.
     """
+    from moeprune.checkpoint.model_dir import meta_model, resolve_model_dir
     from moeprune.checkpoint.writer import OutputFolder, portable_path
-    from moeprune.compress.prune import validate_keep
-    from moeprune.io import meta_model, resolve_model_dir
+    from moeprune.models.keep import validate_keep
 
     src = resolve_model_dir(model_dir)
     names = CheckpointNames(meta_model(src))

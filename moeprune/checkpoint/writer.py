@@ -10,15 +10,21 @@ errors of the file system become one line naming the path.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING, Iterator
 
 from moeprune.errors import MoePruneError
 
-__all__ = ["OutputFolder", "check_output_dir", "portable_path", "write_json", "os_error"]
+if TYPE_CHECKING:
+    from torch import nn
+
+__all__ = ["OutputFolder", "atomic_output_dir", "check_output_dir", "portable_path", "write_json", "os_error",
+           "save_compressed", "write_checkpoint", "write_side_files", "PROVENANCE_FILE"]
 
 
 def _umask() -> int:
@@ -141,6 +147,13 @@ class OutputFolder:
             shutil.rmtree(old, ignore_errors=True)
 
 
+@contextlib.contextmanager
+def atomic_output_dir(out: str | os.PathLike, *, inputs=(), overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary folder beside `out`; on success it becomes `out` (see `OutputFolder`)."""
+    with OutputFolder(out, inputs=inputs, overwrite=overwrite) as tmp:
+        yield tmp
+
+
 def write_json(path: Path, data) -> None:
     """Strict JSON (no NaN/Infinity tokens), indented, with a final newline."""
     from moeprune import strict_json
@@ -153,7 +166,7 @@ def portable_path(path: str | os.PathLike | None, *, relative_to: str | os.PathL
     relative to `relative_to` when it lies inside it). Never an absolute local path."""
     if path is None:
         return None
-    from moeprune.io import DEMO_MODEL_DIR
+    from moeprune.checkpoint.model_dir import DEMO_MODEL_DIR
 
     p = Path(path)
     if not p.is_absolute():
@@ -166,3 +179,43 @@ def portable_path(path: str | os.PathLike | None, *, relative_to: str | os.PathL
         except ValueError:
             pass
     return p.name
+
+
+PROVENANCE_FILE = "moeprune.json"
+
+
+def save_compressed(model: nn.Module, out_dir: str | Path, *, source_dir: str | Path | None = None,
+                    provenance: dict | None = None, overwrite: bool = False,
+                    max_shard_size: str = "5GB") -> Path:
+    """Save `model` with `save_pretrained` (hub per-expert format) into `out_dir`, atomically.
+
+    Tokenizer files and the generation config are copied from `source_dir` when present there (the
+    source folder is only read). `provenance` is written as `moeprune.json` beside the weights.
+    """
+    with OutputFolder(out_dir, inputs=(source_dir,), overwrite=overwrite) as tmp:
+        write_checkpoint(model, tmp, source_dir=source_dir, provenance=provenance, max_shard_size=max_shard_size)
+    return Path(out_dir).expanduser().resolve()
+
+
+def write_checkpoint(model: nn.Module, folder: Path, *, source_dir: str | Path | None = None,
+                     provenance: dict | None = None, max_shard_size: str = "5GB") -> None:
+    """Write weights, config, tokenizer/generation files and `moeprune.json` into an existing folder."""
+    folder = Path(folder)
+    model.save_pretrained(folder, max_shard_size=max_shard_size)
+    write_side_files(source_dir, folder, provenance, replace=False)
+
+
+def write_side_files(source_dir: str | Path | None, folder: Path, provenance: dict | None, *,
+                     replace: bool = True) -> None:
+    """Beside the weights: the source's tokenizer and generation files (`replace=False` keeps the ones
+    `save_pretrained` already wrote) and `moeprune.json` with the provenance."""
+    from moeprune import __version__
+    from moeprune.checkpoint.model_dir import TOKENIZER_FILES
+
+    folder = Path(folder)
+    if source_dir is not None:
+        src = Path(source_dir)
+        for name in (*TOKENIZER_FILES, "generation_config.json"):
+            if (src / name).is_file() and (replace or not (folder / name).exists()):
+                shutil.copy2(src / name, folder / name)
+    write_json(folder / PROVENANCE_FILE, {"moeprune_version": __version__, **(provenance or {})})

@@ -1,8 +1,10 @@
-"""CLI commands, one module per area; importing a module registers its commands on `moeprune.cli.cli`."""
+"""The CLI: thin click commands that build a recipe and call the pipeline; `moeprune.cli` adds COMMANDS."""
 
-from moeprune.commands import surgery  # noqa: F401
-from moeprune.commands import eval_cmd  # noqa: F401
-from moeprune.commands import pipeline_cmds  # noqa: F401
-from moeprune.commands import quantize_cmd  # noqa: F401
-from moeprune.commands import publish_cmd  # noqa: F401
-from moeprune.commands import stream_cmd  # noqa: F401
+import click
+
+from moeprune.commands import eval_cmd, pipeline_cmds, publish_cmd, quantize_cmd, stream_cmd, surgery
+
+__all__ = ["COMMANDS"]
+
+COMMANDS: list[click.Command] = [obj for module in (surgery, eval_cmd, pipeline_cmds, quantize_cmd, publish_cmd, stream_cmd)
+                                 for obj in vars(module).values() if isinstance(obj, click.Command)]

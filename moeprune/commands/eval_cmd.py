@@ -11,7 +11,6 @@ from typing import Any
 import click
 
 from moeprune import __version__
-from moeprune.cli import cli
 from moeprune.errors import MoePruneError
 from moeprune import strict_json
 from moeprune.commands.pipeline_cmds import execution_options
@@ -65,7 +64,7 @@ def write_report(path: Path, report: dict[str, Any]) -> None:
         raise
 
 
-@cli.command("eval")
+@click.command("eval")
 @click.argument("model_dir")
 @click.option("--tasks", "tasks", required=True,
               help="Comma-separated task names, task .yaml/.jsonl paths, or lm_eval:<task>.")
@@ -84,14 +83,14 @@ def eval_command(model_dir: str, tasks: str, limit: int | None, batch_size: int,
     Example: moeprune eval demo --tasks demo_arith,demo_prose --limit 50 -o report.json
     """
     from moeprune.evaluate import evaluate, resolve_tasks
-    from moeprune.io import load_model, load_tokenizer, resolve_model_dir
+    from moeprune.checkpoint.model_dir import load_model, load_tokenizer, resolve_model_dir
 
     start = time.perf_counter()
     model_path = resolve_model_dir(model_dir)
     resolved = resolve_tasks(_split_tasks(tasks))  # fail on a bad task before loading the model
     if output is not None:
         check_report_path(output)
-    from moeprune.io import meta_model
+    from moeprune.checkpoint.model_dir import meta_model
     from moeprune.pipeline.plan import placement
 
     where = placement(model_path, meta_model(model_path), dtype=dtype, device=device, execution=execution,
@@ -99,7 +98,7 @@ def eval_command(model_dir: str, tasks: str, limit: int | None, batch_size: int,
     tokenizer = load_tokenizer(model_path)  # the quicker failure first
     model = backend = None
     if where.execution == "layerwise":
-        from moeprune.stream.layerwise_eval import LayerwiseBackend
+        from moeprune.execution.layerwise_eval import LayerwiseBackend
 
         click.echo(f"layer-wise evaluation ({where.reason}): perplexity one layer at a time, generation reads "
                    "the weights from the files for every new token", err=True)

@@ -7,7 +7,6 @@ import json
 import click
 
 from moeprune import distributed
-from moeprune.cli import cli
 
 __all__ = ["observe_cmd", "observe_merge_cmd", "run_cmd", "calibration_options", "execution_options",
            "recipe_from_cli", "echo_result", "observe_to"]
@@ -105,7 +104,7 @@ def observe_options(fn):
     return calibration_options(fn)
 
 
-@cli.command("observe")
+@click.command("observe")
 @observe_options
 def observe_cmd(model_dir, out_dir, collect, all_means_tokens, overwrite, **calib):
     """Run calibration data through MODEL_DIR and save router/expert statistics."""
@@ -113,7 +112,7 @@ def observe_cmd(model_dir, out_dir, collect, all_means_tokens, overwrite, **cali
 
 
 def observe_to(model_dir, out_dir, *, collect: str, all_means_tokens, overwrite: bool, **calib) -> None:
-    from moeprune.pipeline.executors import make_executor
+    from moeprune.execution import make_executor
     from moeprune.pipeline.plan import make_plan
 
     stats = tuple(s for s in collect.split(",") if s)
@@ -129,13 +128,13 @@ def observe_to(model_dir, out_dir, *, collect: str, all_means_tokens, overwrite:
     click.echo(f"observed {obs.num_tokens} tokens over {len(obs.layers)} MoE layers ({plan.execution}) -> {out_dir}")
 
 
-@cli.command("observe-merge")
+@click.command("observe-merge")
 @click.argument("folders", nargs=-1, required=True, type=click.Path())
 @click.option("-o", "--output", "out_dir", required=True, type=click.Path(), help="Folder for the combined observations.")
 @click.option("--overwrite", is_flag=True)
 def observe_merge_cmd(folders, out_dir, overwrite):
     """Combine observation FOLDERS of one model (e.g. from several machines) into one, exactly."""
-    from moeprune.io import atomic_output_dir, check_output_dir
+    from moeprune.checkpoint.writer import atomic_output_dir, check_output_dir
     from moeprune.observe import Observations
     from moeprune.observe.combine import combine_observations
 
@@ -146,7 +145,7 @@ def observe_merge_cmd(folders, out_dir, overwrite):
     click.echo(f"combined {len(folders)} observation sets: {obs.num_tokens} tokens -> {out_dir}")
 
 
-@cli.command("run")
+@click.command("run")
 @click.argument("recipe_file", type=click.Path())
 @click.option("-o", "--output", "out_dir", default=None, type=click.Path(), help="Output folder (overrides the recipe).")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import click
 
-from moeprune.cli import cli
 
 __all__ = ["publish_cmd"]
 
 
-@cli.command("publish")
+@click.command("publish")
 @click.argument("out_dir")
 @click.option("--repo-id", default=None, help="Hub repository (owner/name) to push to; omit to only write the card.")
 @click.option("--private", is_flag=True, help="Create the hub repository as private.")

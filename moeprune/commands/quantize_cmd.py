@@ -7,7 +7,6 @@ from pathlib import Path
 
 import click
 
-from moeprune.cli import cli
 from moeprune.errors import MoePruneError
 
 __all__ = ["quantize_cmd", "parse_number", "layer_importance"]
@@ -45,7 +44,7 @@ def _disk_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.glob("*.safetensors"))
 
 
-@cli.command("quantize")
+@click.command("quantize")
 @click.argument("model_dir")
 @click.option("-o", "--output", "out_dir", required=True, type=click.Path(), help="Folder to write (new or empty).")
 @click.option("--bits", default="4", show_default=True, help="Weight width: 4 or 8.")
@@ -75,7 +74,8 @@ def quantize_cmd(model_dir: str, out_dir: str, bits: str, group_size: str, avg_b
     """
     from moeprune.compress.quantize import SUPPORTED_BITS, MixedBudget, quantize_model, save_quantized, serving_note
     from moeprune.compress.quantize_plan import check_quantize, parse_group_size
-    from moeprune.io import check_output_dir, load_model, meta_model, resolve_model_dir
+    from moeprune.checkpoint.writer import check_output_dir
+    from moeprune.checkpoint.model_dir import load_model, meta_model, resolve_model_dir
 
     n_bits = parse_number(bits, option="--bits", integer=True)
     if n_bits not in SUPPORTED_BITS:
@@ -106,7 +106,7 @@ def quantize_cmd(model_dir: str, out_dir: str, bits: str, group_size: str, avg_b
 
 def _placement(src, device: str, execution: str, max_memory):
     """The model loads in its own dtype; a model that does not fit in memory is refused before any weight."""
-    from moeprune.io import meta_model
+    from moeprune.checkpoint.model_dir import meta_model
     from moeprune.pipeline.plan import placement
 
     where = placement(src, meta_model(src), dtype="auto", device=device, execution=execution, max_memory=max_memory)

@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import click
 
-from moeprune.cli import cli
 from moeprune.commands.pipeline_cmds import observe_options
 
 __all__ = ["prune_stream_cmd", "observe_stream_cmd"]
 
 
-@cli.command("prune-stream", hidden=True)
+@click.command("prune-stream", hidden=True)
 @click.argument("model_dir")
 @click.option("-o", "--output", "out_dir", required=True, type=click.Path(), help="Folder to write (must be new or empty).")
 @click.option("--keep", "keep_file", required=True, type=click.Path(),
@@ -26,7 +25,7 @@ def prune_stream_cmd(model_dir: str, out_dir: str, keep_file: str, max_shard_siz
               max_shard_size=max_shard_size, execution="layerwise")
 
 
-@cli.command("observe-stream", hidden=True)
+@click.command("observe-stream", hidden=True)
 @observe_options
 def observe_stream_cmd(model_dir, out_dir, collect, all_means_tokens, overwrite, **calib):
     """Alias of `moeprune observe MODEL_DIR --execution layerwise`."""

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import click
 
-from moeprune.cli import cli
 from moeprune.commands.pipeline_cmds import calibration_options, recipe_from_cli
 from moeprune.errors import MoePruneError
 from moeprune.units import human_bytes
@@ -33,7 +32,7 @@ def format_summary(summary) -> str:
     return "\n".join(lines)
 
 
-@cli.command("inspect")
+@click.command("inspect")
 @click.argument("model_dir")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 def inspect_cmd(model_dir: str, as_json: bool) -> None:
@@ -80,7 +79,7 @@ def _method_options(fn):
     return calibration_options(fn)
 
 
-@cli.command("prune")
+@click.command("prune")
 @click.argument("model_dir")
 @click.option("-o", "--output", "out_dir", required=True, type=click.Path(), help="Folder to write (must be new or empty).")
 @click.option("--keep", "keep_file", type=click.Path(), help="KEEP.json: {\"<layer>\": [kept expert indices]}.")
@@ -110,7 +109,7 @@ def prune_cmd(model_dir: str, out_dir: str, keep_file: str | None, method: str |
     _compress(model_dir, out_dir, method=method, protect=not no_protect, **opts)
 
 
-@cli.command("merge")
+@click.command("merge")
 @click.argument("model_dir")
 @click.option("-o", "--output", "out_dir", required=True, type=click.Path(), help="Folder to write (must be new or empty).")
 @click.option("--method", default="hc_smoe", show_default=True, type=click.Choice(["hc_smoe", "m_smoe", "ream"]))

@@ -1,6 +1,6 @@
-"""Rewriting expert layers: pruning (slicing) and saving the result as a stock checkpoint."""
+"""Tensor surgery on loaded layers: pruning (slicing), merging and quantization arithmetic."""
 
-from moeprune.compress.prune import KeepPlan, load_keep_file, prune_experts, validate_keep
-from moeprune.compress.save import save_compressed
+from moeprune.models.keep import KeepPlan, validate_keep
+from moeprune.compress.prune import load_keep_file, prune_experts
 
-__all__ = ["KeepPlan", "load_keep_file", "prune_experts", "save_compressed", "validate_keep"]
+__all__ = ["KeepPlan", "load_keep_file", "prune_experts", "validate_keep"]

@@ -17,11 +17,9 @@ from torch import nn
 from moeprune.errors import MoePruneError
 from moeprune.inputs import read_text
 from moeprune.models import MoEAdapter
+from moeprune.models.keep import KeepPlan, set_expert_count, validate_keep
 
-__all__ = ["KeepPlan", "validate_keep", "prune_experts", "prune_layer", "set_expert_count", "load_keep_file"]
-
-KeepPlan = dict[int, list[int]]
-
+__all__ = ["prune_experts", "prune_layer", "load_keep_file"]
 
 class _Pairs(list):
     """A JSON object as its list of (key, value) pairs."""
@@ -48,65 +46,6 @@ def load_keep_file(path: str | Path) -> KeepPlan:
         if not isinstance(value, list) or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
             raise MoePruneError(f"{path}: layer {layer} must map to a list of integer expert indices")
         plan[layer] = value
-    return plan
-
-
-def _check_groups(adapter: MoEAdapter, layer: int, kept: list[int], n_before: int, where: str) -> None:
-    gate = adapter.spec.gate
-    from moeprune.models.routing import group_routing_active
-
-    if gate is None or not group_routing_active(gate, adapter.config):
-        return
-    n_group, topk_group = (int(getattr(adapter.config, k)) for k in gate.group_keys)
-    size = n_before // n_group
-    counts = [sum(1 for j in kept if j // size == g) for g in range(n_group)]
-    if len(set(counts)) != 1:
-        raise MoePruneError(
-            f"{where}: layer {layer} keeps {counts} experts per group; {adapter.spec.name} routes within "
-            f"{n_group} groups of {size} experts (n_group={n_group}), so keep the same number in every group")
-    per_group = counts[0]
-    if gate.group == "top2sum" and per_group < 2:
-        raise MoePruneError(
-            f"{where}: layer {layer} keeps {per_group} expert per group; the group score sums each group's "
-            "best two experts, so keep at least 2 per group")
-    if per_group * topk_group < adapter.top_k:
-        raise MoePruneError(
-            f"{where}: layer {layer} keeps {per_group} experts per group and tokens use topk_group={topk_group} "
-            f"groups, fewer than top-k={adapter.top_k}; keep at least {-(-adapter.top_k // topk_group)} per group")
-
-
-def validate_keep(adapter: MoEAdapter, keep: Mapping[int, Sequence[int]], *, where: str = "keep") -> KeepPlan:
-    """Check a keep plan against the model; return it with sorted indices. Errors are one line."""
-    moe = adapter.layer_indices
-    listed = ", ".join(map(str, moe))
-    for layer in keep:
-        if layer not in moe:
-            raise MoePruneError(f"{where}: layer {layer} is not an MoE layer (MoE layers: {listed})")
-    plan: KeepPlan = {}
-    for layer in adapter.layers:
-        if layer.index not in keep:
-            raise MoePruneError(f"{where}: layer {layer.index} is missing; list the kept experts of every MoE "
-                                f"layer ({listed})")
-        kept = list(keep[layer.index])
-        n = layer.num_experts
-        for j in kept:
-            if not 0 <= j < n:
-                raise MoePruneError(f"{where}: layer {layer.index} keeps expert {j}, but the layer has {n} experts "
-                                    f"(valid 0..{n - 1})")
-        dup = sorted({j for j in kept if kept.count(j) > 1})
-        if dup:
-            raise MoePruneError(f"{where}: layer {layer.index} lists expert {dup[0]} more than once")
-        if len(kept) < adapter.top_k:
-            raise MoePruneError(f"{where}: layer {layer.index} keeps {len(kept)} experts but the router picks "
-                                f"top-k={adapter.top_k}; keep at least {adapter.top_k}")
-        _check_groups(adapter, layer.index, kept, n, where)
-        plan[layer.index] = sorted(kept)
-    counts = {i: len(v) for i, v in plan.items()}
-    if len(set(counts.values())) > 1:
-        detail = ", ".join(f"{i}: {c}" for i, c in counts.items())
-        raise MoePruneError(f"{where}: layers keep different numbers of experts ({detail}); the "
-                            f"{adapter.spec.name} config stores one expert count for all layers, so keep the same "
-                            "number in every layer")
     return plan
 
 
@@ -139,13 +78,6 @@ def prune_layer(adapter: MoEAdapter, layer, kept: Sequence[int]) -> int:
             if getattr(module, attr, None) == n_before:
                 setattr(module, attr, n_after)
     return n_after
-
-
-def set_expert_count(config, spec, n_after: int) -> None:
-    """The config's expert-count keys after pruning."""
-    for key in spec.num_experts_keys:
-        if hasattr(config, key):
-            setattr(config, key, n_after)
 
 
 def prune_experts(model: nn.Module, keep: Mapping[int, Sequence[int]], *, where: str = "keep") -> KeepPlan:

@@ -20,77 +20,17 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from moeprune.compress.quant_format import FORMAT_PACKED, MixedBudget, QuantResult, serving_note
 from moeprune.compress.quantize_plan import CHANNEL, SUPPORTED_BITS, check_quantize, quant_targets
 from moeprune.errors import MoePruneError
 
 __all__ = ["MixedBudget", "QuantResult", "quantize_model", "save_quantized", "write_quantized", "SUPPORTED_BITS",
            "fake_quantize", "check_quantize", "CHANNEL", "serving_note"]
-
-FORMAT_PACKED = "compressed-tensors/pack-quantized"
-FORMAT_MIXED = "torchao/float8-per-layer"
-VLLM_CPU_GROUP_SIZES = (64, 128)  # int4 group sizes vLLM 0.32's CPU MoE kernel serves (measured, docs/serving.md)
-
-
-@dataclass(frozen=True)
-class MixedBudget:
-    """A budget for mixed precision: average bits per routed-expert weight, or total bytes of the weights."""
-
-    avg_bits: float | None = None
-    max_bytes: int | None = None
-
-    def __post_init__(self):
-        if (self.avg_bits is None) == (self.max_bytes is None):
-            raise MoePruneError("give exactly one of --mixed-budget AVG_BITS or --max-bytes N")
-
-
-@dataclass
-class QuantResult:
-    """What `quantize_model` did: format, widths, which tensors, and the bytes it expects on disk."""
-
-    format: str
-    bits: int
-    group_size: int | None  # weights per scale; None for "channel" (one scale per row) and for mixed
-    strategy: str = "group"  # "group", "channel" (uniform) or "layer" (mixed)
-    expert_pattern: str = ""
-    kept_pattern: str = ""  # checkpoint keys of routers / shared-expert gates (listed in `ignore` on disk)
-    dense_targets: list[str] = field(default_factory=list)
-    ignore: list[str] = field(default_factory=list)
-    layer_bits: dict[str, int] = field(default_factory=dict)
-    allocation: dict | None = None
-    bytes_before: int = 0
-    bytes_after: int = 0
-
-    def to_dict(self) -> dict:
-        out = asdict(self)
-        out.pop("expert_pattern")
-        out.pop("kept_pattern")
-        out["serves_in"] = serving_note(self)
-        return out
-
-
-def serving_note(result: "QuantResult | dict") -> str:
-    """Which engines load this quantized checkpoint, as measured or documented (see docs/serving.md)."""
-    q = result if isinstance(result, dict) else asdict(result)
-    if q["format"] == FORMAT_MIXED:
-        return "transformers only (vLLM refuses this torchao float8-per-layer checkpoint as tested; docs/serving.md)"
-    if q["bits"] != 4:
-        cpu = "not vLLM CPU (it has no int8 weight-only kernel)"
-    elif q.get("strategy") == "channel" or q.get("group_size") == 32:
-        cpu = "not vLLM CPU (its int4 MoE kernel refuses per-row scales and group size 32)"
-    elif q.get("group_size") in VLLM_CPU_GROUP_SIZES:  # they divide every width, so widths are multiples of 32
-        cpu = ("vLLM CPU (its int4 MoE kernel uses int8 activations, so tokens agree with transformers' per token, "
-               "not exactly)")
-    else:
-        cpu = (f"vLLM CPU not verified for group size {q.get('group_size')} (measured: 64 and 128 serve; 16 on "
-               "experts 112 wide loads and generates garbage: its int4 MoE kernel tiles widths by 32)")
-    return f"transformers; vLLM GPU (documented upstream, not verified here); {cpu}; docs/serving.md"
-
 
 def _qmax(bits: int) -> int:
     return 2 ** (bits - 1) - 1
@@ -269,7 +209,7 @@ def save_quantized(model: nn.Module, result: QuantResult, out_dir: str | Path, *
                    source_dir: str | Path | None = None, provenance: dict | None = None,
                    overwrite: bool = False) -> Path:
     """Write the quantized model (from `quantize_model`) as a checkpoint stock transformers reloads."""
-    from moeprune.io import atomic_output_dir
+    from moeprune.checkpoint.writer import atomic_output_dir
 
     inputs = (source_dir,) if source_dir is not None else ()
     with atomic_output_dir(out_dir, inputs=inputs, overwrite=overwrite) as tmp:
@@ -280,7 +220,7 @@ def save_quantized(model: nn.Module, result: QuantResult, out_dir: str | Path, *
 def write_quantized(model: nn.Module, result: QuantResult, folder: Path, *, source_dir: str | Path | None = None,
                     provenance: dict | None = None) -> None:
     """Write the quantized checkpoint into an existing (temporary) folder."""
-    from moeprune.compress.save import write_checkpoint
+    from moeprune.checkpoint.writer import write_checkpoint
 
     record = {**(provenance or {}), "quantization": result.to_dict()}
     write_checkpoint(model, folder, source_dir=source_dir, provenance=record)

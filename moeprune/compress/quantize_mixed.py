@@ -201,7 +201,7 @@ def quantize_mixed(model, adapter, *, bits: int, budget, importance: dict[int, f
     from transformers import TorchAoConfig
     from transformers.quantizers.quantizer_torchao import TorchAoHfQuantizer
 
-    from moeprune.compress.quantize import FORMAT_MIXED, QuantResult
+    from moeprune.compress.quant_format import FORMAT_MIXED, QuantResult
 
     if bits != 8:
         raise MoePruneError("mixed precision stores fused experts as float8 or dense: use --bits 8 (4-bit experts "

@@ -1,4 +1,4 @@
-"""The evaluation stage: tasks as YAML data, scorers in a registry, a narrow model backend.
+"""Evaluation: tasks as YAML data, scorers in a registry, the code sandbox and the model backends.
 
 Typical use::
 

@@ -1,7 +1,7 @@
 """A layer-by-layer pass over calibration batches for models that do not fit in memory.
 
 The model is built without weights; the inputs of every decoder layer are captured once by the model's
-own forward (see moeprune/stream/layerwise.py), then each decoder layer is loaded from the safetensors
+own forward (see moeprune/execution/layers.py), then each decoder layer is loaded from the safetensors
 files, every batch goes through it, and it is freed. `layerwise_search` runs the per-layer subset search
 of the reconstruction methods on that pass; with `progressive` each layer's outputs are computed with
 its experts already pruned (routing masks), so later layers see the pruned model, as in memory.
@@ -24,10 +24,10 @@ class LayerSource:
     """The weightless model of a checkpoint plus a loader of its tensors, one layer at a time."""
 
     def __init__(self, src: Path, *, dtype: str, device: torch.device):
-        from moeprune.stream.layerwise import _skeleton
-        from moeprune.stream.loader import WeightLoader
-        from moeprune.stream.names import CheckpointNames
-        from moeprune.stream.safetensors_io import Checkpoint
+        from moeprune.execution.layers import _skeleton
+        from moeprune.checkpoint.loader import WeightLoader
+        from moeprune.checkpoint.names import CheckpointNames
+        from moeprune.checkpoint.safetensors_io import Checkpoint
 
         self.src, self.device, self.dtype = src, device, getattr(torch, dtype)
         self.model = _skeleton(src, self.dtype)
@@ -79,7 +79,7 @@ def layerwise_search(src: Path, calibration, choose, *, dtype: str, device: torc
                      progress: bool = True) -> dict[int, list[int]]:
     """`moeprune.score.reconstruct.search_layers` one decoder layer at a time (same inputs, same result)."""
     from moeprune.score.reconstruct import masked_routing
-    from moeprune.stream.layerwise import HiddenStore, _batches, _capture, _move_buffers, _outer_names
+    from moeprune.execution.layers import HiddenStore, _batches, _capture, _move_buffers, _outer_names
 
     source = LayerSource(src, dtype=dtype, device=device)
     model, adapter, spec = source.model, source.adapter, source.adapter.spec
@@ -139,7 +139,7 @@ def block_pass(model, batches, visit, *, device: torch.device, source: LayerSour
     the block's inputs as a list per batch of (non-padding tokens, H) float32 CPU tensors, after the
     layer's outputs were stored for the next layer, so the visitor may change the block in place."""
     from moeprune.models import MoEAdapter
-    from moeprune.stream.layerwise import HiddenStore, _batches, _capture, _move_buffers, _outer_names
+    from moeprune.execution.layers import HiddenStore, _batches, _capture, _move_buffers, _outer_names
 
     adapter = source.adapter if source is not None else MoEAdapter(model)
     layers = model.get_submodule(adapter.spec.layers)

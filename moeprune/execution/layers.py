@@ -25,9 +25,9 @@ from torch import nn
 from moeprune import distributed
 from moeprune.errors import MoePruneError
 from moeprune.observe import Collector, Observations
-from moeprune.stream.loader import WeightLoader
-from moeprune.stream.names import CheckpointNames
-from moeprune.stream.safetensors_io import Checkpoint
+from moeprune.checkpoint.loader import WeightLoader
+from moeprune.checkpoint.names import CheckpointNames
+from moeprune.checkpoint.safetensors_io import Checkpoint
 
 __all__ = ["observe_layerwise", "HiddenStore", "default_device"]
 
@@ -83,7 +83,7 @@ def _skeleton(src: Path, dtype: torch.dtype):
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
 
-    from moeprune.io import load_config
+    from moeprune.checkpoint.model_dir import load_config
     from moeprune.models import get_arch_spec
 
     config = load_config(src)
@@ -176,7 +176,7 @@ def observe_layerwise(model_dir: str | Path, calibration, *, collect: Iterable[s
     """
     from tqdm.auto import tqdm
 
-    from moeprune.io import resolve_model_dir
+    from moeprune.checkpoint.model_dir import resolve_model_dir
 
     start = time.perf_counter()
     src = resolve_model_dir(model_dir)

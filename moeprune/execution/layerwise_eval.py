@@ -34,8 +34,8 @@ class LayerwiseBackend(HFBackend):
 
     def __init__(self, src: str | Path, tokenizer, *, device: str | torch.device, dtype: str | torch.dtype = "auto",
                  max_memory: int | str | None = None, batch_size: int = 16, progress: bool = True) -> None:
-        from moeprune.io import load_config
-        from moeprune.stream.offload import _budget, _resolve_dtype
+        from moeprune.checkpoint.model_dir import load_config
+        from moeprune.execution.offload import _budget, _resolve_dtype
 
         self.src, self._device, self.max_memory = Path(src), torch.device(device), _budget(max_memory)
         self.dtype = _resolve_dtype(self.src, dtype)
@@ -47,7 +47,7 @@ class LayerwiseBackend(HFBackend):
     def model(self):
         """The offloaded model (for generation and lm-eval); built on first use."""
         if self._offloaded is None:
-            from moeprune.stream.offload import offloaded_model
+            from moeprune.execution.offload import offloaded_model
 
             self._offloaded = offloaded_model(self.src, dtype=self.dtype, device=self._device,
                                               max_memory=self.max_memory)
@@ -79,11 +79,11 @@ class LayerwiseBackend(HFBackend):
     def _logits(self, batches: list[dict]):
         """(batch, row, logits of that row (1, T, V)) for every row of every batch, from a layer-by-layer pass
         over all of them; the head runs one row at a time (a batch's logits can be larger than a layer)."""
-        from moeprune.stream.layerwise import HiddenStore, _capture, _move_buffers, _outer_names, _skeleton
-        from moeprune.stream.loader import WeightLoader
-        from moeprune.stream.names import CheckpointNames
-        from moeprune.stream.offload import _aliases, _retie
-        from moeprune.stream.safetensors_io import Checkpoint
+        from moeprune.execution.layers import HiddenStore, _capture, _move_buffers, _outer_names, _skeleton
+        from moeprune.checkpoint.loader import WeightLoader
+        from moeprune.checkpoint.names import CheckpointNames
+        from moeprune.execution.offload import _aliases, _retie
+        from moeprune.checkpoint.safetensors_io import Checkpoint
 
         model = _skeleton(self.src, self.dtype)
         model.tie_weights()

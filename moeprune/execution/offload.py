@@ -23,9 +23,9 @@ import torch
 from torch import nn
 
 from moeprune.errors import MoePruneError
-from moeprune.stream.loader import WeightLoader, trim_heap
-from moeprune.stream.names import CheckpointNames
-from moeprune.stream.safetensors_io import Checkpoint
+from moeprune.checkpoint.loader import WeightLoader, trim_heap
+from moeprune.checkpoint.names import CheckpointNames
+from moeprune.checkpoint.safetensors_io import Checkpoint
 
 __all__ = ["offloaded_model", "LazyWeights"]
 
@@ -104,7 +104,7 @@ def _resolve_dtype(src: Path, dtype: str | torch.dtype) -> torch.dtype:
 
 
 def _budget(max_memory) -> int | None:
-    from moeprune.pipeline.plan import parse_memory
+    from moeprune.units import parse_memory
 
     return parse_memory(max_memory)
 
@@ -122,8 +122,8 @@ def offloaded_model(model_dir: str | Path, *, dtype: str | torch.dtype = "auto",
 
     Returns the model in eval mode; use it like a loaded one (`model(...)`, `generate`, `evaluate`).
     """
-    from moeprune.io import resolve_model_dir
-    from moeprune.stream.layerwise import _move_buffers, _outer_names, _skeleton, default_device
+    from moeprune.checkpoint.model_dir import resolve_model_dir
+    from moeprune.execution.layers import _move_buffers, _outer_names, _skeleton, default_device
 
     src = resolve_model_dir(model_dir)
     device = torch.device(device) if device is not None else default_device()

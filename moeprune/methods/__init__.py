@@ -1,5 +1,4 @@
-"""Compression methods as registered objects: each declares the statistics it needs and how it decides
-and applies, and the pipeline dispatches on the object, never on a method-name string."""
+"""Compression methods as registered objects that declare their statistics, then decide and apply per layer."""
 
 from moeprune.methods.base import METHODS, Decision, Method, get_method, method_names
 from moeprune.methods import keep_file, merging, reconstruct, scoring  # noqa: F401  (registration)

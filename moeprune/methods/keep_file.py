@@ -3,7 +3,8 @@ nothing is observed. Checked against the model's shape before any weight is read
 
 from __future__ import annotations
 
-from moeprune.compress.prune import load_keep_file, validate_keep
+from moeprune.compress.prune import load_keep_file
+from moeprune.models.keep import validate_keep
 from moeprune.methods.base import Decision, Method, register
 from moeprune.score import Selection
 

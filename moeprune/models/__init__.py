@@ -1,4 +1,4 @@
-"""Architecture registry: where experts live in each MoE family, as data."""
+"""Architectures as data: where experts live in each MoE family, routing rules and keep-plan rules."""
 
 from moeprune.models.adapter import MoEAdapter, MoELayer, get_arch_spec, supported_model_types
 from moeprune.models.archs import ARCHS

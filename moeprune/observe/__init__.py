@@ -1,4 +1,4 @@
-"""Collectors: router and expert statistics from one calibration pass."""
+"""Observation: calibration data, collectors and the statistics schema with its reductions."""
 
 from moeprune.observe.collector import Collector
 from moeprune.observe.run import observe

@@ -1,4 +1,4 @@
-"""Recipe-driven pipeline: observe -> score -> prune -> evaluate -> write."""
+"""The pipeline on top: recipe -> plan (before any weight is read) -> an executor -> report."""
 
 from moeprune.pipeline.recipe import Recipe, apply_overrides, load_recipe
 from moeprune.pipeline.run import get_observations, run_recipe

@@ -10,7 +10,6 @@ folder. Everything knowable here fails here, in one line, before a byte of weigh
 from __future__ import annotations
 
 import os
-import re
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -18,35 +17,16 @@ from pathlib import Path
 import torch
 
 from moeprune.errors import MoePruneError
+from moeprune.units import parse_memory
 
-__all__ = ["Plan", "Placement", "placement", "make_plan", "parse_memory", "resolve_device", "free_memory", "MEMORY_MARGIN"]
+__all__ = ["Plan", "Placement", "placement", "make_plan", "resolve_device", "free_memory", "MEMORY_MARGIN"]
 
 # `auto` keeps the model in memory when its weights in the compute dtype, times this factor, plus
 # `MEMORY_HEADROOM` bytes (activations, the interpreter, calibration batches) fit in max_memory.
 MEMORY_MARGIN = 1.2
 MEMORY_HEADROOM = 256 * 2**20
 
-_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20,
-          "GIB": 2**30, "TIB": 2**40}
 _DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "float64": 8}
-
-
-def parse_memory(value, *, field_name: str = "max_memory") -> int | None:
-    """Bytes from an int or a string such as "24GB", "500MiB" (accelerate's convention)."""
-    if value is None:
-        return None
-    if isinstance(value, bool):
-        raise MoePruneError(f"{field_name}: expected a size such as 24GB or 500MiB, got {value!r}")
-    if isinstance(value, (int, float)):
-        n = int(value)
-    else:
-        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", str(value))
-        if m is None or m.group(2).upper() not in _UNITS:
-            raise MoePruneError(f"{field_name}: {value!r} is not a size such as 24GB, 500MiB or 1073741824")
-        n = int(float(m.group(1)) * _UNITS[m.group(2).upper()])
-    if n <= 0:
-        raise MoePruneError(f"{field_name}: must be positive, got {value!r}")
-    return n
 
 
 def resolve_device(spec: str | None) -> torch.device:
@@ -113,7 +93,7 @@ class Plan:
     @cached_property
     def names(self):
         """On-disk tensor names of the model family (CheckpointNames), built once."""
-        from moeprune.stream.names import CheckpointNames
+        from moeprune.checkpoint.names import CheckpointNames
 
         return CheckpointNames(self.shape.model)
 
@@ -232,7 +212,7 @@ def _check_recover(recipe, shape, execution: str) -> None:
         raise MoePruneError(f"recover: {r.method} trains the whole compressed model in memory and this run is "
                             f"layer-wise; use method: {r.method}_block (layer by layer), or set execution: memory "
                             "with a larger max_memory, or drop recover")
-    from moeprune.pipeline.recovery import gate_candidates
+    from moeprune.recover.blockwise import gate_candidates
     from moeprune.recover import trainable_parameters
 
     key, _, _ = gate_candidates(r.gate_scale, shape.spec, shape.config)  # a forced gate scale needs the flag
@@ -245,7 +225,7 @@ def _check_recover(recipe, shape, execution: str) -> None:
 
 
 def _calibration(recipe, config):
-    from moeprune.pipeline.run import calibration_spec
+    from moeprune.pipeline.recipe import calibration_spec
 
     _check_context(recipe, config)
     return calibration_spec(recipe, context=_context(config))
@@ -257,7 +237,7 @@ def make_plan(recipe, *, out_dir=None, overwrite: bool = False, needs_output: bo
 
     `observe_only`: the plan of `moeprune observe` (statistics `collect`, no method, no compression)."""
     from moeprune.checkpoint import OutputFolder
-    from moeprune.io import meta_model, resolve_model_dir
+    from moeprune.checkpoint.model_dir import meta_model, resolve_model_dir
     from moeprune.methods import get_method
     from moeprune.models import MoEAdapter
 

@@ -15,7 +15,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from moeprune.errors import MoePruneError
 from moeprune.inputs import read_text
 
-__all__ = ["Recipe", "RecoverConfig", "CalibrationConfig", "EvalConfig", "load_recipe", "apply_overrides", "format_validation_error"]
+__all__ = ["Recipe", "RecoverConfig", "CalibrationConfig", "EvalConfig", "load_recipe", "apply_overrides", "format_validation_error",
+           "calibration_spec", "DEFAULT_MAX_LENGTH"]
+
+DEFAULT_MAX_LENGTH = 512  # calibration rows, when the recipe sets no max_length and the model allows it
 
 _FORBID = ConfigDict(extra="forbid")
 
@@ -283,3 +286,13 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
         return Recipe.model_validate(data)
     except ValidationError as exc:
         raise MoePruneError(format_validation_error(str(path), exc)) from None
+
+
+def calibration_spec(recipe: Recipe, *, context: int | None = None):
+    """The recipe's calibration spec; an unset max_length is 512 tokens, or the model's `context` if shorter."""
+    from moeprune.observe.calibration import parse_calibration_spec
+
+    c = recipe.calibration
+    max_length = c.max_length or (min(DEFAULT_MAX_LENGTH, context) if context else DEFAULT_MAX_LENGTH)
+    return parse_calibration_spec(c.spec, max_length=max_length, pack=c.pack, seed=recipe.seed,
+                                  chat_template=c.chat_template, text_field=c.text_field)

@@ -21,7 +21,7 @@ import torch
 from moeprune import __version__, distributed
 from moeprune.pipeline.recipe import Recipe
 
-__all__ = ["run_recipe", "get_observations", "cache_dir", "calibration_spec"]
+__all__ = ["run_recipe", "get_observations", "cache_dir"]
 
 # recipe fields that say where and how a run executes, not what it computes (left out of moeprune.json,
 # so that the same recipe gives the same files under either executor)
@@ -53,17 +53,6 @@ def _cache_key(fingerprint: str, calibration: dict, collect: tuple[str, ...], dt
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
 
-DEFAULT_MAX_LENGTH = 512
-
-
-def calibration_spec(recipe: Recipe, *, context: int | None = None):
-    """The recipe's calibration spec; an unset max_length is 512 tokens, or the model's `context` if shorter."""
-    from moeprune.observe.calibration import parse_calibration_spec
-
-    c = recipe.calibration
-    max_length = c.max_length or (min(DEFAULT_MAX_LENGTH, context) if context else DEFAULT_MAX_LENGTH)
-    return parse_calibration_spec(c.spec, max_length=max_length, pack=c.pack, seed=recipe.seed,
-                                  chat_template=c.chat_template, text_field=c.text_field)
 
 
 def get_observations(executor, *, log=print, observations_dir=None):
@@ -146,7 +135,7 @@ def run_recipe(recipe: Recipe, *, out_dir: str | Path | None = None, overwrite: 
                progress: bool = True, log=print, observations_dir=None, save_observations: bool = True,
                plan=None) -> dict:
     """Run the whole pipeline; returns the report dict written to OUT/report.json."""
-    from moeprune.pipeline.executors import make_executor
+    from moeprune.execution import make_executor
     from moeprune.pipeline.plan import make_plan
 
     plan = plan or make_plan(recipe, out_dir=out_dir, overwrite=overwrite)  # every early check, no weights

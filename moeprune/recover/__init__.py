@@ -1,4 +1,4 @@
-"""Recovery after pruning or merging: cheap training that keeps the stock checkpoint format."""
+"""Recovery after pruning or merging: logit KD, block-wise KD and the gate-scale choice."""
 
 from moeprune.recover.router_kd import RouterKD, kd_loss, router_parameters, teacher_targets, trainable_parameters
 

@@ -1,6 +1,6 @@
 """Recovery that works one MoE block at a time: `router_kd_block`, `moe_kd_block` and the gate-scale choice.
 
-Both executors run `block_pass` (pipeline/layerpass.py) with a `BlockRecovery` as the visitor. For each
+Both executors run `block_pass` (execution/layerpass.py, through execution/base.py `run_block_recovery`) with a `BlockRecovery` as the visitor. For each
 MoE layer the visitor receives the block's inputs on the calibration batches (original model), computes
 the original block's outputs once, applies the method's surgery to that layer (merge, then slice to the
 kept experts), then for every gate-scale candidate measures the compressed block's relative output
@@ -16,8 +16,7 @@ import torch
 
 from moeprune.errors import MoePruneError
 
-__all__ = ["BlockRecovery", "gate_flag", "gate_candidates", "needs_block_pass", "recovery_batches", "layer_seed",
-           "run_block_recovery"]
+__all__ = ["BlockRecovery", "gate_flag", "gate_candidates", "needs_block_pass", "recovery_batches", "layer_seed"]
 
 
 def gate_flag(spec, config) -> str | None:
@@ -64,22 +63,6 @@ def recovery_batches(recover, batches: list[dict]) -> tuple[list[dict], int, boo
     return train + held, len(train), bool(held)
 
 
-def run_block_recovery(plan, decision, obs, batches: list[dict], model, adapter, *, device, replaced=None,
-                       names=None, source=None, max_ram_bytes: int | None = None,
-                       progress: bool = True) -> "BlockRecovery":
-    """Surgery and block-level recovery in one `block_pass` over `model` (loaded, or `source`'s weightless
-    one loaded layer by layer); returns the BlockRecovery, which holds the choice and the trained tensors."""
-    from moeprune.compress.prune import validate_keep
-    from moeprune.pipeline.layerpass import block_pass
-
-    validate_keep(adapter, decision.kept, where="decision")
-    batches, n_train, has_held = recovery_batches(plan.recipe.recover, batches)
-    blocks = BlockRecovery(plan, decision, obs, replaced, n_train=n_train, has_held=has_held, names=names)
-    block_pass(model, batches, blocks, device=device, source=source, max_ram_bytes=max_ram_bytes,
-               progress=progress)
-    return blocks
-
-
 def layer_seed(seed: int, layer: int) -> int:
     """The mini-batch order seed of one layer (the same whatever order layers are visited in)."""
     return seed * 10007 + layer
@@ -103,7 +86,7 @@ class BlockRecovery:
 
     def __call__(self, adapter, layer, inputs: list[torch.Tensor]) -> None:
         from moeprune.compress.prune import prune_layer
-        from moeprune.pipeline.executors import changed_tensors
+        from moeprune.checkpoint.replacements import changed_tensors
         from moeprune.recover.block import block_outputs, fit_block, layer_trainable_parameters, relative_error
         from moeprune.recover.block import set_gate_flag
 
@@ -153,14 +136,14 @@ class BlockRecovery:
 
     def trained_replacements(self) -> dict[int, dict[str, torch.Tensor]]:
         """Layer -> {on-disk name: trained tensor} of the chosen candidate (empty without training)."""
-        from moeprune.pipeline.executors import block_tensors_on_disk
+        from moeprune.checkpoint.replacements import block_tensors_on_disk
 
         return block_tensors_on_disk(self.plan, self.tensors[self.chosen])
 
     def apply_to(self, adapter) -> None:
         """Leave a loaded model as chosen: its config's expert count, trained tensors and the gate
         flag on every MoE block."""
-        from moeprune.compress.prune import set_expert_count
+        from moeprune.models.keep import set_expert_count
         from moeprune.recover.block import layer_trainable_parameters, set_gate_flag
 
         set_expert_count(adapter.config, adapter.spec, len(next(iter(self.decision.kept.values()))))

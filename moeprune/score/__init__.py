@@ -1,4 +1,4 @@
-"""Scorers (statistics -> expert importance) and selection (importance -> experts kept)."""
+"""Scoring: statistics -> expert importance (pure scorers) and importance -> experts kept."""
 
 from moeprune.score.scorers import SCORERS, score_layer
 from moeprune.score.select import Selection, experts_to_keep, select_experts, super_experts

@@ -8,15 +8,16 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
-from tiny_models import tiny_model, tiny_tokenizer
+from moeprune.testing import tiny_model, tiny_tokenizer
 
 from moeprune.cli import cli
-from moeprune.commands import stream_cmd  # noqa: F401  (registers the commands)
+from moeprune.commands import stream_cmd  # noqa: F401
 from moeprune.errors import MoePruneError
-from moeprune.io import meta_model
-from moeprune.stream import WeightLoader, prune_checkpoint
-from moeprune.stream.names import CheckpointNames
-from moeprune.stream.safetensors_io import Checkpoint, read_tensor
+from moeprune.checkpoint.model_dir import meta_model
+from moeprune.checkpoint.loader import WeightLoader
+from moeprune.checkpoint.rewrite import prune_checkpoint
+from moeprune.checkpoint.names import CheckpointNames
+from moeprune.checkpoint.safetensors_io import Checkpoint, read_tensor
 
 
 def _sharded(tmp_path: Path) -> tuple[Path, Path]:

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny_models import tiny_model
+from moeprune.testing import tiny_model
 
-import moeprune.stream.loader as loader_mod
-from moeprune.io import load_model
-from moeprune.stream.layerwise import _skeleton
-from moeprune.stream.loader import WeightLoader
-from moeprune.stream.names import CheckpointNames
-from moeprune.stream.safetensors_io import Checkpoint, read_tensor
+import moeprune.checkpoint.loader as loader_mod
+from moeprune.checkpoint.model_dir import load_model
+from moeprune.execution.layers import _skeleton
+from moeprune.checkpoint.loader import WeightLoader
+from moeprune.checkpoint.names import CheckpointNames
+from moeprune.checkpoint.safetensors_io import Checkpoint, read_tensor
 
 
 @pytest.mark.parametrize(("model_type", "stacked"), [("mixtral", True), ("qwen2_moe", True), ("gpt_oss", False)])

@@ -8,14 +8,15 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import safe_open
-from tiny_models import tiny_model, tiny_tokenizer
+from moeprune.testing import tiny_model, tiny_tokenizer
 
-from moeprune.compress import prune_experts, save_compressed
+from moeprune.compress import prune_experts
+from moeprune.checkpoint.writer import save_compressed
 from moeprune.errors import MoePruneError
-from moeprune.io import load_model
+from moeprune.checkpoint.model_dir import load_model
 from moeprune.models import MoEAdapter
-from moeprune.stream import parse_size, prune_checkpoint
-from moeprune.stream.safetensors_io import Checkpoint
+from moeprune.checkpoint.rewrite import parse_size, prune_checkpoint
+from moeprune.checkpoint.safetensors_io import Checkpoint
 
 def _tensors(folder: Path) -> dict[str, torch.Tensor]:
     out = {}
@@ -121,7 +122,7 @@ def test_parse_size():
 
 
 def test_names_come_from_the_conversion_table():
-    from moeprune.stream.names import CheckpointNames
+    from moeprune.checkpoint.names import CheckpointNames
 
     with torch.device("meta"):
         names = CheckpointNames(tiny_model("mixtral"))

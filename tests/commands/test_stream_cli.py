@@ -6,10 +6,10 @@ import json
 
 import torch
 from click.testing import CliRunner
-from tiny_models import save_tiny
+from moeprune.testing import save_tiny
 
 from moeprune.cli import cli
-from moeprune.commands import stream_cmd  # noqa: F401  (registers the commands)
+from moeprune.commands import stream_cmd  # noqa: F401
 from moeprune.observe import Observations
 
 

@@ -7,8 +7,8 @@ from click.testing import CliRunner
 from transformers import AutoTokenizer
 
 from moeprune.cli import cli
-from moeprune.commands import surgery  # noqa: F401  (registers the commands)
-from tiny_models import save_tiny
+from moeprune.commands import surgery  # noqa: F401
+from moeprune.testing import save_tiny
 
 KEEP = {"0": [1, 2, 6, 7], "1": [0, 3, 4, 5]}
 

@@ -9,14 +9,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from moeprune.compress import save_compressed
+from moeprune.checkpoint.writer import save_compressed
 from moeprune.compress.experts_view import read_expert, write_expert
 from moeprune.compress.merge import (MergePlan, align_to, apply_merge, hc_smoe_clusters, m_smoe_clusters,
                                      merge_weights, plan_merge)
 from moeprune.inspect import summarize_module
 from moeprune.models import MoEAdapter
 from moeprune.observe import observe
-from tiny_models import tiny_model
+from moeprune.testing import tiny_model
 
 HERE = Path(__file__).resolve().parents[1]
 

@@ -10,10 +10,11 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from moeprune.compress import prune_experts, save_compressed
+from moeprune.compress import prune_experts
+from moeprune.checkpoint.writer import save_compressed
 from moeprune.models import ARCHS, MoEAdapter
 from moeprune.score.reconstruct import masked_routing
-from tiny_models import TINY, tiny_model
+from moeprune.testing import TINY, tiny_model
 
 HERE = Path(__file__).resolve().parent.parent
 # non-contiguous, different per layer, two per group of four (valid for group-limited routers)

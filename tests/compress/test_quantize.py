@@ -11,13 +11,13 @@ from click.testing import CliRunner
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-import moeprune.commands  # noqa: F401  (registers the commands)
+import moeprune.commands  # noqa: F401
 from moeprune.cli import cli
 from moeprune.compress.quantize import MixedBudget, fake_quantize, quantize_model, save_quantized
 from moeprune.compress.quantize_mixed import allocate_bits, layer_costs
 from moeprune.errors import MoePruneError
 from moeprune.models import MoEAdapter
-from tiny_models import save_tiny
+from moeprune.testing import save_tiny
 
 pytest.importorskip("compressed_tensors")
 pytest.importorskip("torchao")

@@ -9,7 +9,7 @@ from moeprune.compress.quantize import MixedBudget, quantize_model
 from moeprune.compress.quantize_mixed import layer_costs
 from moeprune.errors import MoePruneError
 from moeprune.models import MoEAdapter
-from tiny_models import tiny_model
+from moeprune.testing import tiny_model
 
 pytest.importorskip("torchao")
 

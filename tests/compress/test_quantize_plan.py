@@ -6,8 +6,8 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from moeprune.compress.quantize_plan import CHANNEL, check_quantize, quant_targets, resolve_group_size
 from moeprune.errors import MoePruneError
-from moeprune.io import DEMO_MODEL_DIR
-from tiny_models import tiny_config
+from moeprune.checkpoint.model_dir import DEMO_MODEL_DIR
+from moeprune.testing import tiny_config
 
 
 def _meta(config):

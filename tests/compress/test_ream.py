@@ -9,9 +9,9 @@ from moeprune.compress.experts_view import read_expert
 from moeprune.compress.merge import align_to, ream_clusters, ream_similarity
 from moeprune.models import MoEAdapter
 from moeprune.observe import LayerStats, observe
-from moeprune.pipeline.methods import compress_model
+from moeprune.execution.memory import compress_model
 from moeprune.pipeline.recipe import Recipe
-from tiny_models import tiny_model
+from moeprune.testing import tiny_model
 
 
 def test_centroids_are_most_salient_and_members_join_most_similar():
@@ -109,7 +109,7 @@ def test_ream_keeps_the_count_and_merges_by_saliency_after_alignment():
 def test_infeasible_group_size_fails_in_the_plan(tmp_path):
     from moeprune.errors import MoePruneError
     from moeprune.pipeline.plan import make_plan
-    from tiny_models import save_tiny
+    from moeprune.testing import save_tiny
 
     model = save_tiny(tmp_path / "m", "mixtral")
     recipe = Recipe.model_validate({"model": str(model), "method": "ream", "keep": 2, "merge": {"group_size": 3}})

@@ -9,9 +9,9 @@ from pathlib import Path
 import torch
 
 from moeprune import distributed
-from moeprune.io import load_model
+from moeprune.checkpoint.model_dir import load_model
 from moeprune.observe import observe
-from moeprune.stream import observe_layerwise
+from moeprune.execution.layers import observe_layerwise
 
 COLLECT = ("routed_means", "all_means", "router_gram")
 

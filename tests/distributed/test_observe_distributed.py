@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from moeprune.observe import Observations
-from tiny_models import save_tiny
+from moeprune.testing import save_tiny
 
 WORKER = Path(__file__).with_name("observe_worker.py")
 ROOT = Path(__file__).resolve().parents[2]

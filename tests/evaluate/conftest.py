@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tiny_models import tiny_tokenizer as _char_tokenizer
+from moeprune.testing import tiny_tokenizer as _char_tokenizer
 
 __all__: list[str] = []
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -15,16 +14,9 @@ from moeprune.cli import cli
 
 @pytest.fixture(scope="module", autouse=True)
 def _register_eval_command():
-    """Importing the command module registers `eval` on the click group."""
-    try:
-        from moeprune.commands import eval_cmd  # noqa: F401
-    except ImportError as exc:
-        if "eval_cmd" in str(exc):
-            raise
-        # Another area's command module is not in this checkout yet; load ours on its own.
-        path = Path(moeprune.__file__).parent / "commands" / "eval_cmd.py"
-        spec = importlib.util.spec_from_file_location("_moeprune_eval_cmd_only", path)
-        spec.loader.exec_module(importlib.util.module_from_spec(spec))
+    from moeprune.cli import _register_commands
+
+    _register_commands()
     assert "eval" in cli.commands
 
 
@@ -68,11 +60,11 @@ def test_missing_data_file_is_a_one_line_error_naming_it(tiny_model_dir, tmp_pat
 
 @pytest.mark.parametrize("kind", ["folder", "under_a_file"])
 def test_bad_report_path_is_refused_before_the_model_loads(tiny_model_dir, qa_yaml, tmp_path, monkeypatch, kind):
-    import moeprune.io
+    import moeprune.checkpoint.model_dir as model_dir
 
     def no_load(*args, **kwargs):
         raise AssertionError("the model was loaded before the report path was checked")
-    monkeypatch.setattr(moeprune.io, "load_model", no_load)
+    monkeypatch.setattr(model_dir, "load_model", no_load)
     (tmp_path / "afile").write_text("x")
     output = tmp_path if kind == "folder" else tmp_path / "afile" / "report.json"
     result = CliRunner().invoke(cli, ["eval", str(tiny_model_dir), "--tasks", str(qa_yaml), "-o", str(output)])

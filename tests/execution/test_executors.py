@@ -15,7 +15,7 @@ import torch
 
 from moeprune.pipeline.recipe import Recipe
 from moeprune.pipeline.run import run_recipe
-from tiny_models import save_tiny
+from moeprune.testing import save_tiny
 
 METHODS = ["reap", "reap_prob", "frequency", "ean", "reconstruct", "hc_smoe", "m_smoe", "ream"]
 RESULT_FILES_SKIPPED = {"report.json", "report.md"}  # they record the execution mode and timings
@@ -78,7 +78,7 @@ def test_demo_model_keeps_bf16_and_layerwise_matches(tmp_path, monkeypatch):
     from safetensors import safe_open
 
     from moeprune.checkpoint import files_bytes
-    from moeprune.io import DEMO_MODEL_DIR
+    from moeprune.checkpoint.model_dir import DEMO_MODEL_DIR
 
     monkeypatch.setenv("MOEPRUNE_CACHE", str(tmp_path / "cache"))
     for method in ("reap", "hc_smoe"):

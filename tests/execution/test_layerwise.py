@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny_models import tiny_model
+from moeprune.testing import tiny_model
 
-from moeprune.io import load_model
+from moeprune.checkpoint.model_dir import load_model
 from moeprune.observe import observe
-from moeprune.stream import HiddenStore, observe_layerwise
+from moeprune.execution.layers import HiddenStore, observe_layerwise
 
 _COLLECT = ("routed_means", "router_gram", "all_means")
 

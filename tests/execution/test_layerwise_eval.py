@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny_models import tiny_model, tiny_tokenizer
+from moeprune.testing import tiny_model, tiny_tokenizer
 
 from moeprune.evaluate import HFBackend, evaluate
-from moeprune.io import load_model
-from moeprune.stream.layerwise_eval import LayerwiseBackend
+from moeprune.checkpoint.model_dir import load_model
+from moeprune.execution.layerwise_eval import LayerwiseBackend
 
 _TEXTS = [f"The cat {i} sat on the mat and said {i * 7}." * (1 + i % 3) for i in range(7)] + ["x"]
 

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny_models import _COMMON, TINY, tiny_model, tiny_tokenizer
+from moeprune.testing import _COMMON, TINY, tiny_model, tiny_tokenizer
 from transformers import AutoModelForCausalLM
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
 from moeprune.errors import MoePruneError
 from moeprune.evaluate import evaluate
-from moeprune.io import load_model
-from moeprune.stream.offload import offloaded_model
+from moeprune.checkpoint.model_dir import load_model
+from moeprune.execution.offload import offloaded_model
 
 
 def _ids() -> tuple[torch.Tensor, torch.Tensor]:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from moeprune.io import DEMO_MODEL_DIR
+from moeprune.checkpoint.model_dir import DEMO_MODEL_DIR
 
 REPO = Path(__file__).resolve().parents[2]
 

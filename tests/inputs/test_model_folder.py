@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 
 from moeprune.checks import check_finite
 from moeprune.errors import MoePruneError
-from moeprune.io import DEMO_MODEL_DIR, load_config, load_model, load_tokenizer, resolve_model_dir
+from moeprune.checkpoint.model_dir import DEMO_MODEL_DIR, load_config, load_model, load_tokenizer, resolve_model_dir
 
 
 @pytest.fixture()

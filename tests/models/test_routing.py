@@ -6,7 +6,7 @@ import torch
 from capture import capture_routing, dense_gates
 from moeprune.errors import MoePruneError
 from moeprune.models import ARCHS, MoEAdapter
-from tiny_models import TINY, tiny_model
+from moeprune.testing import TINY, tiny_model
 
 ROUTED = [mt for mt in TINY if ARCHS[mt].gate is not None]
 

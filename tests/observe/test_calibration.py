@@ -6,7 +6,7 @@ import torch
 from moeprune.errors import MoePruneError
 from moeprune.observe.calibration import (DEMO_CALIB_DIR, DEMO_DOMAINS, CalibrationSource, CalibrationSpec,
                                           load_calibration, parse_calibration_spec)
-from tiny_models import tiny_tokenizer
+from moeprune.testing import tiny_tokenizer
 
 _HAVE_DEMO = all((DEMO_CALIB_DIR / f"{d}.jsonl").is_file() for d in DEMO_DOMAINS)
 needs_demo = pytest.mark.skipif(not _HAVE_DEMO, reason="demo calib files not shipped yet")

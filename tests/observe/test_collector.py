@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 from moeprune.models import MoEAdapter
 from moeprune.observe import Collector, Observations, observe
-from tiny_models import TINY, tiny_model
+from moeprune.testing import TINY, tiny_model
 
 ALL = ("routed_means", "all_means", "router_gram")
 

@@ -13,7 +13,7 @@ from moeprune.errors import MoePruneError
 from moeprune.observe import Observations, observe
 from moeprune.observe.combine import combine_observations
 from moeprune.observe.stats import STATS, LayerStats, Stat
-from tiny_models import tiny_model
+from moeprune.testing import tiny_model
 
 ALL = ("routed_means", "all_means", "router_gram")
 
@@ -144,7 +144,7 @@ def test_observations_of_another_expert_count_with_a_copied_fingerprint_are_refu
 
 def test_a_damaged_cache_entry_is_a_miss_and_is_replaced(tmp_path, monkeypatch):
     from moeprune.commands import surgery  # noqa: F401
-    from tiny_models import save_tiny
+    from moeprune.testing import save_tiny
 
     model = save_tiny(tmp_path / "tiny")
     calib = tmp_path / "calib.txt"
@@ -174,7 +174,7 @@ def test_a_damaged_cache_entry_is_a_miss_and_is_replaced(tmp_path, monkeypatch):
 
 def test_prune_refuses_observations_whose_shapes_do_not_fit_the_model(observed, tmp_path):
     from moeprune.commands import surgery  # noqa: F401
-    from tiny_models import save_tiny
+    from moeprune.testing import save_tiny
 
     _, whole, _ = observed
     model = save_tiny(tmp_path / "tiny")  # the same weights as `observed`: the fingerprint matches

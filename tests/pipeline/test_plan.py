@@ -11,9 +11,10 @@ from click.testing import CliRunner
 from moeprune.cli import cli
 from moeprune.commands import pipeline_cmds, quantize_cmd, surgery  # noqa: F401
 from moeprune.errors import MoePruneError
-from moeprune.pipeline.plan import make_plan, parse_memory, resolve_device
+from moeprune.pipeline.plan import make_plan, resolve_device
+from moeprune.units import parse_memory
 from moeprune.pipeline.recipe import Recipe
-from tiny_models import save_tiny
+from moeprune.testing import save_tiny
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +36,7 @@ def no_weights(monkeypatch):
         raise AssertionError("weights were read")
 
     monkeypatch.setattr(safetensors, "safe_open", refuse)
-    monkeypatch.setattr("moeprune.io.load_model", refuse)
+    monkeypatch.setattr("moeprune.checkpoint.model_dir.load_model", refuse)
 
 
 @pytest.mark.parametrize(("fields", "message"), [

@@ -10,7 +10,7 @@ from click.testing import CliRunner
 
 from moeprune.cli import cli
 from moeprune.commands import pipeline_cmds, surgery  # noqa: F401
-from tiny_models import save_tiny
+from moeprune.testing import save_tiny
 
 HERE = Path(__file__).resolve().parents[1]
 

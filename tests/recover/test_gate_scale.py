@@ -16,14 +16,14 @@ from moeprune.pipeline.recipe import Recipe
 from moeprune.pipeline.run import run_recipe
 from recover.common import calib_file as _calib
 from recover.common import reap_recipe as _recipe
-from tiny_models import save_tiny
+from moeprune.testing import save_tiny
 
 
 def _held_batches(recipe):
     """The held-back calibration batches: the last eighth of the calibration set, as recovery holds back."""
-    from moeprune.io import load_tokenizer
+    from moeprune.checkpoint.model_dir import load_tokenizer
     from moeprune.observe.calibration import load_calibration
-    from moeprune.pipeline.run import calibration_spec
+    from moeprune.pipeline.recipe import calibration_spec
     from moeprune.recover.router_kd import split_batches
 
     calib = load_calibration(calibration_spec(recipe), load_tokenizer(Path(recipe.model)), batch_size=2)
@@ -119,7 +119,7 @@ def test_cli_gate_scale_alone_and_logit_kd_with_gate_scale(tmp_path, monkeypatch
     from click.testing import CliRunner
 
     from moeprune.cli import cli
-    from moeprune.commands import surgery  # noqa: F401  (registers the commands)
+    from moeprune.commands import surgery  # noqa: F401
 
     monkeypatch.setenv("MOEPRUNE_CACHE", str(tmp_path / "cache"))
     model, calib = save_tiny(tmp_path / "m", "qwen2_moe"), _calib(tmp_path / "calib.txt")

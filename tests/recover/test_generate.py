@@ -13,7 +13,7 @@ import yaml
 from click.testing import CliRunner
 
 from moeprune.cli import cli
-from moeprune.commands import surgery  # noqa: F401  (registers the commands)
+from moeprune.commands import surgery  # noqa: F401
 from moeprune.errors import MoePruneError
 from moeprune.pipeline.recipe import GenerateConfig, RecoverConfig, load_recipe
 from moeprune.pipeline.run import run_recipe
@@ -21,7 +21,7 @@ from moeprune.report.markdown import recovery_line
 from moeprune.recover.generate import kd_training_batches, sample_continuations, teacher_rows
 from recover.common import calib_file as _calib
 from recover.common import reap_recipe as _recipe
-from tiny_models import TINY, save_tiny, tiny_model
+from moeprune.testing import TINY, save_tiny, tiny_model
 
 
 def _tiny(tmp_path):

@@ -19,7 +19,7 @@ from moeprune.pipeline.recipe import Recipe, RecoverConfig
 from moeprune.pipeline.run import run_recipe
 from recover.common import calib_file as _calib
 from recover.common import reap_recipe as _recipe
-from tiny_models import save_tiny
+from moeprune.testing import save_tiny
 
 TESTS = Path(__file__).resolve().parents[1]
 SKIPPED = {"report.json", "report.md"}  # they record the execution mode and timings
@@ -111,11 +111,11 @@ def test_moe_kd_block_layerwise_equals_memory(tmp_path, monkeypatch, model_type,
     # the in-memory model after recovery (what evaluation sees) is the written checkpoint
     from transformers import AutoModelForCausalLM
 
-    from moeprune.io import load_tokenizer
+    from moeprune.checkpoint.model_dir import load_tokenizer
     from moeprune.observe import observe
     from moeprune.observe.calibration import load_calibration
-    from moeprune.pipeline.methods import compress_model
-    from moeprune.pipeline.run import calibration_spec
+    from moeprune.execution.memory import compress_model
+    from moeprune.pipeline.recipe import calibration_spec
 
     recipe = _recipe(model, calib, recover=recover, **extra)
     loaded = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).eval()
@@ -133,7 +133,7 @@ def test_prune_cli_moe_kd_block_layerwise_and_moe_kd_refused_layerwise(tmp_path,
     from click.testing import CliRunner
 
     from moeprune.cli import cli
-    from moeprune.commands import surgery  # noqa: F401  (registers the commands)
+    from moeprune.commands import surgery  # noqa: F401
 
     monkeypatch.setenv("MOEPRUNE_CACHE", str(tmp_path / "cache"))
     model, calib = save_tiny(tmp_path / "m", "mixtral"), _calib(tmp_path / "calib.txt")

@@ -19,7 +19,7 @@ from moeprune.pipeline.run import run_recipe
 from moeprune.recover import RouterKD, kd_loss, router_parameters
 from recover.common import calib_file as _calib
 from recover.common import reap_recipe as _recipe
-from tiny_models import save_tiny, tiny_model
+from moeprune.testing import save_tiny, tiny_model
 
 TESTS = Path(__file__).resolve().parents[1]
 
@@ -139,7 +139,7 @@ def test_merge_cli_runs_ream_with_router_kd_and_refuses_layerwise(tmp_path, monk
     from click.testing import CliRunner
 
     from moeprune.cli import cli
-    from moeprune.commands import surgery  # noqa: F401  (registers the commands)
+    from moeprune.commands import surgery  # noqa: F401
 
     monkeypatch.setenv("MOEPRUNE_CACHE", str(tmp_path / "cache"))
     model, calib = save_tiny(tmp_path / "m", "mixtral"), _calib(tmp_path / "calib.txt")

@@ -19,7 +19,7 @@ from moeprune.pipeline.recipe import Recipe
 from moeprune.pipeline.run import run_recipe
 from moeprune.recover.block import block_outputs, fit_block, layer_router_parameters, relative_error
 from recover.common import calib_file as _calib
-from tiny_models import save_tiny, tiny_model
+from moeprune.testing import save_tiny, tiny_model
 
 TESTS = Path(__file__).resolve().parents[1]
 SKIPPED = {"report.json", "report.md"}  # they record the execution mode and timings
@@ -161,11 +161,11 @@ def test_compress_model_on_a_loaded_model_matches_the_written_checkpoint(tmp_pat
     leaves the model equal to the checkpoint `run_recipe` writes (weights and gate flag)."""
     from transformers import AutoModelForCausalLM
 
-    from moeprune.io import load_tokenizer
+    from moeprune.checkpoint.model_dir import load_tokenizer
     from moeprune.observe import observe
     from moeprune.observe.calibration import load_calibration
-    from moeprune.pipeline.methods import compress_model
-    from moeprune.pipeline.run import calibration_spec
+    from moeprune.execution.memory import compress_model
+    from moeprune.pipeline.recipe import calibration_spec
 
     monkeypatch.setenv("MOEPRUNE_CACHE", str(tmp_path / "cache"))
     model, calib = save_tiny(tmp_path / "m", "qwen2_moe"), _calib(tmp_path / "calib.txt")
@@ -189,7 +189,7 @@ def test_merge_cli_runs_router_kd_block_layerwise(tmp_path, monkeypatch):
     from click.testing import CliRunner
 
     from moeprune.cli import cli
-    from moeprune.commands import surgery  # noqa: F401  (registers the commands)
+    from moeprune.commands import surgery  # noqa: F401
 
     monkeypatch.setenv("MOEPRUNE_CACHE", str(tmp_path / "cache"))
     model, calib = save_tiny(tmp_path / "m", "mixtral"), _calib(tmp_path / "calib.txt")

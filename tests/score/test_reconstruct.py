@@ -6,7 +6,7 @@ import torch
 from moeprune.models import MoEAdapter
 from moeprune.score.reconstruct import _layer_outputs, _search, capture_layer_inputs, layer_error, \
     masked_routing, reconstruct_select
-from tiny_models import tiny_model
+from moeprune.testing import tiny_model
 
 
 def _batches():

@@ -4,11 +4,11 @@ import pytest
 import torch
 
 from moeprune.errors import MoePruneError
-from moeprune.io import meta_model  # noqa: F401  (import check)
+from moeprune.checkpoint.model_dir import meta_model
 from moeprune.models import MoEAdapter
 from moeprune.observe.stats import LayerStats, Observations
 from moeprune.score import SCORERS, score_layer, select_experts
-from tiny_models import tiny_model
+from moeprune.testing import tiny_model
 
 
 def _stats(count, gate, norm, reap, maxabs):

@@ -1,0 +1,94 @@
+"""The layer-wise executor: the model is never whole in memory; one decoder layer at a time is read from the
+safetensors files (observation, searches, block recovery, perplexity), generation runs on the offloaded model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from moeprune.execution.base import Executor, changed_tensors
+
+__all__ = ["LayerwiseExecutor"]
+
+
+class LayerwiseExecutor(Executor):
+    """The model never whole in memory: one decoder layer at a time, read from the safetensors files."""
+
+    mode = "layerwise"
+
+    def _hidden_budget(self) -> int:
+        return max(self.plan.max_memory // 2, 64 * 2**20)
+
+    def _source(self, src=None):
+        from moeprune.execution.layerpass import LayerSource
+
+        return LayerSource(src or self.plan.src, dtype=self.plan.dtype, device=self.plan.device)
+
+    def fingerprint(self) -> str:
+        source = self._source()
+        try:
+            return source.fingerprint()
+        finally:
+            source.close()
+
+    def observe(self):
+        from moeprune.execution.layers import observe_layerwise
+
+        return observe_layerwise(self.plan.src, self.calibration(), collect=self.plan.collect,
+                                 all_means_tokens=self._all_means_tokens(), device=self.plan.device,
+                                 dtype=self.plan.dtype, max_ram_bytes=self._hidden_budget(), progress=self.progress)
+
+    def layer_search(self, choose, *, max_tokens: int, progressive: bool):
+        from moeprune.execution.layerpass import layerwise_search
+
+        return layerwise_search(self.plan.src, self.calibration(), choose, dtype=self.plan.dtype,
+                                device=self.plan.device, max_tokens=max_tokens, progressive=progressive,
+                                max_ram_bytes=self._hidden_budget(), progress=self.progress)
+
+    def compress(self, decision, obs, folder: Path, provenance: dict):
+        from moeprune.checkpoint.replacements import Replacements
+
+        from moeprune.recover.blockwise import needs_block_pass
+
+        replaced = Replacements()
+        source = None
+        try:
+            if needs_block_pass(self.plan.recipe.recover):
+                source = self._source()
+                blocks = self._block_recovery(decision, obs, replaced, source.adapter, source.model, source)
+                provenance["recovery"] = blocks.record()
+                return self._write(folder, decision, replaced, provenance, blocks.config_updates())
+            layers = [i for i in self.plan.shape.layer_indices if decision.changed_experts(i)]
+            if layers:
+                source = self._source()
+                spec = source.adapter.spec
+                for i in layers:
+                    names = source.layer_names(i, spec.block)
+                    source.load(names)
+                    layer = source.adapter.layer(i)
+                    self.plan.method.apply_layer(source.adapter, layer, decision, obs, self.plan)
+                    replaced.add(i, changed_tensors(self.plan, source.adapter, layer, decision, source.names))
+                    source.release(names)
+            return self._write(folder, decision, replaced, provenance)
+        finally:
+            replaced.close()
+            if source is not None:
+                source.close()
+
+    def _evaluate_folder(self, folder: Path) -> dict:
+        """Perplexity one decoder layer at a time over all texts; generation on the offloaded model."""
+        from moeprune.evaluate import evaluate
+        from moeprune.execution.layerwise_eval import LayerwiseBackend
+
+        ev = self.plan.recipe.eval
+        if not self.plan.tasks:
+            return {}
+        backend = LayerwiseBackend(folder, self.tokenizer, dtype=self.plan.dtype, device=self.plan.device,
+                                   max_memory=self.plan.max_memory, batch_size=ev.batch_size, progress=self.progress)
+        return evaluate(None, self.tokenizer, self.plan.tasks, limit=ev.limit, batch_size=ev.batch_size,
+                        progress=self.progress, backend=backend)
+
+    def evaluate(self) -> dict:
+        return self._evaluate_folder(self.plan.src)
+
+    def evaluate_output(self, folder: Path) -> dict:
+        return self._evaluate_folder(folder)

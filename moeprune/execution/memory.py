@@ -1,0 +1,190 @@
+"""The in-memory executor: the whole model loaded on one device (or placed across GPUs) in its compute dtype;
+and `compress_model`, the same surgery on a model a study already holds in memory."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from moeprune.models import MoEAdapter
+
+from moeprune.execution.base import Executor, changed_tensors, trained_tensors
+
+__all__ = ["MemoryExecutor", "compress_model"]
+
+
+class MemoryExecutor(Executor):
+    """The whole model loaded on one device in the compute dtype."""
+
+    mode = "memory"
+
+    def __init__(self, plan, **kw):
+        super().__init__(plan, **kw)
+        self._model = None
+
+    @property
+    def model(self):
+        if self._model is None:
+            from moeprune.checkpoint.model_dir import load_model
+
+            if self._several_gpus():
+                self._model = self._load_across_gpus()
+            else:
+                self._model = load_model(self.plan.src, dtype=self.plan.dtype, device=str(self.plan.device))
+        return self._model
+
+    def _several_gpus(self) -> bool:
+        return (self.plan.recipe.device == "auto" and self.plan.device.type == "cuda"
+                and torch.cuda.device_count() > 1)
+
+    def _load_across_gpus(self):
+        """accelerate's placement over every visible GPU (pipeline placement: one GPU works at a time)."""
+        from transformers import AutoModelForCausalLM
+
+        self.log(f"placing the model across {torch.cuda.device_count()} GPUs (device_map=auto)")
+        model = AutoModelForCausalLM.from_pretrained(self.plan.src, dtype=getattr(torch, self.plan.dtype),
+                                                     device_map="auto", local_files_only=True)
+        return model.eval()
+
+    def fingerprint(self) -> str:
+        from moeprune.observe import model_fingerprint
+
+        return model_fingerprint(self.model)
+
+    def observe(self):
+        from moeprune.observe import observe
+
+        return observe(self.model, self.calibration(), collect=self.plan.collect,
+                       all_means_tokens=self._all_means_tokens(), progress=self.progress)
+
+    def layer_search(self, choose, *, max_tokens: int, progressive: bool):
+        from moeprune.score.reconstruct import search_layers
+
+        return search_layers(self.model, self.calibration(), choose, max_tokens=max_tokens, progressive=progressive,
+                             progress=self.progress)
+
+    def evaluate(self) -> dict:
+        return self._evaluate(self.model, self.tokenizer)
+
+    def compress(self, decision, obs, folder: Path, provenance: dict):
+        from moeprune.checkpoint.replacements import Replacements
+        from moeprune.models import MoEAdapter
+        from moeprune.recover.blockwise import needs_block_pass
+
+        kd = self._router_kd()  # the original model's targets, before any surgery
+        adapter, replaced, blocks = MoEAdapter(self.model), Replacements(), None
+        try:
+            if needs_block_pass(self.plan.recipe.recover):
+                blocks = self._block_recovery(decision, obs, replaced, adapter, self.model)
+                blocks.apply_to(adapter)
+                provenance["recovery"] = blocks.record()
+            else:
+                self._surgery(adapter, decision, obs, replaced)
+            if kd is not None:
+                provenance["recovery"] = kd.fit(self.model, progress=self.progress)
+                if blocks is not None:
+                    provenance["recovery"]["gate_scale"] = blocks.gate_record()
+                for i, tensors in trained_tensors(self.plan, self.model, kd.trains).items():
+                    replaced.add(i, tensors)
+            config = blocks.config_updates() if blocks is not None else None
+            return self._write(folder, decision, replaced, provenance, config)
+        finally:
+            replaced.close()
+
+    def _surgery(self, adapter, decision, obs, replaced) -> None:
+        from moeprune.compress import prune_experts
+
+        for layer in adapter.layers:
+            if decision.changed_experts(layer.index):
+                self.plan.method.apply_layer(adapter, layer, decision, obs, self.plan)
+                replaced.add(layer.index, changed_tensors(self.plan, adapter, layer, decision, self.plan.names))
+        prune_experts(self.model, decision.kept, where="decision")  # the compressed model, for evaluation
+
+    def evaluate_output(self, folder: Path) -> dict:
+        return self._evaluate(self.model, self.tokenizer)
+
+    def _router_kd(self):
+        """Logit KD (router_kd, moe_kd) set up with the original model's targets (None otherwise)."""
+        r = self.plan.recipe.recover
+        if r is None or not r.logit_kd:
+            return None
+        from moeprune.recover import RouterKD
+        from moeprune.recover.generate import kd_training_batches
+        from moeprune.recover.router_kd import split_batches
+
+        seed = self.plan.recipe.seed if r.seed is None else r.seed
+        calib = self.calibration()
+        train, held = split_batches(calib.batches, tokens=r.tokens)
+        train, generated = kd_training_batches(self.model, self.tokenizer, train, r, max_length=calib.spec.max_length,
+                                               batch_size=self.plan.recipe.calibration.batch_size, seed=seed,
+                                               progress=self.progress)
+        kd = RouterKD(steps=r.steps, lr=r.lr, top_k=r.top_k, train=train, held=held, trains=r.trains, seed=seed,
+                      generated=generated)
+        kd.compute_targets(self.model)
+        return kd
+
+
+@dataclass
+class _LoadedPlan:
+    recipe: object
+    shape: MoEAdapter
+    method: object
+    n_keep: int | None
+
+
+class _LoadedModel:
+    """The executor interface the methods need, over a loaded model."""
+
+    def __init__(self, model, calibration, progress: bool):
+        self.model, self.calib, self.progress = model, calibration, progress
+
+    def layer_search(self, choose, *, max_tokens: int, progressive: bool):
+        from moeprune.score.reconstruct import search_layers
+
+        return search_layers(self.model, self.calib, choose, max_tokens=max_tokens, progressive=progressive,
+                             progress=self.progress)
+
+
+def compress_model(model, obs, recipe, *, calibration=None, progress: bool = False):
+    """Decide with `recipe.method` and rewrite `model` in place (merge, then slice); returns the Decision.
+
+    With a `recover` section that works block by block (`router_kd_block`, `moe_kd_block`, `method: none`,
+    or any `gate_scale` other than keep) the surgery runs inside that pass and `decision.details["recovery"]`
+    holds the record, exactly as `run_recipe` computes it in memory. Logit KD (`router_kd`, `moe_kd`) is left
+    to the caller (moeprune.recover.RouterKD: its targets come from the model before this call)."""
+    from moeprune.compress import prune_experts
+    from moeprune.methods import get_method
+    from moeprune.recover.blockwise import needs_block_pass
+    from moeprune.score import experts_to_keep
+
+    adapter = MoEAdapter(model)
+    n_keep = None if recipe.ratio is None and recipe.keep is None else experts_to_keep(
+        adapter.num_experts, ratio=recipe.ratio, keep=recipe.keep, top_k=adapter.top_k, where="recipe")
+    plan = _LoadedPlan(recipe=recipe, shape=adapter, method=get_method(recipe.method), n_keep=n_keep)
+    plan.method.check(plan)
+    decision = plan.method.decide(obs, plan, _LoadedModel(model, calibration, progress))
+    if needs_block_pass(recipe.recover):
+        decision.details["recovery"] = _recover_blocks(model, adapter, plan, decision, obs, calibration, progress)
+        return decision
+    for layer in adapter.layers:
+        if decision.changed_experts(layer.index):
+            plan.method.apply_layer(adapter, layer, decision, obs, plan)
+    prune_experts(model, decision.kept, where="decision")
+    return decision
+
+
+def _recover_blocks(model, adapter, plan, decision, obs, calibration, progress: bool) -> dict:
+    """Surgery and block recovery in one pass over the loaded model (recover/blockwise.py)."""
+    from moeprune.errors import MoePruneError
+    from moeprune.execution.base import run_block_recovery
+    from moeprune.recover.blockwise import gate_candidates
+
+    if calibration is None:
+        raise MoePruneError("recover: block recovery needs the calibration batches (calibration=...)")
+    gate_candidates(plan.recipe.recover.gate_scale, adapter.spec, adapter.config)  # a forced scale needs the flag
+    blocks = run_block_recovery(plan, decision, obs, list(getattr(calibration, "batches", calibration)), model,
+                                adapter, device=next(model.parameters()).device, progress=progress)
+    blocks.apply_to(adapter)
+    return blocks.record()
