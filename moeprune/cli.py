@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
+import signal
 import sys
 
 import click
@@ -120,7 +120,22 @@ def _bound_onednn_cache() -> None:
     os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", ONEDNN_CACHE_CAPACITY)
 
 
+def _on_termination(signum, _frame) -> None:
+    """SIGTERM / SIGHUP (what `timeout`, Slurm, Kubernetes and a closed terminal send) unwind like Ctrl-C: every
+    open output folder removes its temporary folder on the way out; the exit status is 128 + the signal."""
+    signal.signal(signum, signal.SIG_DFL)  # a second signal ends the process at once
+    click.echo(f"Terminated ({signal.Signals(signum).name}); temporary files removed", err=True)
+    raise SystemExit(128 + signum)
+
+
+def _handle_termination() -> None:
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        if signal.getsignal(signum) in (signal.SIG_DFL, None):
+            signal.signal(signum, _on_termination)
+
+
 def main() -> None:
+    _handle_termination()
     _bound_onednn_cache()
     _quiet_import_noise()
     _register_commands()

@@ -17,6 +17,7 @@ __all__ = [
     "load_config",
     "meta_model",
     "TOKENIZER_FILES",
+    "check_links",
 ]
 
 DEMO_MODEL_DIR = Path(__file__).resolve().parent.parent / "assets" / "demo-moe"
@@ -58,7 +59,36 @@ def resolve_model_dir(spec: str | os.PathLike) -> Path:
         raise MoePruneError(f"model path {path} is a file; pass the folder that holds config.json")
     if not (path / "config.json").is_file():
         raise MoePruneError(f"{path} has no config.json; pass a Hugging Face model folder (or 'demo')")
+    check_links(path.resolve())
     return path.resolve()
+
+
+def _hub_cache_repo(folder: Path) -> Path | None:
+    """`.../models--org--name` when `folder` is a snapshot of the Hugging Face cache (whose files are links
+    into that repository's `blobs/`), else None."""
+    if folder.parent.name == "snapshots" and folder.parent.parent.name.startswith(("models--", "datasets--")):
+        return folder.parent.parent
+    return None
+
+
+def check_links(folder: Path, *, what: str = "model folder") -> None:
+    """Refuse symbolic links that lead out of `folder` (into the cache's `blobs/` is fine for a snapshot of
+    the Hugging Face cache): moeprune reads and copies what a folder holds, never what a link points at."""
+    folder = Path(folder).resolve()
+    allowed = [folder]
+    repo = _hub_cache_repo(folder)
+    if repo is not None:
+        allowed.append(repo / "blobs")
+    for root, dirs, files in os.walk(folder):
+        for name in sorted(files) + sorted(dirs):
+            entry = Path(root) / name
+            if not entry.is_symlink():
+                continue
+            target = entry.resolve()
+            if not any(target == a or a in target.parents for a in allowed):
+                raise MoePruneError(f"{what} {folder}: {entry.relative_to(folder)} is a symbolic link to {target}, "
+                                    "outside the folder; moeprune never follows links out of a folder it reads, so "
+                                    "copy that file into the folder")
 
 
 def load_model(spec: str | os.PathLike, *, dtype: str = "float32", device: str | None = None,

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -23,7 +25,8 @@ from moeprune.errors import MoePruneError
 if TYPE_CHECKING:
     from torch import nn
 
-__all__ = ["OutputFolder", "atomic_output_dir", "check_output_dir", "portable_path", "write_json", "os_error",
+__all__ = ["OutputFolder", "atomic_output_dir", "remove_stale", "write_file_atomically",
+           "check_output_file", "check_output_dir", "portable_path", "write_json", "os_error",
            "save_compressed", "write_checkpoint", "write_side_files", "PROVENANCE_FILE"]
 
 
@@ -51,31 +54,65 @@ def _resolved(path: str | os.PathLike) -> Path:
     return Path(path).expanduser().resolve()
 
 
+# What moeprune writes into an output folder (model, observations, run report, model card); `--overwrite`
+# replaces only a folder that holds nothing else, so it never deletes a file moeprune did not write.
+_OWN_FILES = frozenset(("config.json", "generation_config.json", "moeprune.json", "report.json", "report.md",
+                        "README.md", "observations.json", "observations.safetensors", "model.safetensors.index.json",
+                        "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                        "vocab.json", "vocab.txt", "merges.txt", "tokenizer.model", "spiece.model",
+                        "chat_template.jinja", "chat_template.json"))
+_OWN_PATTERNS = (re.compile(r"model(-\d{5}-of-\d{5})?\.safetensors"), re.compile(r"plots/[\w.-]+\.png"),
+                 re.compile(r"observations/observations\.(json|safetensors)"))
+
+
+def _foreign_file(folder: Path) -> Path | None:
+    """The first file (or link, or special file) under `folder` that moeprune does not write, if any."""
+    for root, dirs, files in os.walk(folder):
+        for name in sorted(files) + sorted(d for d in dirs if os.path.islink(os.path.join(root, d))):
+            path = Path(root) / name
+            rel = path.relative_to(folder).as_posix()
+            if path.is_symlink() or not path.is_file():
+                return path
+            if rel not in _OWN_FILES and not any(pat.fullmatch(rel) for pat in _OWN_PATTERNS):
+                return path
+    return None
+
+
 def check_output_dir(out: str | os.PathLike, *, inputs=(), overwrite: bool = False) -> Path:
-    """Refuse an output folder that is an input, inside one or contains one, a file, a folder under a
-    file, or not empty (unless `overwrite`). Returns the resolved path."""
+    """Refuse an output folder that is an input, inside an input folder or holds an input (file or folder),
+    a file, a folder under a file, or not empty (unless `overwrite`, and then only when everything in it
+    is something moeprune writes). Returns the resolved path."""
     out = _resolved(out)
     for src in inputs:
         if src is None:
             continue
         src = _resolved(src)
+        what = "input folder" if src.is_dir() else "input file"
         if out == src:
-            raise MoePruneError(f"output folder {out} is the input folder {src}; choose another -o")
+            raise MoePruneError(f"output {out} is the {what} {src}; choose another -o")
         if src in out.parents:
-            raise MoePruneError(f"output folder {out} is inside the input folder {src}; choose a folder outside it")
+            raise MoePruneError(f"output folder {out} is inside the {what} {src}; choose a folder outside it")
         if out in src.parents:
-            raise MoePruneError(f"output folder {out} contains the input folder {src}; writing there could delete it, "
+            raise MoePruneError(f"output folder {out} contains the {what} {src}; writing there could delete it, "
                                 "choose another -o")
     for parent in out.parents:
         if parent.exists() and not parent.is_dir():
             raise MoePruneError(f"cannot write {out}: {parent} is a file; choose another -o")
+    if out.is_symlink():
+        raise MoePruneError(f"output path {out} is a symbolic link; choose a real folder with -o")
     if out.exists():
         if not out.is_dir():
             raise MoePruneError(f"output path {out} is a file; choose a folder with -o")
         if os.path.ismount(out):
             raise MoePruneError(f"output folder {out} is a mount point; choose a folder inside it")
-        if any(out.iterdir()) and not overwrite:
-            raise MoePruneError(f"output folder {out} is not empty; choose a new folder or pass --overwrite")
+        if any(out.iterdir()):
+            if not overwrite:
+                raise MoePruneError(f"output folder {out} is not empty; choose a new folder or pass --overwrite")
+            foreign = _foreign_file(out)
+            if foreign is not None:
+                raise MoePruneError(f"output folder {out} holds {foreign.relative_to(out)}, which moeprune did not "
+                                    "write; --overwrite replaces only moeprune's own outputs, so move it or choose "
+                                    "another -o")
     return out
 
 
@@ -89,12 +126,85 @@ def _fix_permissions(folder: Path) -> None:
             os.chmod(Path(root) / f, 0o666 & ~mask)
 
 
+_TMP_MARK, _OLD_MARK = ".tmp-", ".old-"
+
+
+def _lock(folder: Path) -> int | None:
+    """An exclusive, non-blocking lock on `folder` held through the returned descriptor (None: another
+    process holds it). The kernel drops it when the process ends, however it ends."""
+    try:
+        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        return None
+    return fd
+
+
+def remove_stale(parent: Path, name: str) -> list[Path]:
+    """Remove what an interrupted run into `parent/name` left beside it: temporary folders no live process
+    holds (each run locks its own), and a previous output set aside during a replacement by a process
+    that is gone (put back when the replacement never finished). Returns what was removed."""
+    removed = []
+    try:
+        entries = list(parent.iterdir())
+    except OSError:
+        return removed
+    for entry in entries:
+        if entry.name.startswith(f".{name}{_TMP_MARK}") and entry.is_dir() and not entry.is_symlink():
+            fd = _lock(entry)
+            if fd is None:
+                continue  # a live run is writing there
+            try:
+                shutil.rmtree(entry, ignore_errors=True)
+                removed.append(entry)
+            finally:
+                os.close(fd)
+        elif entry.name.startswith(f".{name}{_OLD_MARK}") and entry.is_dir() and not entry.is_symlink():
+            pid = entry.name.rsplit("-", 1)[-1]
+            if pid.isdigit() and _alive(int(pid)):
+                continue
+            target = parent / name
+            if target.exists():
+                shutil.rmtree(entry, ignore_errors=True)
+                removed.append(entry)
+            else:
+                os.rename(entry, target)  # the replacement was cut between its two renames
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _no_space(exc: BaseException) -> bool:
+    """A write that failed for lack of space, whichever library raised it (safetensors and torch wrap the
+    OS error in their own exception types)."""
+    if isinstance(exc, OSError):
+        return exc.errno == errno.ENOSPC
+    text = str(exc)
+    return "No space left on device" in text or "[Errno 28]" in text
+
+
 class OutputFolder:
     """Context manager: `with OutputFolder(out, inputs=(src,)) as tmp:` write into `tmp`; on success the
-    folder appears at `out` in one rename, on any failure nothing is left behind.
+    folder appears at `out` in one rename, on any failure (an exception, Ctrl-C, SIGTERM through the CLI)
+    nothing is left behind; a run killed outright (SIGKILL, power loss) leaves only a hidden, locked-free
+    `.<name>.tmp-*` folder, which the next run into the same parent removes.
 
     The checks of `check_output_dir` run in the constructor, so a command can build its OutputFolder
-    before hours of work and fail at once on a bad path.
+    before hours of work and fail at once on a bad path. `inputs` are every file and folder the command
+    reads (model, keep file, observations, recipe, calibration and task files); `add_inputs` adds the
+    ones known later.
     """
 
     def __init__(self, out: str | os.PathLike, *, inputs=(), overwrite: bool = False):
@@ -102,40 +212,55 @@ class OutputFolder:
         self.overwrite = overwrite
         self.path = check_output_dir(out, inputs=self.inputs, overwrite=overwrite)
         self.tmp: Path | None = None
+        self._fd: int | None = None
+
+    def add_inputs(self, *paths) -> None:
+        self.inputs += tuple(p for p in paths if p is not None)
+        check_output_dir(self.path, inputs=self.inputs, overwrite=self.overwrite)
 
     def __enter__(self) -> Path:
         # checked again: the work before entering may have taken hours
         check_output_dir(self.path, inputs=self.inputs, overwrite=self.overwrite)
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.tmp-", dir=self.path.parent))
+            remove_stale(self.path.parent, self.path.name)
+            self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.path.name}{_TMP_MARK}", dir=self.path.parent))
         except OSError as exc:
             raise os_error(exc, self.path) from None
+        self._fd = _lock(self.tmp)
         return self.tmp
 
     def __exit__(self, exc_type, exc, tb) -> bool:
         tmp, self.tmp = self.tmp, None
-        if exc_type is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
-            if isinstance(exc, OSError) and not isinstance(exc, MoePruneError):
-                raise os_error(exc, self.path) from None
-            return False
         try:
-            _fix_permissions(tmp)
-            self._replace(tmp)
-        except OSError as exc:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise os_error(exc, self.path) from None
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        return False
+            if exc_type is not None:
+                shutil.rmtree(tmp, ignore_errors=True)
+                if isinstance(exc, OSError) and not isinstance(exc, MoePruneError):
+                    raise os_error(exc, self.path) from None
+                if _no_space(exc):
+                    raise os_error(OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)), self.path) from None
+                return False
+            try:
+                _fix_permissions(tmp)
+                self._replace(tmp)
+            except OSError as exc:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise os_error(exc, self.path) from None
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
+            return False
+        finally:
+            if self._fd is not None:
+                os.close(self._fd)
+                self._fd = None
 
     def _replace(self, tmp: Path) -> None:
         out = self.path
         old = None
         if out.exists():
-            old = out.parent / f".{out.name}.old-{os.getpid()}"
+            check_output_dir(out, inputs=self.inputs, overwrite=self.overwrite)  # nothing foreign crept in
+            old = out.parent / f".{out.name}{_OLD_MARK}{os.getpid()}"
             os.rename(out, old)
         try:
             os.rename(tmp, out)
@@ -145,6 +270,72 @@ class OutputFolder:
             raise
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
+
+
+def _is_own_report(path: Path) -> bool:
+    """A JSON report moeprune wrote (it always records `moeprune_version`)."""
+    import json
+
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and "moeprune_version" in data
+
+
+def check_output_file(path: str | os.PathLike, *, inputs=(), overwrite: bool = False, option: str = "-o") -> Path:
+    """Refuse a report path that is a folder, a link, under a file or an unwritable folder, an input or inside
+    an input folder, or an existing file (unless `overwrite`, and then only a report moeprune wrote)."""
+    raw = Path(path).expanduser()
+    if raw.is_symlink():
+        raise MoePruneError(f"{option} {raw} is a symbolic link; pass a plain file name")
+    path = _resolved(raw)
+    if path.is_dir():
+        raise MoePruneError(f"{option} {path} is a folder; pass a file name such as {path / 'report.json'}")
+    for src in inputs:
+        if src is None:
+            continue
+        src = _resolved(src)
+        if path == src:
+            raise MoePruneError(f"{option} {path} is an input of this command; choose another report path")
+        if src in path.parents:
+            raise MoePruneError(f"{option} {path} is inside the input folder {src}; choose a path outside it")
+    parent = next((p for p in path.parents if p.exists()), None)
+    if parent is None or not parent.is_dir():
+        raise MoePruneError(f"{option} {path}: {parent} is a file, not a folder; choose another report path")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise MoePruneError(f"{option} {path}: folder {parent} is not writable; choose another report path")
+    if path.exists():
+        if not overwrite:
+            raise MoePruneError(f"{option} {path} exists; choose a new file name or pass --overwrite")
+        if not path.is_file() or not _is_own_report(path):
+            raise MoePruneError(f"{option} {path} exists and is not a report moeprune wrote; --overwrite replaces "
+                                "only moeprune's own reports, so choose another path")
+    return path
+
+
+def write_file_atomically(path: str | os.PathLike, text: str, *, inputs=(), overwrite: bool = False,
+                          option: str = "-o") -> Path:
+    """Write `text` to `path` through a temporary file beside it and one rename: readers never see half a
+    file, and a failure (a full disk included) leaves the old file, if any, as it was."""
+    path = check_output_file(path, inputs=inputs, overwrite=overwrite, option=option)
+    tmp = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, path)
+    except OSError as exc:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        raise os_error(exc, path) from None
+    except BaseException:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
 
 
 @contextlib.contextmanager

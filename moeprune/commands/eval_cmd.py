@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -11,7 +9,6 @@ from typing import Any
 import click
 
 from moeprune import __version__
-from moeprune.errors import MoePruneError
 from moeprune import strict_json
 from moeprune.commands.pipeline_cmds import execution_options
 
@@ -35,33 +32,12 @@ def format_table(results: dict[str, dict[str, Any]]) -> str:
     return "\n".join([line(header), line(["-" * w for w in widths]), *(line(r) for r in rows)])
 
 
-def check_report_path(path: Path) -> None:
-    """Refuse a report path that cannot be written, before any evaluation work starts."""
-    path = path.expanduser().resolve()
-    if path.is_dir():
-        raise MoePruneError(f"-o {path} is a folder; pass a file name such as {path / 'report.json'}")
-    parent = next((p for p in path.parents if p.exists()), None)
-    if parent is None or not parent.is_dir():
-        raise MoePruneError(f"-o {path}: {parent} is a file, not a folder; choose another report path")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise MoePruneError(f"-o {path}: folder {parent} is not writable; choose another report path")
+def write_report(path: Path, report: dict[str, Any], *, inputs=(), overwrite: bool = False) -> Path:
+    """Write ``report`` as strict JSON (NaN scores become null), atomically; see `write_file_atomically`."""
+    from moeprune.checkpoint.writer import write_file_atomically
 
-
-def write_report(path: Path, report: dict[str, Any]) -> None:
-    """Write ``report`` as JSON via a temporary file and a rename, so readers never see half a file."""
-    path = path.expanduser().resolve()
-    if path.is_dir():
-        raise MoePruneError(f"report path {path} is a folder; pass a file name such as report.json")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(strict_json.dumps(report, indent=2))  # NaN scores become null
-            fh.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    return write_file_atomically(path, strict_json.dumps(report, indent=2) + "\n", inputs=inputs,
+                                 overwrite=overwrite)
 
 
 @click.command("eval")
@@ -74,22 +50,26 @@ def write_report(path: Path, report: dict[str, Any]) -> None:
 @click.option("--samples/--no-samples", default=False, show_default=True,
               help="Include per-row prompts, completions and scores in the report.")
 @click.option("--progress/--no-progress", default=True, show_default=True)
+@click.option("--overwrite", is_flag=True, help="Replace an existing report that moeprune wrote at -o.")
 @execution_options
 def eval_command(model_dir: str, tasks: str, limit: int | None, batch_size: int, output: Path | None,
                  dtype: str, device: str, execution: str, max_memory: str | None, samples: bool,
-                 progress: bool) -> None:
+                 progress: bool, overwrite: bool) -> None:
     """Evaluate MODEL_DIR (a Hugging Face model folder, or 'demo') on --tasks.
 
     Example: moeprune eval demo --tasks demo_arith,demo_prose --limit 50 -o report.json
     """
+    from moeprune.checkpoint.writer import check_output_file
     from moeprune.evaluate import evaluate, resolve_tasks
+    from moeprune.evaluate.tasks import task_files
     from moeprune.checkpoint.model_dir import load_model, load_tokenizer, resolve_model_dir
 
     start = time.perf_counter()
     model_path = resolve_model_dir(model_dir)
     resolved = resolve_tasks(_split_tasks(tasks))  # fail on a bad task before loading the model
+    inputs = (model_path, *task_files(resolved))
     if output is not None:
-        check_report_path(output)
+        check_output_file(output, inputs=inputs, overwrite=overwrite)
     from moeprune.checkpoint.model_dir import meta_model
     from moeprune.pipeline.plan import placement
 
@@ -119,5 +99,5 @@ def eval_command(model_dir: str, tasks: str, limit: int | None, batch_size: int,
     click.echo(format_table(results))
     click.echo(f"total: {report['total_seconds']:.1f}s")
     if output is not None:
-        write_report(output, report)
+        write_report(output, report, inputs=inputs, overwrite=overwrite)
         click.echo(f"report written to {output}")

@@ -165,7 +165,8 @@ def run_cmd(recipe_file, out_dir, overrides, overwrite, execution, max_memory, n
     if max_memory is not None:
         overrides.append(f"max_memory={max_memory}")
     recipe = load_recipe(recipe_file, overrides)
-    report = run_recipe(recipe, out_dir=out_dir, overwrite=overwrite, progress=not no_progress, log=click.echo)
+    report = run_recipe(recipe, out_dir=out_dir, overwrite=overwrite, progress=not no_progress, log=click.echo,
+                        inputs=(recipe_file,))
     echo_result(report, out_dir or recipe.output)
     for task, res in report["eval"]["compressed"].items():
         base = report["eval"]["base"].get(task, {}).get("score")

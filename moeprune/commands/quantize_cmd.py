@@ -74,7 +74,7 @@ def quantize_cmd(model_dir: str, out_dir: str, bits: str, group_size: str, avg_b
     """
     from moeprune.compress.quantize import SUPPORTED_BITS, MixedBudget, quantize_model, save_quantized, serving_note
     from moeprune.compress.quantize_plan import check_quantize, parse_group_size
-    from moeprune.checkpoint.writer import check_output_dir
+    from moeprune.checkpoint.writer import check_output_dir, portable_path
     from moeprune.checkpoint.model_dir import load_model, meta_model, resolve_model_dir
 
     n_bits = parse_number(bits, option="--bits", integer=True)
@@ -88,15 +88,17 @@ def quantize_cmd(model_dir: str, out_dir: str, bits: str, group_size: str, avg_b
         if obs_dir is None:
             raise MoePruneError("mixed precision needs --observations DIR (from `moeprune observe`) for importance")
     src = resolve_model_dir(model_dir)
-    check_output_dir(out_dir, inputs=(src,), overwrite=overwrite)
+    check_output_dir(out_dir, inputs=(src, obs_dir), overwrite=overwrite)
     where = _placement(src, device, execution, max_memory)
     if mixed is None:  # group size against every quantized width, before any weight is read
         group = check_quantize(meta_model(src), n_bits, group)
     model = load_model(src, dtype=where.source_dtype, device=str(where.device))
     importance = layer_importance(obs_dir, method=method, model=model) if mixed is not None else None
     result = quantize_model(model, bits=n_bits, group_size=group, mixed=mixed, importance=importance)
-    provenance = {"base_model": str(src), "method": "quantize", "importance_method": method if mixed else None}
-    out = save_quantized(model, result, out_dir, source_dir=src, provenance=provenance, overwrite=overwrite)
+    provenance = {"base_model": portable_path(src), "method": "quantize",
+                  "importance_method": method if mixed else None}
+    out = save_quantized(model, result, out_dir, source_dir=src, provenance=provenance, overwrite=overwrite,
+                         inputs=(obs_dir,))
     before, after = _disk_bytes(src), _disk_bytes(out)
     widths = sorted(set(result.layer_bits.values()))
     click.echo(f"{result.format}{_grouping(result)}: layer widths {widths}, safetensors {before:,} -> {after:,} "

@@ -207,12 +207,12 @@ def _compress_checkpoint(folder: Path, result: QuantResult) -> None:
 
 def save_quantized(model: nn.Module, result: QuantResult, out_dir: str | Path, *,
                    source_dir: str | Path | None = None, provenance: dict | None = None,
-                   overwrite: bool = False) -> Path:
-    """Write the quantized model (from `quantize_model`) as a checkpoint stock transformers reloads."""
+                   overwrite: bool = False, inputs=()) -> Path:
+    """Write the quantized model (from `quantize_model`) as a checkpoint stock transformers reloads; `inputs`
+    are the other files and folders the command read (the output may not be, hold or sit inside one)."""
     from moeprune.checkpoint.writer import atomic_output_dir
 
-    inputs = (source_dir,) if source_dir is not None else ()
-    with atomic_output_dir(out_dir, inputs=inputs, overwrite=overwrite) as tmp:
+    with atomic_output_dir(out_dir, inputs=(source_dir, *inputs), overwrite=overwrite) as tmp:
         write_quantized(model, result, tmp, source_dir=source_dir, provenance=provenance)
     return Path(out_dir).expanduser().resolve()
 

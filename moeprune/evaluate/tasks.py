@@ -21,7 +21,7 @@ from moeprune.evaluate.config import TaskConfig, data_file_location, load_task_c
 from moeprune.evaluate.scorers import FILTERS, SCORERS, Scorer
 from moeprune.registry import Registry
 
-__all__ = ["Task", "TASKS", "BUILTIN_TASK_DIR", "resolve_task", "read_jsonl", "config_for_jsonl"]
+__all__ = ["Task", "TASKS", "BUILTIN_TASK_DIR", "resolve_task", "read_jsonl", "config_for_jsonl", "task_files"]
 
 BUILTIN_TASK_DIR = Path(__file__).resolve().parent / "tasks"
 
@@ -159,3 +159,21 @@ def resolve_task(spec: str) -> Task:
     if spec.endswith(_JSONL_SUFFIXES):
         return task_from_config(config_for_jsonl(path.resolve()))
     return task_from_config(load_task_config(path))
+
+
+def task_files(tasks) -> list[Path]:
+    """The files on disk that `tasks` were read from (their YAML and data files), for output checks."""
+    from moeprune.evaluate.config import data_file_location
+
+    out: list[Path] = []
+    for task in tasks:
+        config = getattr(task, "config", None)
+        if config is None:
+            continue
+        if config.source:
+            out.append(Path(config.source))
+        try:
+            out.append(data_file_location(config.data))
+        except MoePruneError:
+            pass
+    return out

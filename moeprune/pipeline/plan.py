@@ -130,6 +130,10 @@ def _check_ratio(recipe, shape) -> int | None:
     if recipe.ratio is None and recipe.keep is None:
         return None
     e = shape.num_experts
+    if shape.top_k >= e:
+        raise MoePruneError(f"recipe: the model routes every token to top-k={shape.top_k} of its {e} experts, so no "
+                            "expert can be pruned with this router (a layer keeps at least top-k experts); check "
+                            "the config's top-k, or compress otherwise (e.g. moeprune quantize)")
     n_keep = experts_to_keep(e, ratio=recipe.ratio, keep=recipe.keep, top_k=shape.top_k, where="recipe")
     if n_keep >= e:
         lowest = 1 / e
@@ -222,6 +226,22 @@ def _check_recover(recipe, shape, execution: str) -> None:
         set_gate_flag(shape.layers[0].block, key, bool(getattr(shape.config, key)))  # the modules keep it
     if r.trains is not None:
         trainable_parameters(shape.model, r.trains)  # something to train
+    _check_generate(recipe, shape.config)
+
+
+def _check_generate(recipe, config) -> None:
+    """recover.generate's prompt plus continuation must fit the model's context."""
+    g = recipe.recover.generate if recipe.recover is not None else None
+    ctx = _context(config)
+    if g is None or not ctx:
+        return
+    if g.prompt_tokens >= ctx:
+        raise MoePruneError(f"recover.generate.prompt_tokens: {g.prompt_tokens} tokens leave no room to write in the "
+                            f"model's context of {ctx} (max_position_embeddings); use at most {ctx - 1}")
+    if g.max_new_tokens is not None and g.prompt_tokens + g.max_new_tokens > ctx:
+        raise MoePruneError(f"recover.generate.max_new_tokens: {g.prompt_tokens} prompt tokens + {g.max_new_tokens} "
+                            f"new tokens is beyond the model's context of {ctx} (max_position_embeddings); use at "
+                            f"most {ctx - g.prompt_tokens}")
 
 
 def _calibration(recipe, config):
@@ -232,10 +252,12 @@ def _calibration(recipe, config):
 
 
 def make_plan(recipe, *, out_dir=None, overwrite: bool = False, needs_output: bool = True,
-              observe_only: bool = False, collect: tuple[str, ...] = ()) -> "Plan":
+              observe_only: bool = False, collect: tuple[str, ...] = (), inputs=()) -> "Plan":
     """Validate the recipe against the model's config and decide everything that needs no weights.
 
-    `observe_only`: the plan of `moeprune observe` (statistics `collect`, no method, no compression)."""
+    `observe_only`: the plan of `moeprune observe` (statistics `collect`, no method, no compression).
+    `inputs`: files and folders the command reads besides those the recipe names (the recipe file itself,
+    an observations folder); the output may be none of them, nor hold or sit inside one."""
     from moeprune.checkpoint import OutputFolder
     from moeprune.checkpoint.model_dir import meta_model, resolve_model_dir
     from moeprune.methods import get_method
@@ -247,7 +269,7 @@ def make_plan(recipe, *, out_dir=None, overwrite: bool = False, needs_output: bo
     if needs_output:
         if not out:
             raise MoePruneError("no output folder: pass -o OUT or set 'output' in the recipe")
-        output = OutputFolder(out, inputs=(src,), overwrite=overwrite)
+        output = OutputFolder(out, inputs=(src, recipe.keep_file, *inputs), overwrite=overwrite)
     shape = MoEAdapter(meta_model(src))
     where = placement(src, shape.model, dtype=recipe.dtype, device=recipe.device, execution=recipe.execution,
                       max_memory=recipe.max_memory)
@@ -265,6 +287,7 @@ def make_plan(recipe, *, out_dir=None, overwrite: bool = False, needs_output: bo
             raise MoePruneError(f"--collect: unknown statistic {unknown[0]!r}; available: {', '.join(OPTIONAL_STATS)}")
         plan.collect = tuple(collect)
         plan.calibration = _calibration(recipe, shape.config)
+        _check_inputs(plan)
         return plan
     plan.n_keep = _check_ratio(recipe, shape)
     method.check(plan)
@@ -277,4 +300,16 @@ def make_plan(recipe, *, out_dir=None, overwrite: bool = False, needs_output: bo
         from moeprune.evaluate import resolve_tasks
 
         plan.tasks = resolve_tasks(recipe.eval.tasks)
+    _check_inputs(plan)
     return plan
+
+
+def _check_inputs(plan: "Plan") -> None:
+    """The output must not be, hold or sit inside the calibration and task files either (known only now)."""
+    if plan.output is None:
+        return
+    from moeprune.evaluate.tasks import task_files
+
+    calib = [Path(s.name).expanduser() for s in getattr(plan.calibration, "sources", ()) or ()
+             if Path(s.name).expanduser().exists()]
+    plan.output.add_inputs(*calib, *task_files(plan.tasks or ()))

@@ -133,12 +133,13 @@ def _retained(base: dict, compressed: dict) -> dict:
 
 def run_recipe(recipe: Recipe, *, out_dir: str | Path | None = None, overwrite: bool = False,
                progress: bool = True, log=print, observations_dir=None, save_observations: bool = True,
-               plan=None) -> dict:
+               plan=None, inputs=()) -> dict:
     """Run the whole pipeline; returns the report dict written to OUT/report.json."""
     from moeprune.execution import make_executor
     from moeprune.pipeline.plan import make_plan
 
-    plan = plan or make_plan(recipe, out_dir=out_dir, overwrite=overwrite)  # every early check, no weights
+    plan = plan or make_plan(recipe, out_dir=out_dir, overwrite=overwrite,  # every early check, no weights
+                             inputs=(*inputs, observations_dir))
     log(plan.summary())
     timer = _Timer()
     torch.manual_seed(recipe.seed)
