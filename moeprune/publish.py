@@ -229,6 +229,7 @@ def ensure_provenance(out_dir: str | Path) -> Path:
         for key in ("recipe", "calibration"):
             if key not in record and key in facts.report:
                 record[key] = facts.report[key]
+    record = portable(record, facts.folder)  # a published file never holds an absolute local path
     path = facts.folder / PROVENANCE_FILE
     path.write_text(json.dumps(record, indent=2) + "\n")
     return path

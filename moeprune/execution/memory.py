@@ -72,6 +72,7 @@ class MemoryExecutor(Executor):
         from moeprune.checkpoint.replacements import Replacements
         from moeprune.models import MoEAdapter
         from moeprune.recover.blockwise import needs_block_pass
+        from moeprune.recover.finite import check_trained
 
         kd = self._router_kd()  # the original model's targets, before any surgery
         adapter, replaced, blocks = MoEAdapter(self.model), Replacements(), None
@@ -86,7 +87,9 @@ class MemoryExecutor(Executor):
                 provenance["recovery"] = kd.fit(self.model, progress=self.progress)
                 if blocks is not None:
                     provenance["recovery"]["gate_scale"] = blocks.gate_record()
-                for i, tensors in trained_tensors(self.plan, self.model, kd.trains).items():
+                trained = trained_tensors(self.plan, self.model, kd.trains)
+                check_trained(((n, t) for ts in trained.values() for n, t in ts.items()), lr=kd.lr, steps=kd.steps)
+                for i, tensors in trained.items():
                     replaced.add(i, tensors)
             config = blocks.config_updates() if blocks is not None else None
             return self._write(folder, decision, replaced, provenance, config)

@@ -31,6 +31,11 @@ def _check_groups(adapter: MoEAdapter, layer: int, kept: list[int], n_before: in
         raise MoePruneError(
             f"{where}: layer {layer} keeps {per_group} expert per group; the group score sums each group's "
             "best two experts, so keep at least 2 per group")
+    if size * topk_group < adapter.top_k:
+        raise MoePruneError(
+            f"{where}: {adapter.spec.name} routes each token to top-k={adapter.top_k} experts within topk_group="
+            f"{topk_group} groups of {size} experts, fewer than top-k even with every expert kept; check the "
+            "config's n_group, topk_group and top-k")
     if per_group * topk_group < adapter.top_k:
         raise MoePruneError(
             f"{where}: layer {layer} keeps {per_group} experts per group and tokens use topk_group={topk_group} "
@@ -59,8 +64,12 @@ def validate_keep(adapter: MoEAdapter, keep: Mapping[int, Sequence[int]], *, whe
         if dup:
             raise MoePruneError(f"{where}: layer {layer.index} lists expert {dup[0]} more than once")
         if len(kept) < adapter.top_k:
+            if adapter.top_k > n:
+                raise MoePruneError(f"{where}: layer {layer.index} has {n} experts but the router picks "
+                                    f"top-k={adapter.top_k}; no keep plan can serve this router: check the config's "
+                                    "top-k")
             raise MoePruneError(f"{where}: layer {layer.index} keeps {len(kept)} experts but the router picks "
-                                f"top-k={adapter.top_k}; keep at least {adapter.top_k}")
+                                f"top-k={adapter.top_k}; keep at least {adapter.top_k} (of its {n})")
         _check_groups(adapter, layer.index, kept, n, where)
         plan[layer.index] = sorted(kept)
     counts = {i: len(v) for i, v in plan.items()}

@@ -190,8 +190,18 @@ def _row(obj, *, text_field: str, prefer_messages: bool, where: str) -> Row:
             return messages
         if has_text:
             return text
+        if text is not None and not has_messages:
+            raise MoePruneError(f"{where}: field '{text_field}' is {_json_kind(text)}, not a string; write "
+                                f"the row's text as a JSON string (\"{text_field}\": \"...\")")
     raise MoePruneError(f"{where}: row has no '{text_field}' field (nor a 'messages' list); set "
                         "calibration.text_field (recipe) or --text-field (command line) to the field that holds the text")
+
+
+def _json_kind(value) -> str:
+    for kind, name in ((bool, "a boolean"), ((int, float), "a number"), (list, "a list"), (dict, "an object")):
+        if isinstance(value, kind):
+            return name
+    return type(value).__name__
 
 
 @_READERS.register(".jsonl")

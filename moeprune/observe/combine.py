@@ -8,7 +8,11 @@ statistics must agree; each part's calibration provenance is kept in the result'
 from __future__ import annotations
 
 import copy
+import os
 from collections.abc import Sequence
+from pathlib import Path
+
+import torch
 
 from moeprune import __version__
 from moeprune.errors import MoePruneError
@@ -30,6 +34,7 @@ def combine_observations(parts: Sequence[Observations], *, sources: Sequence[str
     if len(parts) < 2:
         raise MoePruneError("give at least two observation folders to combine")
     sources = list(sources) if sources is not None else [f"part {k}" for k in range(len(parts))]
+    _refuse_repeats(parts, sources)
     first = parts[0]
     for name, part in zip(sources[1:], parts[1:]):
         for key in _SAME:
@@ -57,3 +62,36 @@ def combine_observations(parts: Sequence[Observations], *, sources: Sequence[str
                                      for name, p in zip(sources, parts)]},
     })
     return Observations(layers=layers, meta=meta)
+
+
+def _same_folder(a: str, b: str) -> bool:
+    try:
+        return Path(a).exists() and Path(b).exists() and os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def _same_content(a: Observations, b: Observations) -> bool:
+    if a.num_tokens != b.num_tokens or a.meta.get("calibration") != b.meta.get("calibration"):
+        return False
+    if set(a.layers) != set(b.layers):
+        return False
+    for i, s in a.layers.items():
+        ta, tb = s.tensors(), b.layers[i].tensors()
+        if ta.keys() != tb.keys() or not all(torch.equal(ta[k], tb[k].to(ta[k].device)) for k in ta):
+            return False
+    return True
+
+
+def _refuse_repeats(parts: Sequence[Observations], sources: list[str]) -> None:
+    """The same folder twice (also through a symlink or a trailing slash), or two copies of one observation
+    set, would count every token twice."""
+    for j in range(1, len(parts)):
+        for i in range(j):
+            if _same_folder(str(sources[i]), str(sources[j])):
+                raise MoePruneError(f"{sources[j]} is the same folder as {sources[i]}; combining it with itself "
+                                    "would count its tokens twice: give each observation folder once")
+            if _same_content(parts[i], parts[j]):
+                raise MoePruneError(f"{sources[j]} holds the same observations as {sources[i]} (same calibration "
+                                    "and statistics, a copy); combining them would count those tokens twice: give "
+                                    "each observation set once")

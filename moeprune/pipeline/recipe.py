@@ -7,7 +7,9 @@ every error names the file, the field and the allowed values.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
+
+import math
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -22,51 +24,95 @@ DEFAULT_MAX_LENGTH = 512  # calibration rows, when the recipe sets no max_length
 
 _FORBID = ConfigDict(extra="forbid")
 
+# Ranges of the numeric fields (docs/recipes.md lists them). Upper bounds are far above any useful value and
+# exist so that a typo (an extra zero, 1e30, .inf) fails here instead of running for days or overflowing.
+SEED_MAX = 2**32 - 1  # every seed consumer (torch, numpy, random) accepts [0, 2**32)
+BATCH_MAX = 4096  # sequences / continuations per forward pass
+TOKENS_MAX = 10**9  # token counts (training tokens, tokens per batch or step)
+LENGTH_MAX = 2**20  # tokens per sequence (also checked against the model's context)
+STEPS_MAX = 10**6
+LR_MAX = 10.0
+TEMPERATURE_MIN, TEMPERATURE_MAX = 0.01, 100.0
+SAMPLES_MAX = 1000
+EXPERTS_MAX = 65536
+LIMIT_MAX = 10**7
 
-class CalibrationConfig(BaseModel):
+
+class _Section(BaseModel):
+    """Base of every recipe section: unknown fields are errors, and a boolean is not a number."""
+
+    model_config = _FORBID
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_numbers(cls, v, info):
+        if isinstance(v, bool):
+            ann = cls.model_fields[info.field_name].annotation
+            if bool not in _leaf_types(ann) and (int in _leaf_types(ann) or float in _leaf_types(ann)):
+                raise ValueError(f"expected a number, got {str(v).lower()}")
+        return v
+
+
+def _leaf_types(ann) -> set:
+    from typing import get_args
+
+    args = get_args(ann)
+    if not args:
+        return {ann}
+    out = set()
+    for a in args:
+        out |= _leaf_types(a)
+    return out
+
+
+class CalibrationConfig(_Section):
     model_config = _FORBID
     spec: str | None = Field(None, description="SOURCE[:N],... (see docs/calibration.md); empty = built-in set")
-    max_length: int | None = Field(None, ge=2, description="tokens per sequence; default 512, or the model's "
-                                                           "context when shorter")
-    batch_size: int = Field(8, ge=1)
+    max_length: int | None = Field(None, ge=2, le=LENGTH_MAX,
+        description="tokens per sequence; default 512, or the model's "
+                    "context when shorter")
+    batch_size: int = Field(8, ge=1, le=BATCH_MAX)
     pack: bool = True
     chat_template: bool = False
     text_field: str = "text"
 
 
-class EvalConfig(BaseModel):
+class EvalConfig(_Section):
     model_config = _FORBID
     tasks: list[str] = Field(default_factory=list)
-    limit: int | None = Field(None, ge=1)
-    batch_size: int = Field(16, ge=1)
+    limit: int | None = Field(None, ge=1, le=LIMIT_MAX)
+    batch_size: int = Field(16, ge=1, le=BATCH_MAX)
     base: bool = Field(True, description="also evaluate the uncompressed model")
 
 
-class MergeConfig(BaseModel):
+class MergeConfig(_Section):
     model_config = _FORBID
     linkage: Literal["average", "single", "complete", "ward"] = "average"
     router: Literal["dominant", "weighted"] = "dominant"
     align: bool | None = Field(None, description="align neurons before averaging (default: m_smoe yes, hc_smoe no)")
-    all_means_tokens: int | None = Field(256, ge=1, description="tokens per batch for hc_smoe features and ream "
-                                                                "similarities; null = all")
-    group_size: int = Field(0, ge=0, description="ream: 0 = every expert joins its most similar centroid; C > 0 = "
-                                                 "REAM's pseudo-pruning groups of at most C experts (the paper: 16)")
+    all_means_tokens: int | None = Field(256, ge=1, le=TOKENS_MAX,
+        description="tokens per batch for hc_smoe features and ream "
+                    "similarities; null = all")
+    group_size: int = Field(0, ge=0, le=EXPERTS_MAX,
+        description="ream: 0 = every expert joins its most similar centroid; C > 0 = "
+                    "REAM's pseudo-pruning groups of at most C experts (the paper: 16)")
 
 
-class ReconstructConfig(BaseModel):
+class ReconstructConfig(_Section):
     model_config = _FORBID
-    budget: int = Field(5000, ge=1, description="max subsets per layer for the exact search, greedy beyond")
-    max_tokens: int = Field(2048, ge=1, description="calibration tokens cached per layer")
+    budget: int = Field(5000, ge=1, le=10**7, description="max subsets per layer for the exact search, greedy beyond")
+    max_tokens: int = Field(2048, ge=1, le=TOKENS_MAX, description="calibration tokens cached per layer")
 
 
-class QuantizeConfig(BaseModel):
+class QuantizeConfig(_Section):
     model_config = _FORBID
     bits: Literal[4, 8] = 8
-    group_size: int | Literal["auto", "channel"] = Field(
+    group_size: Annotated[int, Field(ge=1, le=EXPERTS_MAX)] | Literal["auto", "channel"] = Field(
         "auto", description="weights per scale (uniform mode): an integer dividing every quantized width, "
                             "'channel' (one scale per row) or 'auto' (largest of 128/64/32 that divides, else channel)")
-    mixed_budget: float | None = Field(None, gt=0, description="average bits per expert weight: importance-aware "
-                                                                  "per-layer mix (needs bits: 8)")
+    mixed_budget: float | None = Field(None, ge=4, le=16, allow_inf_nan=False,
+        description="average bits per expert weight: importance-aware "
+                    "per-layer mix (needs bits: 8)")
     importance: str = Field("reap", description="scoring method giving each layer's importance for the mix")
 
 
@@ -80,19 +126,23 @@ RECOVER_DEFAULTS = {"router": {"steps": 100, "lr": 1e-3, "tokens": 16384},
                     "moe": {"steps": 400, "lr": 3e-4, "tokens": 131072}}
 
 
-class GenerateConfig(BaseModel):
+class GenerateConfig(_Section):
     """Logit KD also on text the original model writes (moeprune.recover.generate)."""
     model_config = _FORBID
-    samples: int = Field(4, ge=1, description="continuations of each training calibration row (fewer when "
-                                              "recover.tokens is reached first)")
-    prompt_tokens: int = Field(4, ge=1, description="tokens of each calibration row the continuation starts from")
-    max_new_tokens: int | None = Field(None, ge=1, description="tokens written per continuation; default: the "
-                                                               "calibration max_length less prompt_tokens")
-    temperature: float = Field(1.0, gt=0, description="sampling temperature (1: the model's own distribution)")
-    batch_size: int = Field(32, ge=1, description="continuations sampled at once")
+    samples: int = Field(4, ge=1, le=SAMPLES_MAX,
+        description="continuations of each training calibration row (fewer when "
+                    "recover.tokens is reached first)")
+    prompt_tokens: int = Field(4, ge=1, le=LENGTH_MAX,
+        description="tokens of each calibration row the continuation starts from")
+    max_new_tokens: int | None = Field(None, ge=1, le=LENGTH_MAX,
+        description="tokens written per continuation; default: the "
+                    "calibration max_length less prompt_tokens")
+    temperature: float = Field(1.0, ge=TEMPERATURE_MIN, le=TEMPERATURE_MAX, allow_inf_nan=False,
+        description="sampling temperature (1: the model's own distribution)")
+    batch_size: int = Field(32, ge=1, le=BATCH_MAX, description="continuations sampled at once")
 
 
-class RecoverConfig(BaseModel):
+class RecoverConfig(_Section):
     model_config = _FORBID
     method: Literal["router_kd", "router_kd_block", "moe_kd", "moe_kd_block", "none"] = Field(
         "router_kd", description="router_kd: train only the router tensors against the original model's next-token "
@@ -101,21 +151,25 @@ class RecoverConfig(BaseModel):
                                  "moe_kd / moe_kd_block: the same two objectives training every weight of the MoE "
                                  "blocks (router, surviving experts, shared experts); none: no training (with "
                                  "gate_scale)")
-    steps: int | None = Field(None, ge=1, description="optimizer steps (logit KD: one calibration batch each; "
-                                                      "*_block: per MoE layer, batch_tokens tokens each); default "
-                                                      "100 for router_*, 400 for moe_*")
-    lr: float | None = Field(None, gt=0, description="Adam learning rate; default 1e-3 for router_*, 3e-4 for moe_*")
-    tokens: int | None = Field(None, ge=1, description="calibration tokens to train on (whole batches; the last "
-                                                       "eighth of the calibration batches is held back to measure "
-                                                       "the result); default 16384 for router_*, 131072 for moe_*")
-    top_k: int = Field(64, ge=1, description="router_kd / moe_kd: teacher log-probabilities kept per token "
-                                             "(>= vocabulary: full KL)")
-    batch_tokens: int = Field(512, ge=1, description="*_block: tokens per optimizer step")
+    steps: int | None = Field(None, ge=1, le=STEPS_MAX,
+        description="optimizer steps (logit KD: one calibration batch each; "
+                    "*_block: per MoE layer, batch_tokens tokens each); default "
+                    "100 for router_*, 400 for moe_*")
+    lr: float | None = Field(None, gt=0, le=LR_MAX, allow_inf_nan=False,
+        description="Adam learning rate; default 1e-3 for router_*, 3e-4 for moe_*")
+    tokens: int | None = Field(None, ge=1, le=TOKENS_MAX,
+        description="calibration tokens to train on (whole batches; the last "
+                    "eighth of the calibration batches is held back to measure "
+                    "the result); default 16384 for router_*, 131072 for moe_*")
+    top_k: int = Field(64, ge=1, le=LENGTH_MAX,
+        description="router_kd / moe_kd: teacher log-probabilities kept per token "
+                    "(>= vocabulary: full KL)")
+    batch_tokens: int = Field(512, ge=1, le=TOKENS_MAX, description="*_block: tokens per optimizer step")
     gate_scale: Literal["keep", "auto", "renormalize", "no_renormalize"] = Field(
         "keep", description="whether the surviving top-k gates are renormalised (config flag such as "
                             "norm_topk_prob): keep the source's setting, auto = measure both on held-back "
                             "calibration tokens and keep the closer, or force one")
-    seed: int | None = Field(None, description="batch-order seed; default: the recipe's seed")
+    seed: int | None = Field(None, ge=0, le=SEED_MAX, description="batch-order seed; default: the recipe's seed")
     generate: GenerateConfig | None = Field(
         None, description="router_kd / moe_kd: also train on the original model's own continuations of the "
                           "training calibration rows, up to `tokens` in all (docs/methods.md)")
@@ -163,12 +217,12 @@ class RecoverConfig(BaseModel):
         return self.trains is not None and self.per_block
 
 
-class Recipe(BaseModel):
+class Recipe(_Section):
     model_config = _FORBID
     model: str = Field(..., description="local model folder, or 'demo'")
     method: str = "reap"
     ratio: float | None = Field(None, description="fraction of experts to drop per layer, in (0, 1)")
-    keep: int | None = Field(None, ge=1, description="experts to keep per layer (instead of ratio)")
+    keep: int | None = Field(None, ge=1, le=EXPERTS_MAX, description="experts to keep per layer (instead of ratio)")
     keep_file: str | None = Field(None, description="KEEP.json ({layer: [experts]}) for method keep_file")
     allocation: Literal["uniform", "global"] = "uniform"
     protect_super_experts: bool = True
@@ -179,7 +233,7 @@ class Recipe(BaseModel):
     quantize: QuantizeConfig | None = Field(None, description="optional weight-only quantization after compression")
     recover: RecoverConfig | None = Field(None, description="optional recovery training after compression")
     output: str | None = None
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=SEED_MAX, description="calibration sampling, the random method, recovery batch order")
     dtype: Literal["float32", "bfloat16", "float16", "auto"] = Field(
         "auto", description="compute dtype; auto = the checkpoint's own (outputs always keep the source dtype)")
     device: str = Field("auto", description="cpu, cuda, cuda:N; auto = CUDA when available")
@@ -195,6 +249,21 @@ class Recipe(BaseModel):
     def _ratio_range(cls, v: float | None) -> float | None:
         if v is not None and not 0 < v < 1:
             raise ValueError(f"must be in (0, 1), the fraction of experts to drop; got {v}")
+        return v
+
+    @field_validator("max_memory", "max_shard_size")
+    @classmethod
+    def _size(cls, v, info):
+        from moeprune.units import parse_memory
+
+        if v is None:
+            return v
+        if isinstance(v, float) and not math.isfinite(v):
+            raise ValueError(f"must be a finite size such as 24GB, 500MiB or a byte count; got {v}")
+        try:
+            parse_memory(v, field_name=info.field_name)
+        except MoePruneError as exc:
+            raise ValueError(str(exc).removeprefix(f"{info.field_name}: ")) from None
         return v
 
     @model_validator(mode="after")
@@ -220,8 +289,19 @@ class Recipe(BaseModel):
 
 def format_validation_error(source: str, exc: ValidationError) -> str:
     err = exc.errors()[0]
-    loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
+    loc = ".".join(str(p) for p in err["loc"] if not _is_union_tag(p)) or "(top level)"
     msg = err["msg"].removeprefix("Value error, ")
+    if err["type"] in _RANGE_ERRORS:
+        return f"{source}: field '{loc}': {_range_message(err)}; got {_shown(err.get('input'))}"
+    if any(_is_union_tag(p) for p in err["loc"]):  # int | literal: say every allowed form
+        same = [e for e in exc.errors() if [p for p in e["loc"] if not _is_union_tag(p)] ==
+                [p for p in err["loc"] if not _is_union_tag(p)]]
+        forms = []
+        for e in same:
+            numeric = e["type"] in _RANGE_ERRORS or e["type"].startswith(("int_", "float_"))
+            forms.append(_range_message(e).removeprefix("must be ") if numeric else
+                         e["msg"].removeprefix("Input should be "))
+        return f"{source}: field '{loc}': must be {' or '.join(forms)}; got {_shown(err.get('input'))}"
     if err["type"] == "extra_forbidden":
         allowed = _allowed_fields(err["loc"])
         return f"{source}: unknown field '{loc}'; allowed fields: {allowed}"
@@ -230,6 +310,81 @@ def format_validation_error(source: str, exc: ValidationError) -> str:
     if err["type"] == "missing":
         return f"{source}: field '{loc}' is required"
     return f"{source}: field '{loc}': {msg}" if err["loc"] else f"{source}: {msg}"
+
+
+_RANGE_ERRORS = ("greater_than", "greater_than_equal", "less_than", "less_than_equal", "finite_number")
+
+
+def _is_union_tag(part) -> bool:
+    """pydantic adds the member's name ('int', 'constrained-int', "literal['auto','channel']") to a union's loc."""
+    return isinstance(part, str) and (part in ("int", "float", "str", "bool") or part.startswith(("constrained-",
+                                                                                              "literal[")))
+
+
+def _shown(value) -> str:
+    if isinstance(value, float):
+        return "NaN" if math.isnan(value) else repr(value).replace("inf", "Infinity")
+    return repr(value)
+
+
+def _range_message(err: dict) -> str:
+    """'must be ...' with the allowed range of the field (see the *_MAX constants)."""
+    field = _field_info(err["loc"])
+    lo = hi = None
+    lo_open = hi_open = False
+    for m in getattr(field, "metadata", ()) if field is not None else ():
+        if getattr(m, "ge", None) is not None:
+            lo = m.ge
+        if getattr(m, "gt", None) is not None:
+            lo, lo_open = m.gt, True
+        if getattr(m, "le", None) is not None:
+            hi = m.le
+        if getattr(m, "lt", None) is not None:
+            hi, hi_open = m.lt, True
+    if lo is None and hi is None:
+        return err["msg"].lower().replace("input should be", "must be")
+    is_int = all(isinstance(b, int) for b in (lo, hi) if b is not None) and err["type"] != "finite_number"
+    kind = "an integer" if is_int else "a finite number"
+    if lo is not None and hi is not None:
+        return f"must be {kind} in {'(' if lo_open else '['}{_num(lo)}, {_num(hi)}{')' if hi_open else ']'}"
+    if lo is not None:
+        return f"must be {kind} {'>' if lo_open else '>='} {_num(lo)}"
+    return f"must be {kind} {'<' if hi_open else '<='} {_num(hi)}"
+
+
+def _num(x) -> str:
+    return str(x) if isinstance(x, int) else f"{x:g}"
+
+
+def _field_info(loc: tuple):
+    """The pydantic FieldInfo at `loc` (section fields included; union members give the member's metadata)."""
+    model: type[BaseModel] = Recipe
+    info = None
+    for part in loc:
+        if _is_union_tag(part) and info is not None:
+            from typing import get_args
+
+            for member in get_args(info.annotation):
+                extra = [m for m in getattr(member, "__metadata__", ()) if hasattr(m, "metadata")]
+                if extra:
+                    return extra[0]
+            return info
+        info = model.model_fields.get(str(part)) if model is not None else None
+        if info is None:
+            return None
+        sub = _section_type(info.annotation)
+        model = sub
+    return info
+
+
+def _section_type(ann):
+    """The recipe section class of a field annotation (`X | None` included), else None."""
+    from typing import get_args
+
+    for a in (ann, *get_args(ann)):
+        if isinstance(a, type) and issubclass(a, BaseModel):
+            return a
+    return None
 
 
 def _allowed_fields(loc: tuple) -> str:

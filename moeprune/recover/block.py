@@ -74,12 +74,15 @@ def layer_trainable_parameters(adapter, layer, trains: str) -> dict[str, torch.n
 
 
 def fit_block(block, params: dict[str, torch.nn.Parameter], x: torch.Tensor, target: torch.Tensor, *,
-              steps: int, lr: float, batch_tokens: int, seed: int) -> tuple[list[float], list[str]]:
+              steps: int, lr: float, batch_tokens: int, seed: int, layer: int | None = None
+              ) -> tuple[list[float], list[str]]:
     """Train `params` (the block's router tensors, or all of its parameters) in place with Adam on float32
     master copies, so that block(x) matches `target`; x, target (T, H) float32. One mini-batch of
     `batch_tokens` tokens per step, drawn without replacement in a permutation seeded by `seed`. Returns the
     loss of every step and the names of the parameters that received a gradient (selection-only biases get
-    none and stay as they are)."""
+    none and stay as they are). A non-finite loss or trained tensor raises (recover.finite), naming `layer`."""
+    from moeprune.recover.finite import check_loss, check_trained
+
     dtype, dev = _dtype_device(block)
     flags = {id(p): p.requires_grad for p in block.parameters()}
     masters = {k: p.detach().float().clone().requires_grad_(True) for k, p in params.items()}
@@ -92,7 +95,7 @@ def fit_block(block, params: dict[str, torch.nn.Parameter], x: torch.Tensor, tar
         block.requires_grad_(False)
         for p in params.values():
             p.requires_grad_(True)
-        for _ in range(steps):
+        for step in range(1, steps + 1):
             if len(order) < min(batch_tokens, n):
                 order = torch.randperm(n, generator=gen).tolist()
             rows = torch.tensor(order[:batch_tokens], dtype=torch.long)
@@ -101,6 +104,7 @@ def fit_block(block, params: dict[str, torch.nn.Parameter], x: torch.Tensor, tar
             with torch.enable_grad():
                 out = _forward(block, xb).float()
                 loss = ((out - zb) ** 2).sum() / (zb ** 2).sum().clamp(min=1e-30)
+                check_loss(float(loss.detach()), step=step, lr=lr, layer=layer)
                 grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
             for (k, m), g in zip(masters.items(), grads):
                 m.grad = None if g is None else g.float()
@@ -114,6 +118,8 @@ def fit_block(block, params: dict[str, torch.nn.Parameter], x: torch.Tensor, tar
     finally:
         for p in block.parameters():
             p.requires_grad_(flags.get(id(p), False))
+    prefix = "" if layer is None else f"layer {layer}: "
+    check_trained(((prefix + k, p) for k, p in params.items()), lr=lr, steps=steps)
     return losses, sorted(reached)
 
 

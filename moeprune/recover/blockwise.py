@@ -117,7 +117,7 @@ class BlockRecovery:
             if self.train:
                 self.losses[c][i], trained = fit_block(
                     block, params, x_train, z_train, steps=self.cfg.steps, lr=self.cfg.lr,
-                    batch_tokens=self.cfg.batch_tokens, seed=layer_seed(self.seed, i))
+                    batch_tokens=self.cfg.batch_tokens, seed=layer_seed(self.seed, i), layer=i)
                 after = relative_error(block, x_held, z_held)
                 self.tensors[c][i] = {k: params[k].detach().clone() for k in trained}
             self.errors[c][i] = (before, after)
@@ -137,8 +137,12 @@ class BlockRecovery:
     def trained_replacements(self) -> dict[int, dict[str, torch.Tensor]]:
         """Layer -> {on-disk name: trained tensor} of the chosen candidate (empty without training)."""
         from moeprune.checkpoint.replacements import block_tensors_on_disk
+        from moeprune.recover.finite import check_trained
 
-        return block_tensors_on_disk(self.plan, self.tensors[self.chosen])
+        chosen = self.tensors[self.chosen]
+        check_trained(((f"layer {i}: {k}", t) for i, ts in chosen.items() for k, t in ts.items()), lr=self.cfg.lr,
+                      steps=self.cfg.steps)
+        return block_tensors_on_disk(self.plan, chosen)
 
     def apply_to(self, adapter) -> None:
         """Leave a loaded model as chosen: its config's expert count, trained tensors and the gate

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 from moeprune.errors import MoePruneError
 from moeprune.models import MoEAdapter
+from moeprune.recover.finite import check_loss, check_trained
 
 __all__ = ["RouterKD", "kd_loss", "teacher_targets", "router_parameters", "trainable_parameters", "split_batches", "take_tokens"]
 
@@ -165,7 +166,7 @@ class RouterKD:
         try:
             for _, _, p in params.values():
                 p.requires_grad_(True)
-            for _ in tqdm(range(self.steps), desc=f"{self.method} recovery", disable=not progress):
+            for step in tqdm(range(1, self.steps + 1), desc=f"{self.method} recovery", disable=not progress):
                 if not order:
                     order = torch.randperm(len(self.train), generator=gen).tolist()
                 i = order.pop(0)
@@ -173,6 +174,7 @@ class RouterKD:
                 with torch.enable_grad():
                     logits = model(**{k: v.to(dev) for k, v in b.items()}).logits
                     loss = kd_loss(logits, idx.to(dev), logp.to(dev), _mask(b).to(dev))
+                    check_loss(float(loss.detach()), step=step, lr=self.lr)
                     grads = torch.autograd.grad(loss, [p for _, _, p in params.values()], allow_unused=True)
                 for m, g in zip(masters, grads):
                     m.grad = None if g is None else g.float()
@@ -184,6 +186,7 @@ class RouterKD:
         finally:
             for p in model.parameters():
                 p.requires_grad_(flags.get(id(p), False))
+        check_trained(((f"layer {i}: {path}", p) for i, path, p in params.values()), lr=self.lr, steps=self.steps)
         after = self.mean_kl(model, eval_on, eval_t)
         return {"method": self.method, "steps": self.steps, "lr": self.lr, "top_k": self.top_k, "seed": self.seed,
                 "train_tokens": sum(int(_mask(b).sum()) for b in self.train),

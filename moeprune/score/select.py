@@ -44,9 +44,15 @@ def experts_to_keep(num_experts: int, *, ratio: float | None = None, keep: int |
         if not 0 < ratio < 1:
             raise MoePruneError(f"{where}: ratio must be in (0, 1), the fraction of experts to drop; got {ratio}")
         keep = num_experts - math.floor(num_experts * ratio)
+    if top_k >= num_experts and keep < num_experts:
+        raise MoePruneError(f"{where}: the model routes every token to top-k={top_k} of its {num_experts} experts, so "
+                            "no expert can be pruned with this router (a layer keeps at least top-k experts); "
+                            "check the config's top-k, or compress otherwise (e.g. moeprune quantize)")
     if not top_k <= keep <= num_experts:
+        hint = (f" (a ratio of at most {(num_experts - top_k) / num_experts:.4g})"
+                if ratio is not None and keep < top_k else "")
         raise MoePruneError(f"{where}: keeping {keep} of {num_experts} experts is invalid; keep between "
-                            f"top-k={top_k} and {num_experts}")
+                            f"top-k={top_k} and {num_experts}{hint}")
     return keep
 
 
