@@ -251,19 +251,12 @@ class Recipe(_Section):
             raise ValueError(f"must be in (0, 1), the fraction of experts to drop; got {v}")
         return v
 
-    @field_validator("max_memory", "max_shard_size")
+    @field_validator("max_memory", "max_shard_size", mode="before")
     @classmethod
-    def _size(cls, v, info):
-        from moeprune.units import parse_memory
-
-        if v is None:
-            return v
+    def _finite_size(cls, v):
+        # the plan parses sizes (units.parse_memory: units, positive); NaN/Infinity would overflow there
         if isinstance(v, float) and not math.isfinite(v):
-            raise ValueError(f"must be a finite size such as 24GB, 500MiB or a byte count; got {v}")
-        try:
-            parse_memory(v, field_name=info.field_name)
-        except MoePruneError as exc:
-            raise ValueError(str(exc).removeprefix(f"{info.field_name}: ")) from None
+            raise ValueError(f"must be a finite size such as 24GB, 500MiB or a byte count; got {_shown(v)}")
         return v
 
     @model_validator(mode="after")

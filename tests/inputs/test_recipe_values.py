@@ -48,9 +48,7 @@ BAD = [
     ("ratio=.nan", "'ratio'", {}),
     ("ratio=.inf", "'ratio'", {}),
     ("max_memory=.inf", "'max_memory'", {}),
-    ("max_memory=-5", "'max_memory'", {}),
     ("max_memory=.nan", "'max_memory'", {}),
-    ("max_shard_size=0", "'max_shard_size'", {}),
     ("max_shard_size=.inf", "'max_shard_size'", {}),
     ("calibration.max_length=1", "'calibration.max_length'", {}),
     ("calibration.max_length=100000000", "'calibration.max_length'", {}),
@@ -144,6 +142,13 @@ def test_every_numeric_field_is_bounded():
 
     walk(Recipe, "")
     assert unbounded == []
+
+
+@pytest.mark.parametrize("override,field", [("max_memory=-5", "max_memory"), ("max_shard_size=0", "max_shard_size"),
+                                            ("max_shard_size=lots", "max_shard_size")])
+def test_sizes_that_are_not_positive_fail_in_the_plan(tmp_path, override, field):
+    _one_error_line(_run(tmp_path, BASE, override), f"{field}:")
+    assert not (tmp_path / "out").exists()
 
 
 def test_messages_state_the_range_and_the_value(tmp_path):
