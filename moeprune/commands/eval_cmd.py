@@ -51,10 +51,13 @@ def write_report(path: Path, report: dict[str, Any], *, inputs=(), overwrite: bo
               help="Include per-row prompts, completions and scores in the report.")
 @click.option("--progress/--no-progress", default=True, show_default=True)
 @click.option("--overwrite", is_flag=True, help="Replace an existing report that moeprune wrote at -o.")
+@click.option("--backend", default="hf", show_default=True, type=click.Choice(["hf", "vllm", "auto"]),
+              help="hf: transformers generate; vllm: vLLM's offline engine (installed beside moeprune); "
+                   "auto: vLLM when it is installed and runs on --device.")
 @execution_options
 def eval_command(model_dir: str, tasks: str, limit: int | None, batch_size: int, output: Path | None,
                  dtype: str, device: str, execution: str, max_memory: str | None, samples: bool,
-                 progress: bool, overwrite: bool) -> None:
+                 progress: bool, overwrite: bool, backend: str) -> None:
     """Evaluate MODEL_DIR (a Hugging Face model folder, or 'demo') on --tasks.
 
     Example: moeprune eval demo --tasks demo_arith,demo_prose --limit 50 -o report.json
@@ -62,6 +65,7 @@ def eval_command(model_dir: str, tasks: str, limit: int | None, batch_size: int,
     from moeprune.checkpoint.writer import check_output_file
     from moeprune.evaluate import evaluate, resolve_tasks
     from moeprune.evaluate.tasks import task_files
+    from moeprune.evaluate.vllm_backend import resolve_backend
     from moeprune.checkpoint.model_dir import load_model, load_tokenizer, resolve_model_dir
 
     start = time.perf_counter()
@@ -73,9 +77,14 @@ def eval_command(model_dir: str, tasks: str, limit: int | None, batch_size: int,
     from moeprune.checkpoint.model_dir import meta_model
     from moeprune.pipeline.plan import placement
 
+    engine = resolve_backend(backend, device)  # a missing vLLM fails here, before any weight is read
+    tokenizer = load_tokenizer(model_path)  # the quicker failure first
+    if engine == "vllm":
+        _eval_vllm(model_path, tokenizer, resolved, limit=limit, batch_size=batch_size, output=output,
+                   samples=samples, progress=progress, dtype=dtype, inputs=inputs, overwrite=overwrite, start=start)
+        return
     where = placement(model_path, meta_model(model_path), dtype=dtype, device=device, execution=execution,
                       max_memory=max_memory)
-    tokenizer = load_tokenizer(model_path)  # the quicker failure first
     model = backend = None
     if where.execution == "layerwise":
         from moeprune.execution.layerwise_eval import LayerwiseBackend
@@ -93,7 +102,30 @@ def eval_command(model_dir: str, tasks: str, limit: int | None, batch_size: int,
         "tasks": results,
         "total_seconds": round(time.perf_counter() - start, 3),
         "settings": {"limit": limit, "batch_size": batch_size, "dtype": where.dtype, "device": str(where.device),
-                     "execution": where.execution},
+                     "execution": where.execution, "backend": "hf"},
+        "moeprune_version": __version__,
+    }
+    click.echo(format_table(results))
+    click.echo(f"total: {report['total_seconds']:.1f}s")
+    if output is not None:
+        write_report(output, report, inputs=inputs, overwrite=overwrite)
+        click.echo(f"report written to {output}")
+
+
+def _eval_vllm(model_path: Path, tokenizer, tasks, *, limit, batch_size, output, samples, progress, dtype, inputs,
+               overwrite, start) -> None:
+    """`moeprune eval --backend vllm`: the engine loads the folder itself (placement is vLLM's own)."""
+    from moeprune.evaluate import evaluate
+    from moeprune.evaluate.vllm_backend import VLLMBackend
+
+    with VLLMBackend(model_path, tokenizer, dtype=dtype, progress=progress) as backend:
+        results = evaluate(None, tokenizer, tasks, limit=limit, batch_size=batch_size, progress=progress,
+                           samples=samples, backend=backend)
+    report = {
+        "model": str(model_path),
+        "tasks": results,
+        "total_seconds": round(time.perf_counter() - start, 3),
+        "settings": {"limit": limit, "batch_size": batch_size, "dtype": dtype, "backend": "vllm"},
         "moeprune_version": __version__,
     }
     click.echo(format_table(results))

@@ -111,7 +111,9 @@ def _fused_implementation(experts) -> bool:
     """True when the experts module dispatches to one of transformers' fused kernels (grouped_mm,
     batched_mm): the observed forward then runs that very kernel once over all (token, expert) pairs."""
     impl = getattr(getattr(experts, "config", None), "_experts_implementation", None)
-    return impl in _FUSED_IMPLEMENTATIONS and hasattr(experts, "_is_expert_parallel")
+    # `has_bias` is set on every instance by transformers' `use_experts_implementation` decorator (5.16 on),
+    # the one that routes `forward` to the fused kernels
+    return impl in _FUSED_IMPLEMENTATIONS and hasattr(experts, "has_bias")
 
 
 def _observed_experts_forward(observer: _LayerObserver, collector: "Collector", fused: bool):
