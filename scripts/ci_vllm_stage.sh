@@ -67,7 +67,9 @@ fi
 
 # Evaluation through the engine: the same rows with --backend hf and --backend vllm, both in vLLM's environment,
 # on the demo and its REAP-50% output; scores within 2 points, perplexity within 1% (scripts/compare_eval.py).
-TASKS=demo_arith,demo_json,demo_program,demo_prose
+# The lm-eval task shipped in the package runs offline through both backends too.
+export HF_DATASETS_OFFLINE=1 HF_HUB_OFFLINE=1
+TASKS=demo_arith,demo_json,demo_program,demo_prose,lm_eval:moeprune_demo_arith
 ev() { "$VPY" -m moeprune eval "$1" --tasks "$TASKS" --limit "${EVAL_LIMIT:-100}" --no-progress --backend "$2" \
          -o "$3" --overwrite >>"$WORK/eval.log" 2>&1 || { tail -n 20 "$WORK/eval.log"; exit 1; }; }
 rc=0
@@ -79,7 +81,7 @@ for m in demo "$WORK/demo-reap50"; do
   python scripts/compare_eval.py "$WORK/eval-$name-hf.json" "$WORK/eval-$name-vllm.json" || rc=1
 done
 # the backend's own tests (stop strings, ordering, perplexity arithmetic against transformers)
-"$VPY" -m pytest -q -p no:cacheprovider tests/evaluate/test_vllm_backend.py || rc=1
+"$VPY" -m pytest -q -p no:cacheprovider tests/evaluate/test_vllm_backend.py tests/evaluate/test_lm_eval_bridge.py || rc=1
 echo "engine evaluation done after $(( $(date +%s) - stage_start ))s"
 
 python scripts/check_vllm.py moeprune/assets/demo-moe "$WORK"/demo-reap50 "$WORK"/demo-hc_smoe50 \

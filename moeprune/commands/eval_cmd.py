@@ -79,53 +79,34 @@ def eval_command(model_dir: str, tasks: str, limit: int | None, batch_size: int,
 
     engine = resolve_backend(backend, device)  # a missing vLLM fails here, before any weight is read
     tokenizer = load_tokenizer(model_path)  # the quicker failure first
-    if engine == "vllm":
-        _eval_vllm(model_path, tokenizer, resolved, limit=limit, batch_size=batch_size, output=output,
-                   samples=samples, progress=progress, dtype=dtype, inputs=inputs, overwrite=overwrite, start=start)
-        return
-    where = placement(model_path, meta_model(model_path), dtype=dtype, device=device, execution=execution,
-                      max_memory=max_memory)
-    model = backend = None
-    if where.execution == "layerwise":
-        from moeprune.execution.layerwise_eval import LayerwiseBackend
+    if engine == "vllm":  # the engine loads the folder itself (placement is vLLM's own)
+        from moeprune.evaluate.vllm_backend import VLLMBackend
 
-        click.echo(f"layer-wise evaluation ({where.reason}): perplexity one layer at a time, generation reads "
-                   "the weights from the files for every new token", err=True)
-        backend = LayerwiseBackend(model_path, tokenizer, dtype=where.dtype, device=where.device,
-                                   max_memory=where.max_memory, batch_size=batch_size, progress=progress)
+        settings = {"dtype": dtype, "backend": "vllm"}
+        with VLLMBackend(model_path, tokenizer, dtype=dtype, progress=progress) as engine_backend:
+            results = evaluate(None, tokenizer, resolved, limit=limit, batch_size=batch_size, progress=progress,
+                               samples=samples, backend=engine_backend)
     else:
-        model = load_model(model_path, dtype=where.dtype, device=str(where.device))
-    results = evaluate(model, tokenizer, resolved, limit=limit, batch_size=batch_size, progress=progress,
-                       samples=samples, backend=backend)
+        where = placement(model_path, meta_model(model_path), dtype=dtype, device=device, execution=execution,
+                          max_memory=max_memory)
+        settings = {"dtype": where.dtype, "device": str(where.device), "execution": where.execution, "backend": "hf"}
+        model = layerwise = None
+        if where.execution == "layerwise":
+            from moeprune.execution.layerwise_eval import LayerwiseBackend
+
+            click.echo(f"layer-wise evaluation ({where.reason}): perplexity one layer at a time, generation reads "
+                       "the weights from the files for every new token", err=True)
+            layerwise = LayerwiseBackend(model_path, tokenizer, dtype=where.dtype, device=where.device,
+                                         max_memory=where.max_memory, batch_size=batch_size, progress=progress)
+        else:
+            model = load_model(model_path, dtype=where.dtype, device=str(where.device))
+        results = evaluate(model, tokenizer, resolved, limit=limit, batch_size=batch_size, progress=progress,
+                           samples=samples, backend=layerwise)
     report = {
         "model": str(model_path),
         "tasks": results,
         "total_seconds": round(time.perf_counter() - start, 3),
-        "settings": {"limit": limit, "batch_size": batch_size, "dtype": where.dtype, "device": str(where.device),
-                     "execution": where.execution, "backend": "hf"},
-        "moeprune_version": __version__,
-    }
-    click.echo(format_table(results))
-    click.echo(f"total: {report['total_seconds']:.1f}s")
-    if output is not None:
-        write_report(output, report, inputs=inputs, overwrite=overwrite)
-        click.echo(f"report written to {output}")
-
-
-def _eval_vllm(model_path: Path, tokenizer, tasks, *, limit, batch_size, output, samples, progress, dtype, inputs,
-               overwrite, start) -> None:
-    """`moeprune eval --backend vllm`: the engine loads the folder itself (placement is vLLM's own)."""
-    from moeprune.evaluate import evaluate
-    from moeprune.evaluate.vllm_backend import VLLMBackend
-
-    with VLLMBackend(model_path, tokenizer, dtype=dtype, progress=progress) as backend:
-        results = evaluate(None, tokenizer, tasks, limit=limit, batch_size=batch_size, progress=progress,
-                           samples=samples, backend=backend)
-    report = {
-        "model": str(model_path),
-        "tasks": results,
-        "total_seconds": round(time.perf_counter() - start, 3),
-        "settings": {"limit": limit, "batch_size": batch_size, "dtype": dtype, "backend": "vllm"},
+        "settings": {"limit": limit, "batch_size": batch_size, **settings},
         "moeprune_version": __version__,
     }
     click.echo(format_table(results))

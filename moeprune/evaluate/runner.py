@@ -119,8 +119,10 @@ def evaluate(model, tokenizer, tasks: Sequence[str | Task] | str, *, limit: int 
     if lm_eval_names:
         from moeprune.evaluate.lm_eval_bridge import run_lm_eval
 
-        lm_results = run_lm_eval(backend.model if model is None else model, tokenizer, lm_eval_names, limit=limit,
-                                 batch_size=batch_size)
+        engine = backend if hasattr(backend, "continuation_logprobs") else None
+        lm_model = None if engine is not None else (backend.model if model is None else model)
+        lm_results = run_lm_eval(lm_model, tokenizer, lm_eval_names, limit=limit, batch_size=batch_size,
+                                 backend=engine)
         for name, res in lm_results.items():
             results[LM_EVAL_PREFIX + name] = res
     return results

@@ -41,7 +41,8 @@ from pathlib import Path
 from typing import Literal
 
 from moeprune.evaluate import sandbox_os
-from moeprune.evaluate.sandbox_os import Cgroups, isolation, kill_tree, process_limit, remove_tree, setup_config
+from moeprune.evaluate.sandbox_os import (Cgroups, isolation, kill_tree, process_limit, read_available, remove_tree,
+                                          setup_config)
 
 __all__ = ["SandboxResult", "run_python", "run_tests", "isolation"]
 
@@ -86,14 +87,6 @@ def _last_line(text: str) -> str:
     return lines[-1] if lines else ""
 
 
-def _read_available(fd: int) -> bytes:
-    os.set_blocking(fd, False)
-    try:
-        return os.read(fd, 256)
-    except BlockingIOError:
-        return b""
-
-
 def _writer(fd: int, data: bytes) -> None:
     """Write ``data`` to a pipe from a thread (the reader may be slow, or dead), then close it."""
     def write() -> None:
@@ -135,7 +128,7 @@ class _Sandboxed:
                 os.close(fd)
 
     def setup_failure(self) -> str:
-        return _read_available(self.status_r).decode(errors="replace")
+        return read_available(self.status_r).decode(errors="replace")
 
     def finish(self) -> None:
         self.cgroups.kill_all(keep=True)  # everything in the namespace, then the launcher reaps its child
@@ -257,7 +250,7 @@ def run_tests(program: str, test: str, entry_point: str, *, prompt: str | None =
             return SandboxResult("timeout", f"killed after {timeout:g}s", time.monotonic() - start,
                                  _tail(program_box.log))
         seconds = time.monotonic() - start
-        marker = _read_available(done_r)
+        marker = read_available(done_r)
         failure = program_box.setup_failure() or test_box.setup_failure()
         if failure:
             return SandboxResult("refused", failure, seconds, _tail(program_box.log))

@@ -29,7 +29,7 @@ import sys
 import sysconfig
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 __all__ = ["Isolation", "isolation", "Cgroups", "PidsCgroup", "kill_tree", "remove_tree", "process_limit",
@@ -107,7 +107,7 @@ def _probe(prefix: list[str], user_namespace: bool) -> str | None:
         finally:
             os.close(status_w)
             os.close(source_r)
-        status = _read_available(status_r)
+        status = read_available(status_r)
         os.close(status_r)
         if done.returncode == 0:
             return None
@@ -118,10 +118,11 @@ def _probe(prefix: list[str], user_namespace: bool) -> str | None:
         remove_tree(root)
 
 
-def _read_available(fd: int) -> bytes:
+def read_available(fd: int, size: int = 4096) -> bytes:
+    """Up to `size` bytes already in the pipe `fd`, without waiting (b"" when there are none)."""
     os.set_blocking(fd, False)
     try:
-        return os.read(fd, 4096)
+        return os.read(fd, size)
     except BlockingIOError:
         return b""
 

@@ -88,25 +88,30 @@ class VLLMBackend:
 
         return max(1, torch.cuda.device_count()) if torch.cuda.is_available() else 1
 
+    def engine_arguments(self) -> dict:
+        """The keyword arguments of ``vllm.LLM`` this backend starts its engine with (also used to start
+        lm-eval's vLLM model on the same folder with the same settings)."""
+        args = dict(model=str(self.model_dir), tokenizer=str(self.model_dir), dtype=self.dtype,
+                    tensor_parallel_size=self._tp_size(), seed=self.seed, trust_remote_code=False,
+                    generation_config="vllm")  # the checkpoint's sampling defaults never apply: greedy
+        if _vllm_device_type() == "cpu":
+            # vLLM's CPU build: the engine in this process (no worker processes to start), no graph compilation
+            # (minutes on CPU for one evaluation), and a KV cache of VLLM_CPU_KVCACHE_SPACE GiB (default here 2)
+            # instead of a share of all memory
+            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+            os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+            args.update(enforce_eager=True, distributed_executor_backend="uni")
+        if self.max_model_len is not None:
+            args["max_model_len"] = self.max_model_len
+        return {**args, **self.engine_args}
+
     @property
     def llm(self):
         if self._llm is None:
-            args = dict(model=str(self.model_dir), tokenizer=str(self.model_dir), dtype=self.dtype,
-                        tensor_parallel_size=self._tp_size(), seed=self.seed, trust_remote_code=False,
-                        generation_config="vllm")  # the checkpoint's sampling defaults never apply: greedy
-            if _vllm_device_type() == "cpu":
-                # vLLM's CPU build: the engine in this process (no worker processes to start), no graph
-                # compilation (minutes on CPU for one evaluation), and a KV cache of VLLM_CPU_KVCACHE_SPACE GiB
-                # (default here 2) instead of a share of all memory
-                os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
-                os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-                args.update(enforce_eager=True, distributed_executor_backend="uni")
             from vllm import LLM
 
-            if self.max_model_len is not None:
-                args["max_model_len"] = self.max_model_len
             try:
-                self._llm = LLM(**{**args, **self.engine_args})
+                self._llm = LLM(**self.engine_arguments())
             except Exception as exc:  # noqa: BLE001 - the engine's many failure types become one line
                 first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
                 raise MoePruneError(f"vLLM could not serve {self.model_dir}: {first}") from exc
@@ -178,6 +183,34 @@ class VLLMBackend:
         results = self.llm.generate([{"prompt_token_ids": ids[i]} for i in todo], params, use_tqdm=self.progress)
         for i, res in zip(todo, results):
             out[i] = prompt_nll(ids[i], res.prompt_logprobs)
+        return out
+
+    def continuation_logprobs(self, pairs: Sequence[tuple[str, str]]) -> list[tuple[float, bool]]:
+        """Per (context, continuation): the summed log-probability of the continuation's tokens after the
+        context, and whether each of them was the engine's top choice (lm-eval's `loglikelihood`)."""
+        from vllm import SamplingParams
+
+        out: list[tuple[float, bool]] = []
+        if not pairs:
+            return out
+        requests, spans = [], []
+        limit = self._context() - 1
+        for context, continuation in pairs:
+            ctx = self.tokenizer(context, add_special_tokens=True)["input_ids"]
+            cont = self.tokenizer(continuation, add_special_tokens=False)["input_ids"] or \
+                [self.tokenizer.eos_token_id]
+            ids = (ctx + cont)[-limit:]
+            requests.append({"prompt_token_ids": ids})
+            spans.append((ids, len(ids) - len(cont)))
+        params = SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=1, seed=self.seed)
+        for (ids, first), res in zip(spans, self.llm.generate(requests, params, use_tqdm=self.progress)):
+            total, greedy = 0.0, True
+            for pos in range(max(first, 1), len(ids)):
+                entry = res.prompt_logprobs[pos]
+                value = entry[ids[pos]]
+                total += float(value.logprob)
+                greedy &= getattr(value, "rank", 1) == 1
+            out.append((total, greedy))
         return out
 
 
