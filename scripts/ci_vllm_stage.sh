@@ -80,6 +80,9 @@ for m in demo "$WORK/demo-reap50"; do
   echo "eval $name, hf vs vllm:"
   python scripts/compare_eval.py "$WORK/eval-$name-hf.json" "$WORK/eval-$name-vllm.json" || rc=1
 done
+# a whole recipe whose evaluation (source, then the written output) goes through the engine
+"$VPY" -m moeprune run recipes/demo.yaml --set eval.backend=vllm --set eval.limit=20 --no-progress \
+  -o "$WORK/run-vllm" --overwrite >>"$WORK/eval.log" 2>&1 || { tail -n 20 "$WORK/eval.log"; rc=1; }
 # the backend's own tests (stop strings, ordering, perplexity arithmetic against transformers)
 "$VPY" -m pytest -q -p no:cacheprovider tests/evaluate/test_vllm_backend.py tests/evaluate/test_lm_eval_bridge.py || rc=1
 echo "engine evaluation done after $(( $(date +%s) - stage_start ))s"

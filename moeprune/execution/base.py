@@ -104,6 +104,19 @@ class Executor:
         return evaluate(model, tokenizer, self.plan.tasks, limit=ev.limit, batch_size=ev.batch_size,
                         progress=self.progress)
 
+    def _evaluate_with_engine(self, folder: Path) -> dict:
+        """The tasks through vLLM's engine on `folder` (the source or the written output); the engine is shut
+        down before this returns, so the next model's engine has the memory."""
+        from moeprune.evaluate import evaluate
+        from moeprune.evaluate.vllm_backend import VLLMBackend
+
+        ev = self.plan.recipe.eval
+        if not self.plan.tasks:
+            return {}
+        with VLLMBackend(folder, self.tokenizer, dtype=self.plan.dtype, progress=self.progress) as engine:
+            return evaluate(None, self.tokenizer, self.plan.tasks, limit=ev.limit, batch_size=ev.batch_size,
+                            progress=self.progress, backend=engine)
+
     def close(self) -> None:
         pass
 

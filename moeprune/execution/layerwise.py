@@ -88,7 +88,11 @@ class LayerwiseExecutor(Executor):
                         progress=self.progress, backend=backend)
 
     def evaluate(self) -> dict:
+        if self.plan.eval_backend == "vllm":
+            return self._evaluate_with_engine(self.plan.src)
         return self._evaluate_folder(self.plan.src)
 
     def evaluate_output(self, folder: Path) -> dict:
+        if self.plan.eval_backend == "vllm":
+            return self._evaluate_with_engine(folder)
         return self._evaluate_folder(folder)

@@ -66,6 +66,8 @@ class MemoryExecutor(Executor):
                              progress=self.progress)
 
     def evaluate(self) -> dict:
+        if self.plan.eval_backend == "vllm":
+            return self._evaluate_with_engine(self.plan.src)
         return self._evaluate(self.model, self.tokenizer)
 
     def compress(self, decision, obs, folder: Path, provenance: dict):
@@ -106,6 +108,8 @@ class MemoryExecutor(Executor):
         prune_experts(self.model, decision.kept, where="decision")  # the compressed model, for evaluation
 
     def evaluate_output(self, folder: Path) -> dict:
+        if self.plan.eval_backend == "vllm":
+            return self._evaluate_with_engine(folder)
         return self._evaluate(self.model, self.tokenizer)
 
     def _router_kd(self):

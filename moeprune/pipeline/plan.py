@@ -88,6 +88,7 @@ class Plan:
     tasks: list = field(default_factory=list)
     calibration: object = None  # CalibrationSpec
     output: object = None  # OutputFolder
+    eval_backend: str = "hf"  # recipe.eval.backend resolved: "hf" or "vllm"
     keep_plan: dict | None = None
 
     @cached_property
@@ -300,6 +301,9 @@ def make_plan(recipe, *, out_dir=None, overwrite: bool = False, needs_output: bo
         from moeprune.evaluate import resolve_tasks
 
         plan.tasks = resolve_tasks(recipe.eval.tasks)
+        from moeprune.evaluate.vllm_backend import resolve_backend
+
+        plan.eval_backend = resolve_backend(recipe.eval.backend, plan.device.type, option="eval.backend")
     _check_inputs(plan)
     return plan
 

@@ -83,6 +83,9 @@ class EvalConfig(_Section):
     limit: int | None = Field(None, ge=1, le=LIMIT_MAX)
     batch_size: int = Field(16, ge=1, le=BATCH_MAX)
     base: bool = Field(True, description="also evaluate the uncompressed model")
+    backend: Literal["hf", "vllm", "auto"] = Field(
+        "hf", description="hf: transformers; vllm: vLLM's offline engine on each model folder (docs/evaluation.md); "
+                          "auto: vLLM when installed and its build runs on the device")
 
 
 class MergeConfig(_Section):

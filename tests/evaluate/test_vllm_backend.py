@@ -52,6 +52,22 @@ def test_cli_refuses_a_bad_backend_and_a_missing_vllm_in_one_line():
         assert res.exit_code == 2 and res.output.count("\n") == 1 and "vLLM is not installed" in res.output
 
 
+def test_recipe_backend_vllm_without_vllm_fails_in_the_plan(tmp_path):
+    if vllm_available():
+        pytest.skip("vLLM is installed here")
+    from moeprune.cli import _register_commands, cli
+
+    _register_commands()
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("model: demo\nmethod: frequency\nratio: 0.5\neval: {tasks: [demo_arith], backend: vllm}\n")
+    res = CliRunner().invoke(cli, ["run", str(recipe), "-o", str(tmp_path / "out")])
+    assert res.exit_code == 2 and "eval.backend vllm: vLLM is not installed" in res.output
+    assert not (tmp_path / "out").exists()
+    recipe.write_text("model: demo\nmethod: frequency\nratio: 0.5\neval: {tasks: [demo_arith], backend: tgi}\n")
+    res = CliRunner().invoke(cli, ["run", str(recipe), "-o", str(tmp_path / "out")])
+    assert res.exit_code == 2 and "eval.backend" in res.output and res.output.count("\n") == 1
+
+
 # ---------------------------------------------------------------------------------------- with vLLM
 needs_vllm = pytest.mark.skipif(not vllm_available(), reason="vLLM is not installed here (CI's vLLM stage runs these)")
 
