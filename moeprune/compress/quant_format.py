@@ -42,6 +42,8 @@ class QuantResult:
     allocation: dict | None = None
     bytes_before: int = 0
     bytes_after: int = 0
+    method: str = "rtn"  # "rtn": round to nearest (uniform, and the float8 of mixed); "gptq": uniform GPTQ
+    method_details: dict | None = None  # GPTQ: options, per-layer experts solved / fallen back to RTN, seconds
 
     def to_dict(self) -> dict:
         out = asdict(self)

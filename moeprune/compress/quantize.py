@@ -30,7 +30,9 @@ from moeprune.compress.quantize_plan import CHANNEL, SUPPORTED_BITS, check_quant
 from moeprune.errors import MoePruneError
 
 __all__ = ["MixedBudget", "QuantResult", "quantize_model", "save_quantized", "write_quantized", "SUPPORTED_BITS",
-           "fake_quantize", "check_quantize", "CHANNEL", "serving_note"]
+           "fake_quantize", "check_quantize", "CHANNEL", "serving_note", "METHODS"]
+
+METHODS = ("rtn", "gptq")  # uniform mode: round to nearest, or GPTQ from calibration data (compress/gptq.py)
 
 def _qmax(bits: int) -> int:
     return 2 ** (bits - 1) - 1
@@ -71,20 +73,28 @@ def _expert_views(adapter, layer) -> list[torch.Tensor]:
     return views
 
 
-def _quantize_uniform(model: nn.Module, adapter, *, bits: int, group_size) -> QuantResult:
+def _quantize_uniform(model: nn.Module, adapter, *, bits: int, group_size, method: str = "rtn",
+                      calibration=None, gptq=None, log=None) -> QuantResult:
     spec = adapter.spec
     group_size = check_quantize(model, bits, group_size)
     plan = quant_targets(model, adapter)
     before = _weight_bytes(model)
     targets, ignore = [name for name, _ in plan.linears], plan.ignore
     modules = dict(model.named_modules())
-    with torch.no_grad():
-        for layer in adapter.layers:
-            for view in _expert_views(adapter, layer):
-                view.copy_(fake_quantize(view, bits=bits, group_size=group_size))
-        for name in targets:
-            w = modules[name].weight
-            w.copy_(fake_quantize(w, bits=bits, group_size=group_size))
+    details = None
+    if method == "gptq":
+        from moeprune.compress.gptq import GPTQOptions, gptq_quantize_layers
+
+        details = gptq_quantize_layers(model, adapter, list(calibration), bits=bits, group_size=group_size,
+                                       targets=targets, options=gptq or GPTQOptions(), log=log)
+    else:
+        with torch.no_grad():
+            for layer in adapter.layers:
+                for view in _expert_views(adapter, layer):
+                    view.copy_(fake_quantize(view, bits=bits, group_size=group_size))
+            for name in targets:
+                w = modules[name].weight
+                w.copy_(fake_quantize(w, bits=bits, group_size=group_size))
     # checkpoint keys of routed experts; the block may be renamed on disk (e.g. mlp -> block_sparse_moe)
     layer_alt = "|".join(str(layer.index) for layer in adapter.layers)
     pattern = rf"^{re.escape(spec.layers)}\.({layer_alt})\.(.+\.)?{re.escape(spec.experts)}\."
@@ -102,11 +112,12 @@ def _quantize_uniform(model: nn.Module, adapter, *, bits: int, group_size) -> Qu
                        kept_pattern=kept_pattern,
                        dense_targets=targets, ignore=ignore,
                        layer_bits={str(layer.index): bits for layer in adapter.layers},
-                       bytes_before=before, bytes_after=after)
+                       bytes_before=before, bytes_after=after, method=method, method_details=details)
 
 
 def quantize_model(model: nn.Module, *, bits: int, group_size=None, mixed: MixedBudget | None = None,
-                   importance: dict[int, float] | None = None) -> QuantResult:
+                   importance: dict[int, float] | None = None, method: str = "rtn", calibration=None,
+                   gptq=None, log=None) -> QuantResult:
     """Quantize `model` in place (weight-only) and return what `save_quantized` needs.
 
     Args:
@@ -117,14 +128,26 @@ def quantize_model(model: nn.Module, *, bits: int, group_size=None, mixed: Mixed
         mixed: a `MixedBudget`; then each MoE layer's experts are float8 or left dense, chosen to
             maximise sum(layer importance * bits) within the budget (`bits` must be 8).
         importance: {layer index: importance >= 0} (required with `mixed`), e.g. summed REAP scores.
+        method: "rtn" (round to nearest) or "gptq" (uniform mode only; needs `calibration`).
+        calibration: batches of {"input_ids", "attention_mask"} (e.g. `load_calibration(...).batches`).
+        gptq: a `moeprune.compress.gptq.GPTQOptions` (default: 1% dampening, no act-order, blocks of 128).
+        log: a callable given one line per decoder layer (GPTQ progress).
     """
     from moeprune.models import MoEAdapter
 
     if bits not in SUPPORTED_BITS:
         raise MoePruneError(f"--bits {bits} is not supported; choose one of {', '.join(map(str, SUPPORTED_BITS))}")
+    if method not in METHODS:
+        raise MoePruneError(f"quantization method {method!r} is not supported; choose one of {', '.join(METHODS)}")
+    if method == "gptq" and mixed is not None:
+        raise MoePruneError("--method gptq applies to uniform quantization; mixed precision (--mixed-budget, "
+                            "--max-bytes) is float8 per layer and uses no calibration")
+    if method == "gptq" and calibration is None:
+        raise MoePruneError("--method gptq needs calibration data")
     adapter = MoEAdapter(model)
     if mixed is None:
-        return _quantize_uniform(model, adapter, bits=bits, group_size=group_size)
+        return _quantize_uniform(model, adapter, bits=bits, group_size=group_size, method=method,
+                                 calibration=calibration, gptq=gptq, log=log)
     from moeprune.compress.quantize_mixed import quantize_mixed
 
     return quantize_mixed(model, adapter, bits=bits, budget=mixed, importance=importance)
