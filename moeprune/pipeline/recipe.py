@@ -117,6 +117,22 @@ class QuantizeConfig(_Section):
         description="average bits per expert weight: importance-aware "
                     "per-layer mix (needs bits: 8)")
     importance: str = Field("reap", description="scoring method giving each layer's importance for the mix")
+    method: Literal["rtn", "gptq"] = Field("rtn", description="uniform mode: rtn (round to nearest) or gptq (from "
+                                                              "the recipe's calibration batches)")
+    damp: float = Field(0.01, gt=0, le=1, allow_inf_nan=False,
+                        description="gptq: dampening, a fraction of mean(diag H)")
+    act_order: bool = Field(False, description="gptq: quantize columns by descending Hessian diagonal")
+    block_size: int = Field(128, ge=1, le=65536, description="gptq: columns per block")
+    min_expert_tokens: int = Field(32, ge=0, le=10**9,
+                                   description="gptq: routed experts with fewer calibration tokens are rounded to "
+                                               "nearest")
+
+    @model_validator(mode="after")
+    def _gptq_is_uniform(self) -> "QuantizeConfig":
+        if self.method == "gptq" and self.mixed_budget is not None:
+            raise ValueError("method gptq applies to uniform quantization; mixed_budget is float8 per layer and "
+                             "uses no calibration (drop one of them)")
+        return self
 
 
 RECOVER_TRAINS = {"router_kd": "router", "router_kd_block": "router", "moe_kd": "moe", "moe_kd_block": "moe",

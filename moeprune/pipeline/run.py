@@ -240,7 +240,8 @@ def _quantize_stage(report: dict, plan, ex, obs, decision, folder: Path, timer) 
     if plan.dtype != plan.source_dtype:  # the output keeps the source dtype (quantized tensors aside)
         ex.model.to(getattr(torch, plan.source_dtype))
     with timer("quantize"):
-        quant = _quantize(ex.model, plan, obs, decision.kept)
+        calibration = ex.calibration() if plan.recipe.quantize.method == "gptq" else None
+        quant = _quantize(ex.model, plan, obs, decision.kept, calibration)
     with timer("eval_quantized"):
         quant_eval = ex._evaluate(ex.model, ex.tokenizer) if plan.tasks else {}
     report["quantization"] = quant.to_dict()
@@ -254,8 +255,9 @@ def _quantize_stage(report: dict, plan, ex, obs, decision, folder: Path, timer) 
     _sizes(report, plan, folder, stage="quantized")
 
 
-def _quantize(model, plan, obs, kept: dict[int, list[int]]):
-    """Quantize the compressed model in place; layer importance = summed scores of its kept experts."""
+def _quantize(model, plan, obs, kept: dict[int, list[int]], calibration=None):
+    """Quantize the compressed model in place; layer importance = summed scores of its kept experts; GPTQ
+    calibrates on the run's calibration batches, through the compressed model."""
     from moeprune.compress.quantize import MixedBudget, quantize_model
     from moeprune.score import score_layer
 
@@ -268,6 +270,13 @@ def _quantize(model, plan, obs, kept: dict[int, list[int]]):
         for i, experts in kept.items():
             scores = score_layer(q.importance, obs.layers[i])[experts]
             importance[i] = float(scores[torch.isfinite(scores)].clamp(min=0).sum())
+    if q.method == "gptq":
+        from moeprune.compress.gptq import GPTQOptions
+
+        options = GPTQOptions(damp=q.damp, act_order=q.act_order, block_size=q.block_size,
+                              min_tokens=q.min_expert_tokens)
+        return quantize_model(model, bits=q.bits, group_size=plan.quant_group_size, method="gptq",
+                              calibration=calibration.batches, gptq=options)
     return quantize_model(model, bits=q.bits, group_size=plan.quant_group_size, mixed=mixed, importance=importance)
 
 
