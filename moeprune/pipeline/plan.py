@@ -89,6 +89,7 @@ class Plan:
     calibration: object = None  # CalibrationSpec
     output: object = None  # OutputFolder
     eval_backend: str = "hf"  # recipe.eval.backend resolved: "hf" or "vllm"
+    recovery_memory: str | None = None  # the memory table of every recovery method, when the recipe recovers
     keep_plan: dict | None = None
 
     @cached_property
@@ -99,8 +100,11 @@ class Plan:
         return CheckpointNames(self.shape.model)
 
     def summary(self) -> str:
-        return (f"plan: {self.method.name} on {self.shape.spec.name}, {self.dtype} on {self.device}, "
+        line = (f"plan: {self.method.name} on {self.shape.spec.name}, {self.dtype} on {self.device}, "
                 f"execution {self.execution} ({self.execution_reason})")
+        if self.recovery_memory:
+            line += "\nrecovery memory per process (docs/scale.md):\n" + self.recovery_memory
+        return line
 
 
 def _model_bytes(meta, dtype: str) -> int:
@@ -209,14 +213,50 @@ def _quantize(recipe, shape, execution: str) -> int | None:
     return check_quantize(shape.model, q.bits, q.group_size, option="quantize.group_size")
 
 
+def recovery_rows(plan: "Plan") -> list:
+    """The memory of every recovery method on this plan's model, dtype, execution and recipe (per process)."""
+    from moeprune.recover.memory import METHODS, recovery_memory
+
+    r, c = plan.recipe.recover, plan.recipe.calibration
+    step = c.batch_size * (c.max_length or min(512, _context(plan.shape.config) or 512))
+    return [recovery_memory(plan.shape, method=m, dtype=plan.dtype, n_keep=plan.n_keep, execution=plan.execution,
+                            batch_tokens=r.batch_tokens, step_tokens=step, top_k=r.top_k, target_tokens=r.tokens)
+            for m in METHODS]
+
+
+def _check_recover_memory(plan: "Plan") -> None:
+    """Refuse, before any weight is read, a recovery method that cannot fit this run's memory budget (or a
+    logit-KD method under layer-wise execution, which holds the whole model), naming the ones that fit."""
+    from moeprune.recover.memory import memory_table
+
+    r = plan.recipe.recover
+    if r is None or r.method == "none":
+        return
+    rows = recovery_rows(plan)
+    plan.recovery_memory = memory_table(rows, plan.max_memory)
+    mine = next(row for row in rows if row.method == r.method)
+    fits = [row.method for row in rows if row.total <= plan.max_memory
+            and not (plan.execution == "layerwise" and not row.method.endswith("_block"))]
+    alternatives = (f"methods that fit: {', '.join(fits)}" if fits else "no recovery method fits; raise max_memory "
+                    "or drop recover")
+    if r.logit_kd and plan.execution == "layerwise":
+        raise MoePruneError(f"recover: {r.method} trains the whole compressed model in memory and this run is "
+                            f"layer-wise (it would need {mine.total / 1e9:.2f} GB: weights {mine.weights / 1e9:.2f} + "
+                            f"training state {mine.state / 1e9:.2f} + activations {mine.activations / 1e9:.2f} + "
+                            f"teacher targets {mine.targets / 1e9:.2f}); {alternatives} (or set execution: memory "
+                            "with a larger max_memory)")
+    if mine.total > plan.max_memory:
+        raise MoePruneError(f"recover: {r.method} needs about {mine.total / 1e9:.2f} GB per process (weights "
+                            f"{mine.weights / 1e9:.2f} + training state {mine.state / 1e9:.2f} + activations "
+                            f"{mine.activations / 1e9:.2f} + teacher targets {mine.targets / 1e9:.2f}), over the "
+                            f"{plan.max_memory / 1e9:.2f} GB budget; {alternatives}, or lower calibration.batch_size "
+                            "/ recover.tokens")
+
+
 def _check_recover(recipe, shape, execution: str) -> None:
     r = recipe.recover
     if r is None:
         return
-    if r.logit_kd and execution == "layerwise":
-        raise MoePruneError(f"recover: {r.method} trains the whole compressed model in memory and this run is "
-                            f"layer-wise; use method: {r.method}_block (layer by layer), or set execution: memory "
-                            "with a larger max_memory, or drop recover")
     from moeprune.recover.blockwise import gate_candidates
     from moeprune.recover import trainable_parameters
 
@@ -294,6 +334,7 @@ def make_plan(recipe, *, out_dir=None, overwrite: bool = False, needs_output: bo
     method.check(plan)
     plan.collect = tuple(method.needs)
     _check_recover(recipe, shape, plan.execution)
+    _check_recover_memory(plan)
     if method.needs_observations or method.needs_layer_inputs or recipe.recover is not None:
         plan.calibration = _calibration(recipe, shape.config)
     plan.quant_group_size = _quantize(recipe, shape, plan.execution)

@@ -1,0 +1,121 @@
+"""The memory each recovery method needs, per process, from the model built on the meta device and the recipe:
+computed before any weight is read, so the plan can refuse a recovery that cannot fit and say what would.
+
+Per method (d = bytes per element of the compute dtype; shapes after pruning to `n_keep` experts per layer):
+
+- **weights**: logit KD (`router_kd`, `moe_kd`) holds the whole model; the original model's targets are taken
+  before surgery, so the peak is the unpruned model's bytes. Block methods under layer-wise execution hold the
+  largest decoder layer; in memory, the whole model.
+- **training state**: every trained parameter keeps a float32 master copy (4 B), its gradient in the compute
+  dtype (d) and in float32 (4 B), and two Adam moments (8 B): (16 + d) bytes per trained parameter. Logit KD
+  trains every MoE layer at once; block methods one layer at a time (the largest).
+- **activations**: one training batch of T tokens (logit KD: calibration batch_size x max_length; block methods:
+  recover.batch_tokens) keeps, per decoder layer it runs through, about 24 hidden-sized tensors for the backward
+  pass, plus the logits in float32 with their log-softmax and gradient (3 x 4 B per vocabulary entry) for logit
+  KD: T x (layers x 24 x hidden x d + 12 x vocab). An estimate of what autograd keeps, not a measurement.
+- **teacher targets** (logit KD): recover.top_k log-probabilities (4 B) and token ids (8 B) per training token,
+  for recover.tokens training tokens (its default when the recipe leaves it unset).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+__all__ = ["RecoveryMemory", "recovery_memory", "memory_table", "ADAM_STATE_BYTES", "SAVED_PER_LAYER"]
+
+ADAM_STATE_BYTES = 16  # float32 master (4) + float32 gradient (4) + two float32 moments (8), plus d for the grad
+SAVED_PER_LAYER = 24  # hidden-sized tensors autograd keeps per decoder layer and token (estimate)
+_DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "float64": 8}
+METHODS = ("router_kd", "moe_kd", "router_kd_block", "moe_kd_block")
+
+
+@dataclass(frozen=True)
+class RecoveryMemory:
+    """Bytes one process needs for one recovery method."""
+
+    method: str
+    trained_params: int
+    weights: int
+    state: int
+    activations: int
+    targets: int
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.state + self.activations + self.targets
+
+
+def _numel(params) -> int:
+    seen, n = set(), 0
+    for p in params:
+        if id(p) not in seen:
+            seen.add(id(p))
+            n += p.numel()
+    return n
+
+
+def _expert_params(adapter, layer) -> int:
+    return sum(getattr(layer.experts, t).numel() for t in adapter.spec.layout.tensors)
+
+
+def recovery_memory(adapter, *, method: str, dtype: str, n_keep: int | None, execution: str, batch_tokens: int,
+                    step_tokens: int, top_k: int, target_tokens: int) -> RecoveryMemory:
+    """The memory of `method` on the model `adapter` wraps (built on the meta device): see the module docstring.
+    `step_tokens`: tokens of one logit-KD training batch; `batch_tokens`: tokens of one block-method step;
+    `target_tokens`: training tokens whose teacher targets are kept."""
+    from moeprune.recover.block import layer_trainable_parameters
+
+    d = _DTYPE_BYTES[dtype]
+    config = adapter.config
+    hidden, vocab = int(config.hidden_size), int(config.vocab_size)
+    model_params = _numel(adapter.model.parameters())
+    trains = "router" if method.startswith("router") else "moe"
+    trained_per_layer = {}
+    for layer in adapter.layers:
+        n = _numel(layer_trainable_parameters(adapter, layer, trains).values())
+        if n_keep is not None:  # after pruning: the kept experts and their router rows only
+            e = layer.num_experts
+            router = _numel(layer_trainable_parameters(adapter, layer, "router").values())
+            n -= router - router * n_keep // e
+            if trains == "moe":
+                experts = _expert_params(adapter, layer)
+                n -= experts - experts * n_keep // e
+        trained_per_layer[layer.index] = n
+    block = method.endswith("_block")
+    if block:
+        trained = max(trained_per_layer.values())
+        layers_run = 1
+        tokens = batch_tokens
+        weights = _largest_layer_bytes(adapter, d) if execution == "layerwise" else model_params * d
+        logits = 0
+        targets = 0
+    else:
+        trained = sum(trained_per_layer.values())
+        layers_run = int(config.num_hidden_layers)
+        tokens = step_tokens
+        weights = model_params * d
+        logits = 12 * vocab
+        targets = target_tokens * min(top_k, vocab) * 12
+    state = trained * (ADAM_STATE_BYTES + d)
+    activations = tokens * (layers_run * SAVED_PER_LAYER * hidden * d + logits)
+    return RecoveryMemory(method, trained, weights, state, activations, targets)
+
+
+def _largest_layer_bytes(adapter, d: int) -> int:
+    model = adapter.model
+    layers = model.get_decoder().layers if hasattr(model, "get_decoder") else model.model.layers
+    return max(_numel(layer.parameters()) for layer in layers) * d
+
+
+def memory_table(rows: list[RecoveryMemory], budget: int | None) -> str:
+    """The rows as a text table (GB), with whether each fits `budget`."""
+    head = f"{'recovery':<16}{'trained':>14}{'weights':>10}{'state':>10}{'activ.':>10}{'targets':>10}{'total':>10}"
+    lines = [head + ("  fits" if budget else "")]
+    for r in rows:
+        gb = lambda n: f"{n / 1e9:.2f}"  # noqa: E731
+        line = (f"{r.method:<16}{r.trained_params:>14,}{gb(r.weights):>10}{gb(r.state):>10}{gb(r.activations):>10}"
+                f"{gb(r.targets):>10}{gb(r.total):>10}")
+        if budget:
+            line += "  yes" if r.total <= budget else "  no"
+        lines.append(line)
+    return "\n".join(lines) + ("\n(GB; budget " + f"{budget / 1e9:.2f} GB)" if budget else "\n(GB)")

@@ -1,0 +1,116 @@
+"""The recovery memory the plan computes, on the public shapes of real MoE models (meta device: no memory, no
+weights), against hand computations from their config numbers; and the plan's refusals."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from click.testing import CliRunner
+from transformers import AutoModelForCausalLM
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+from moeprune.models import MoEAdapter
+from moeprune.recover.memory import ADAM_STATE_BYTES, SAVED_PER_LAYER, memory_table, recovery_memory
+
+# public config numbers (the models' config.json on the hub)
+REAL = {
+    "mixtral-8x7b": ("mixtral", dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                                     num_attention_heads=32, num_key_value_heads=8, num_local_experts=8,
+                                     num_experts_per_tok=2, vocab_size=32000)),
+    "qwen3-30b-a3b": ("qwen3_moe", dict(hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768,
+                                        num_hidden_layers=48, num_attention_heads=32, num_key_value_heads=4,
+                                        head_dim=128, num_experts=128, num_experts_per_tok=8, vocab_size=151936,
+                                        norm_topk_prob=True)),
+    "olmoe-1b-7b": ("olmoe", dict(hidden_size=2048, intermediate_size=1024, num_hidden_layers=16,
+                                  num_attention_heads=16, num_key_value_heads=16, num_experts=64,
+                                  num_experts_per_tok=8, vocab_size=50304)),
+    "deepseek-v2-lite": ("deepseek_v2", dict(hidden_size=2048, intermediate_size=10944, moe_intermediate_size=1408,
+                                             num_hidden_layers=27, num_attention_heads=16, num_key_value_heads=16,
+                                             n_routed_experts=64, n_shared_experts=2, num_experts_per_tok=6,
+                                             first_k_dense_replace=1, kv_lora_rank=512, q_lora_rank=None,
+                                             qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128,
+                                             vocab_size=102400, n_group=1, topk_group=1)),
+}
+# routed experts' (gate, up, down) widths and MoE layer counts, from the numbers above
+EXPERTS = {"mixtral-8x7b": (4096, 14336, 8, 32), "qwen3-30b-a3b": (2048, 768, 128, 48),
+           "olmoe-1b-7b": (2048, 1024, 64, 16), "deepseek-v2-lite": (2048, 1408, 64, 26)}
+
+
+def _meta(name: str) -> MoEAdapter:
+    model_type, numbers = REAL[name]
+    config = CONFIG_MAPPING[model_type](**numbers)
+    with torch.device("meta"):
+        return MoEAdapter(AutoModelForCausalLM.from_config(config))
+
+
+@pytest.mark.parametrize("name", sorted(REAL))
+def test_router_kd_trains_the_kept_router_rows(name):
+    hidden, _, e, layers = EXPERTS[name]
+    adapter = _meta(name)
+    mem = recovery_memory(adapter, method="router_kd", dtype="bfloat16", n_keep=e // 2, execution="memory",
+                          batch_tokens=512, step_tokens=4096, top_k=64, target_tokens=100_000)
+    assert mem.trained_params == layers * (e // 2) * hidden  # one (E, hidden) router per MoE layer, kept rows
+    assert mem.state == mem.trained_params * (ADAM_STATE_BYTES + 2)
+    assert mem.targets == 100_000 * 64 * 12
+    params = sum(p.numel() for p in adapter.model.parameters())
+    assert mem.weights == params * 2  # the whole (unpruned) model in bf16: the teacher runs before surgery
+
+
+@pytest.mark.parametrize("name", sorted(REAL))
+def test_moe_kd_trains_kept_experts_shared_experts_and_routers(name):
+    hidden, inter, e, layers = EXPERTS[name]
+    adapter = _meta(name)
+    keep = e // 2
+    mem = recovery_memory(adapter, method="moe_kd", dtype="bfloat16", n_keep=keep, execution="memory",
+                          batch_tokens=512, step_tokens=4096, top_k=64, target_tokens=0)
+    kept_experts = layers * keep * 3 * hidden * inter
+    routers = layers * keep * hidden
+    shared = mem.trained_params - kept_experts - routers
+    assert shared >= 0  # shared experts (and shared-expert gates) are trained too; Mixtral/Qwen3/OLMoE have none
+    if name != "deepseek-v2-lite":
+        assert shared == 0
+    else:  # 2 shared experts of width 1408 each, fused into one MLP of 2816 per MoE layer
+        assert shared == layers * 3 * hidden * 2 * 1408
+    cfg = adapter.config
+    assert mem.activations == 4096 * (cfg.num_hidden_layers * SAVED_PER_LAYER * hidden * 2 + 12 * cfg.vocab_size)
+
+
+def test_the_qwen3_30b_table_says_what_fits_one_80_gb_gpu():
+    adapter = _meta("qwen3-30b-a3b")
+    rows = [recovery_memory(adapter, method=m, dtype="bfloat16", n_keep=64, execution="memory", batch_tokens=512,
+                            step_tokens=512, top_k=64, target_tokens=262_144)
+            for m in ("router_kd", "moe_kd", "router_kd_block", "moe_kd_block")]
+    by = {r.method: r for r in rows}
+    assert by["moe_kd"].total > 240e9  # ~16 B per trained parameter for ~15 B kept expert parameters
+    assert by["router_kd"].total < 80e9  # the model in bf16 (61 GB) plus a small router state
+    table = memory_table(rows, 80 * 10**9)
+    assert "router_kd" in table and table.count("  yes") >= 1 and "moe_kd " in table
+
+
+def test_layerwise_block_methods_hold_one_layer():
+    adapter = _meta("mixtral-8x7b")
+    lw = recovery_memory(adapter, method="moe_kd_block", dtype="bfloat16", n_keep=4, execution="layerwise",
+                         batch_tokens=512, step_tokens=4096, top_k=64, target_tokens=0)
+    per_layer_experts = 8 * 3 * 4096 * 14336
+    assert per_layer_experts * 2 < lw.weights < per_layer_experts * 2 * 1.1  # one decoder layer, unpruned
+    assert lw.trained_params == 4 * 3 * 4096 * 14336 + 4 * 4096
+
+
+def _cli(*args):
+    from moeprune.cli import _register_commands, cli
+
+    _register_commands()
+    return CliRunner().invoke(cli, list(args))
+
+
+def test_plan_refuses_a_recovery_over_budget_naming_what_fits(tmp_path):
+    res = _cli("run", "recipes/general-50.yaml", "-o", str(tmp_path / "o"), "--set", "execution=memory",
+               "--set", "max_memory=300MB", "--set", "recover.tokens=2000000")
+    assert res.exit_code == 2, res.output
+    assert "recover: moe_kd needs about" in res.output and "methods that fit: " in res.output
+    assert "router_kd_block" in res.output and not (tmp_path / "o").exists()
+
+
+def test_plan_refuses_logit_kd_under_layerwise_with_its_memory(tmp_path):
+    res = _cli("run", "recipes/general-50.yaml", "-o", str(tmp_path / "o"), "--set", "execution=layerwise")
+    assert res.exit_code == 2 and "layer-wise (it would need" in res.output and "moe_kd_block" in res.output
