@@ -48,6 +48,7 @@ class GPTQOptions:
     act_order: bool = False
     block_size: int = 128
     min_tokens: int = 32
+    sequential: bool = True  # False: every layer calibrates on the unquantized model's inputs (for comparison)
 
     def __post_init__(self):
         if not (isinstance(self.damp, (int, float)) and 0 < self.damp <= 1):
@@ -59,7 +60,7 @@ class GPTQOptions:
 
     def to_dict(self) -> dict:
         return {"damp": self.damp, "act_order": self.act_order, "block_size": self.block_size,
-                "min_tokens": self.min_tokens}
+                "min_tokens": self.min_tokens, "sequential": self.sequential}
 
 
 @dataclass
@@ -418,6 +419,8 @@ def gptq_quantize_layers(model, adapter, batches: list[dict], *, bits: int, grou
                     _run_layer(layer, index, batch)
             finally:
                 hs.detach()
+            if not options.sequential:  # the next layer's inputs from this layer unquantized
+                outputs = [_run_layer(layer, index, batch).detach() for batch in inputs]
             record = {"linears": len(hs.linears), "rtn_linears": []}
             for name, module in hs.linears.items():
                 acc = hs.acc[name]
@@ -433,8 +436,8 @@ def gptq_quantize_layers(model, adapter, batches: list[dict], *, bits: int, grou
             if moe is not None:
                 record.update(_solve_experts(adapter, moe, hs, solve, options, bits, group_size))
             del hs
-            for batch in inputs:  # the next layer's inputs: this layer's outputs, quantized
-                batch["hidden"] = _run_layer(layer, index, batch).detach()
+            for i, batch in enumerate(inputs):  # the next layer's inputs: this layer's outputs, quantized
+                batch["hidden"] = _run_layer(layer, index, batch).detach() if options.sequential else outputs[i]
             record["seconds"] = round(time.perf_counter() - start, 3)
             summary["layers"][str(index)] = record
             if log:
