@@ -9,6 +9,7 @@ import shutil
 
 import pytest
 from click.testing import CliRunner
+from cli_checks import one_error_line
 
 from moeprune.checkpoint.model_dir import DEMO_MODEL_DIR
 
@@ -18,15 +19,6 @@ def _cli(*args: str):
 
     _register_commands()
     return CliRunner().invoke(cli, list(args))
-
-
-def _one_error_line(done, *parts: str) -> str:
-    assert done.exit_code == 2, (done.exit_code, done.output)
-    lines = done.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("Error: "), done.stderr
-    for part in parts:
-        assert part in lines[0], lines[0]
-    return lines[0]
 
 
 def _model(tmp_path, **changes):
@@ -87,7 +79,7 @@ BAD = [
 def test_bad_config_value_is_one_line_naming_config_json_and_the_field(tmp_path, field, value):
     model = _model(tmp_path, **{field: value})
     name = field.replace("__", ".")
-    line = _one_error_line(_cli("inspect", str(model)), "config.json", name)
+    line = one_error_line(_cli("inspect", str(model)), "config.json", name)
     assert line.count("Error:") == 1
 
 
@@ -96,7 +88,7 @@ def test_nan_eps_is_refused_by_run_before_any_output(tmp_path):
     model = _model(tmp_path, rms_norm_eps=float("nan"))
     recipe = tmp_path / "r.yaml"
     recipe.write_text(f"model: {model}\nmethod: frequency\nratio: 0.25\n")
-    _one_error_line(_cli("run", str(recipe), "-o", str(tmp_path / "out")), "config.json", "rms_norm_eps", "NaN")
+    one_error_line(_cli("run", str(recipe), "-o", str(tmp_path / "out")), "config.json", "rms_norm_eps", "NaN")
     assert not (tmp_path / "out").exists()
 
 
@@ -117,7 +109,7 @@ def test_values_at_the_bounds_are_accepted(tmp_path):
     assert done.exit_code == 0, done.output
     recipe = tmp_path / "r.yaml"
     recipe.write_text(f"model: {model}\nmethod: frequency\nratio: 0.25\n")
-    line = _one_error_line(_cli("run", str(recipe), "-o", str(tmp_path / "out")), "top-k=16 of its 16 experts")
+    line = one_error_line(_cli("run", str(recipe), "-o", str(tmp_path / "out")), "top-k=16 of its 16 experts")
     assert "keep at least" not in line and "keep between" not in line  # never a count beyond the experts
 
 

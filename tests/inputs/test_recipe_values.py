@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import yaml
 from click.testing import CliRunner
+from cli_checks import one_error_line
 
 from moeprune.pipeline.recipe import Recipe
 
@@ -27,15 +28,6 @@ def _run(tmp_path, data: dict, *sets: str):
     for s in sets:
         args += ["--set", s]
     return _cli(*args)
-
-
-def _one_error_line(done, *parts: str) -> str:
-    assert done.exit_code == 2, (done.exit_code, done.output)
-    lines = done.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("Error: "), done.stderr
-    for part in parts:
-        assert part in lines[0], lines[0]
-    return lines[0]
 
 
 # (--set override, the field the message must name, extra recipe data)
@@ -108,7 +100,7 @@ BAD = [
 
 @pytest.mark.parametrize("override,field,extra", BAD, ids=[b[0] for b in BAD])
 def test_out_of_range_value_is_one_error_line_naming_the_field(tmp_path, override, field, extra):
-    line = _one_error_line(_run(tmp_path, {**BASE, **extra}, override), "recipe.yaml", field)
+    line = one_error_line(_run(tmp_path, {**BASE, **extra}, override), "recipe.yaml", field)
     assert "Traceback" not in line
     assert not (tmp_path / "out").exists()
 
@@ -147,16 +139,16 @@ def test_every_numeric_field_is_bounded():
 @pytest.mark.parametrize("override,field", [("max_memory=-5", "max_memory"), ("max_shard_size=0", "max_shard_size"),
                                             ("max_shard_size=lots", "max_shard_size")])
 def test_sizes_that_are_not_positive_fail_in_the_plan(tmp_path, override, field):
-    _one_error_line(_run(tmp_path, BASE, override), f"{field}:")
+    one_error_line(_run(tmp_path, BASE, override), f"{field}:")
     assert not (tmp_path / "out").exists()
 
 
 def test_messages_state_the_range_and_the_value(tmp_path):
-    line = _one_error_line(_run(tmp_path, {**BASE, **KD}, "recover.lr=.inf"), "'recover.lr'")
+    line = one_error_line(_run(tmp_path, {**BASE, **KD}, "recover.lr=.inf"), "'recover.lr'")
     assert "finite number in (0, 10]" in line and "got Infinity" in line
-    line = _one_error_line(_run(tmp_path, BASE, "calibration.batch_size=0"))
+    line = one_error_line(_run(tmp_path, BASE, "calibration.batch_size=0"))
     assert "an integer in [1, 4096]" in line and "got 0" in line
-    line = _one_error_line(_run(tmp_path, BASE, "quantize.group_size=abc"), "'quantize.group_size'")
+    line = one_error_line(_run(tmp_path, BASE, "quantize.group_size=abc"), "'quantize.group_size'")
     assert "'auto'" in line and "'channel'" in line and "[1, 65536]" in line
 
 
@@ -183,11 +175,11 @@ def test_values_at_the_bounds_are_accepted(data):
 def test_generate_beyond_the_context_fails_in_the_plan(tmp_path):
     """The demo model's context is 512 tokens: 100000 new tokens ran until killed; now one line, no weights read."""
     data = {**BASE, "recover": {"method": "router_kd", "generate": {"max_new_tokens": 100000}}}
-    line = _one_error_line(_run(tmp_path, data), "recover.generate.max_new_tokens", "512")
+    line = one_error_line(_run(tmp_path, data), "recover.generate.max_new_tokens", "512")
     assert "at most 508" in line
     assert not (tmp_path / "out").exists()
     data["recover"]["generate"] = {"prompt_tokens": 512}
-    _one_error_line(_run(tmp_path, data), "recover.generate.prompt_tokens", "at most 511")
+    one_error_line(_run(tmp_path, data), "recover.generate.prompt_tokens", "at most 511")
     # the largest continuation that fits passes the plan
     from moeprune.pipeline.plan import make_plan
 
