@@ -465,4 +465,4 @@ def _solve_experts(adapter, moe, hs: HessianSet, solve: dict, options: GPTQOptio
         for j in thin:
             view[j] = fake_quantize(view[j], bits=bits, group_size=group_size)
     return {"gptq_experts": len(enough), "rtn_experts": sorted(fallback),
-            "expert_rows_min": int(rows.min()), "expert_rows_max": int(rows.max())}
+            "expert_rows_min": int(rows.min()), "expert_rows_max": int(rows.max()), "expert_rows": int(rows.sum())}

@@ -185,6 +185,28 @@ def test_unreached_experts_fall_back_to_rtn():
         assert torch.isfinite(model(_batches(1, 8, 5)[0]["input_ids"]).logits).all()
 
 
+@pytest.mark.parametrize("model_type", ["mixtral", "gpt_oss", "deepseek_v3", "qwen3_next", "jamba"])
+def test_families_route_every_unpadded_token_into_the_expert_hessians(model_type):
+    # gpt_oss: transposed experts with biases; deepseek_v3: a dense first layer and shared experts;
+    # qwen3_next: linear attention; jamba: mamba layers
+    base = tiny_model(model_type).eval()
+    model = copy.deepcopy(base)
+    calib = _batches(2, 16, 0)
+    calib[1]["attention_mask"][1, 10:] = 0  # 6 padding tokens stay out of every Hessian
+    result = quantize_model(model, bits=4, group_size=16, method="gptq", calibration=calib,
+                            gptq=GPTQOptions(min_tokens=1))
+    top_k = MoEAdapter(base).top_k
+    adapter = MoEAdapter(model)
+    for layer in adapter.layers:
+        record = result.method_details["layers"][str(layer.index)]
+        assert record["expert_rows"] == (2 * 4 * 16 - 6) * top_k
+        assert record["gptq_experts"] + len(record["rtn_experts"]) == layer.num_experts
+        for view in _expert_views(adapter, layer):
+            assert torch.isfinite(view).all()
+    with torch.no_grad():
+        assert torch.isfinite(model(calib[0]["input_ids"]).logits).all()
+
+
 def test_thin_experts_fall_back_below_min_tokens():
     model = tiny_model("qwen3_moe").eval()
     result = quantize_model(model, bits=4, group_size=32, method="gptq", calibration=_batches(1, 8, 0),
