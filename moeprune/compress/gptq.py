@@ -257,10 +257,11 @@ class HessianSet:
         for name, module in self.linears.items():
             acc = self.acc[name]
 
-            def hook(_m, args, acc=acc):
-                acc.add(self._valid(args[0].detach()))
+            def hook(_m, args, kwargs, acc=acc):
+                x = args[0] if args else kwargs.get("input")
+                acc.add(self._valid(x.detach()))
 
-            self._handles.append(module.register_forward_pre_hook(hook))
+            self._handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
         if self.moe is not None:
             experts = self.moe.experts
             experts.forward = types.MethodType(_observed_experts(self), experts)

@@ -185,7 +185,11 @@ def test_unreached_experts_fall_back_to_rtn():
         assert torch.isfinite(model(_batches(1, 8, 5)[0]["input_ids"]).logits).all()
 
 
-@pytest.mark.parametrize("model_type", ["mixtral", "gpt_oss", "deepseek_v3", "qwen3_next", "jamba"])
+SLOW = pytest.mark.slow
+
+
+@pytest.mark.parametrize("model_type", ["mixtral", "gpt_oss", pytest.param("deepseek_v3", marks=SLOW),
+                                        pytest.param("qwen3_next", marks=SLOW), pytest.param("jamba", marks=SLOW)])
 def test_families_route_every_unpadded_token_into_the_expert_hessians(model_type):
     # gpt_oss: transposed experts with biases; deepseek_v3: a dense first layer and shared experts;
     # qwen3_next: linear attention; jamba: mamba layers
@@ -215,7 +219,8 @@ def test_thin_experts_fall_back_below_min_tokens():
     assert result.method == "gptq" and result.to_dict()["method"] == "gptq"
 
 
-@pytest.mark.parametrize("bits,group_size", [(4, 32), (4, CHANNEL), (8, 32)])
+@pytest.mark.parametrize("bits,group_size", [(4, 32), pytest.param(4, CHANNEL, marks=SLOW),
+                                             pytest.param(8, 32, marks=SLOW)])
 def test_heldout_output_error_is_below_rtn(bits, group_size):
     base = tiny_model("qwen3_moe").eval()
     calib, heldout = _batches(6, 32, 0), _batches(3, 32, 1)  # disjoint random tokens
@@ -313,7 +318,7 @@ def test_cli_gptq_checkpoint_reloads_in_stock_transformers(tiny_dir, tmp_path):
     from moeprune.observe.calibration import load_calibration, parse_calibration_spec
 
     out = tmp_path / "q"
-    args = ["--method", "gptq", "--calib", "demo:4", "--max-length", "32", "--batch-size", "4", "--group-size", "32",
+    args = ["--method", "gptq", "--calib", "demo:1", "--max-length", "32", "--batch-size", "8", "--group-size", "32",
             "--act-order"]
     result = CliRunner().invoke(cli, ["quantize", str(tiny_dir), "-o", str(out), *args])
     assert result.exit_code == 0, result.output
@@ -321,8 +326,8 @@ def test_cli_gptq_checkpoint_reloads_in_stock_transformers(tiny_dir, tmp_path):
     assert record["method"] == "gptq" and record["method_details"]["options"]["act_order"] is True
     # the same run in memory (deterministic) gives the logits the reloaded checkpoint must give
     model = load_model(tiny_dir).eval()
-    spec = parse_calibration_spec("demo:4", max_length=32)
-    calib = load_calibration(spec, load_tokenizer(tiny_dir), batch_size=4)
+    spec = parse_calibration_spec("demo:1", max_length=32)
+    calib = load_calibration(spec, load_tokenizer(tiny_dir), batch_size=8)
     quantize_model(model, bits=4, group_size=32, method="gptq", calibration=calib.batches,
                    gptq=GPTQOptions(act_order=True))
     ids = torch.randint(3, 128, (2, 9), generator=torch.Generator().manual_seed(0))
