@@ -7,7 +7,7 @@
 # Builds the vLLM environment first when it is absent (scripts/build_vllm_env.sh, cached by version).
 # Outputs that must agree on >= 90%: the demo model; its REAP-pruned (50%), hc_smoe- and m_smoe-merged
 # outputs; tiny random models of every family vLLM CPU runs (float32, prefix agreement: exact expected);
-# the demo's default 4-bit output and REAP-50% then 4-bit (bfloat16, per-token agreement: vLLM CPU runs
+# the demo's default 4-bit output, REAP-50% then 4-bit and GPTQ 4-bit (bfloat16, per-token agreement: vLLM CPU runs
 # int4 experts with int8 activations; scripts/check_vllm.py says why) — on CPUs with AMX tiles, the only
 # ones vLLM CPU's int4 MoE kernel runs on; elsewhere they move to the expected failures below.
 # Outputs vLLM CPU is known not to serve (8-bit: no int8 weight-only kernel; mixed precision: labelled
@@ -49,6 +49,7 @@ mp merge demo --method m_smoe --ratio 0.5 --observations "$WORK/obs" -o "$WORK/d
 mp quantize demo --bits 4 -o "$WORK/demo-int4"
 mp quantize demo --bits 8 -o "$WORK/demo-int8"
 mp quantize "$WORK/demo-reap50" --bits 4 -o "$WORK/demo-reap50-int4"
+mp quantize demo --bits 4 --method gptq --calib demo:64 --max-length 128 -o "$WORK/demo-gptq-int4"
 mp quantize demo --bits 8 --mixed-budget 12 --observations "$WORK/obs" -o "$WORK/demo-mixed"
 # shellcheck disable=SC2086
 python scripts/make_tiny_models.py "$WORK/tiny" $VLLM_CPU_FAMILIES >>"$WORK/moeprune.log" 2>&1
@@ -57,7 +58,7 @@ echo "outputs written after $(( $(date +%s) - stage_start ))s"
 # vLLM CPU's int4 MoE kernel (CPUExpertsInt4) needs AMX tiles; without them vLLM refuses int4 MoE
 # checkpoints ("No WNA16 MoE backend supports the deployment configuration"), so they are expected to fail
 # there, and the stage fails if they start to pass (docs/serving.md).
-INT4=("$WORK"/demo-int4 "$WORK"/demo-reap50-int4)
+INT4=("$WORK"/demo-int4 "$WORK"/demo-reap50-int4 "$WORK"/demo-gptq-int4)
 if "$MOEPRUNE_VLLM_PYTHON" -c "import sys, torch; sys.exit(0 if torch.cpu._is_amx_tile_supported() else 1)"; then
   AGREE_INT4=("${INT4[@]}"); FAIL_INT4=()
 else
