@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from moeprune.compress.quantize_plan import CHANNEL
+from moeprune.compress.rtn import expert_views, fake_quantize, scale_floor
 from moeprune.errors import MoePruneError
 
 __all__ = ["GPTQOptions", "GPTQWeight", "gptq_solve", "gptq_quantize_layers", "HessianSet"]
@@ -74,16 +75,11 @@ class GPTQWeight:
     fallback: list[int] = field(default_factory=list)
 
 
-def _floor(dtype: torch.dtype) -> float:
-    """The smallest scale (as `quantize._group_scale`): an all-zero group quantizes to exact zeros."""
-    return max(1e-12, torch.finfo(dtype).tiny) if dtype.is_floating_point else 1e-12
-
-
 def _group_scales(w: torch.Tensor, qmax: int, dtype: torch.dtype):
     """For groups w (..., out, g): scale (..., out) rounded to `dtype`, the index of the element that sets it,
     and that element's sign (0 for an all-zero group)."""
     amax, idx = w.abs().max(dim=-1)
-    scale = (amax / qmax).clamp(min=_floor(dtype)).to(dtype).to(w.dtype)
+    scale = (amax / qmax).clamp(min=scale_floor(dtype)).to(dtype).to(w.dtype)
     sign = torch.sign(w.gather(-1, idx.unsqueeze(-1)).squeeze(-1))
     return scale, idx, sign
 
@@ -240,9 +236,7 @@ class HessianSet:
         self._handles: list = []
         self.expert_acc: dict[str, _Accumulator] = {}
         if moe_layer is not None:
-            from moeprune.compress.quantize import _expert_views
-
-            gu, dn = _expert_views(adapter, moe_layer)
+            gu, dn = expert_views(adapter, moe_layer)
             device = gu.device
             self.expert_acc = {"gate_up": _Accumulator(gu.shape[-1], gu.shape[0], device),
                                "down": _Accumulator(dn.shape[-1], dn.shape[0], device)}
@@ -273,6 +267,18 @@ class HessianSet:
         self._handles = []
         if self.moe is not None and "forward" in vars(self.moe.experts):
             del self.moe.experts.forward
+
+    def accumulate(self, layer: nn.Module, index: int, inputs: list[dict]) -> "HessianSet":
+        """Run decoder layer `index` over its captured `inputs` with the hooks attached (padding masked out);
+        the hooks are gone when this returns, whatever happens."""
+        self.attach()
+        try:
+            for batch in inputs:
+                self.mask = batch["mask"]
+                _run_layer(layer, index, batch)
+        finally:
+            self.detach()
+        return self
 
 
 def _expert_hidden(adapter, layer, j: int, x: torch.Tensor) -> torch.Tensor:
@@ -381,7 +387,6 @@ def gptq_quantize_layers(model, adapter, batches: list[dict], *, bits: int, grou
     `targets` are the nn.Linear names to quantize (`quant_targets`); every routed expert tensor is quantized.
     Returns what was done: per-layer counts of GPTQ / RTN experts, the fallbacks, seconds per layer.
     """
-    from moeprune.compress.quantize import fake_quantize
     from moeprune.models.adapter import _get_path
 
     spec = adapter.spec
@@ -413,13 +418,8 @@ def gptq_quantize_layers(model, adapter, batches: list[dict], *, bits: int, grou
         inputs = _capture_inputs(model, layers, batches)
         for index, layer in enumerate(layers):
             start = time.perf_counter()
-            hs = HessianSet(adapter, f"{prefix}{index}.", by_layer.get(index, {}), moe_by_index.get(index)).attach()
-            try:
-                for batch in inputs:
-                    hs.mask = batch["mask"]
-                    _run_layer(layer, index, batch)
-            finally:
-                hs.detach()
+            hs = HessianSet(adapter, f"{prefix}{index}.", by_layer.get(index, {}), moe_by_index.get(index))
+            hs.accumulate(layer, index, inputs)
             if not options.sequential:  # the next layer's inputs from this layer unquantized
                 outputs = [_run_layer(layer, index, batch).detach() for batch in inputs]
             record = {"linears": len(hs.linears), "rtn_linears": []}
@@ -449,9 +449,7 @@ def gptq_quantize_layers(model, adapter, batches: list[dict], *, bits: int, grou
 
 
 def _solve_experts(adapter, moe, hs: HessianSet, solve: dict, options: GPTQOptions, bits: int, group_size: int):
-    from moeprune.compress.quantize import _expert_views, fake_quantize
-
-    views = dict(zip(("gate_up", "down"), _expert_views(adapter, moe)))
+    views = dict(zip(("gate_up", "down"), expert_views(adapter, moe)))
     rows = hs.expert_acc["gate_up"].rows
     enough = (rows >= max(1, options.min_tokens)).nonzero().flatten().tolist()
     thin = [j for j in range(rows.shape[0]) if j not in set(enough)]

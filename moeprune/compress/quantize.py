@@ -27,6 +27,7 @@ from torch import nn
 
 from moeprune.compress.quant_format import FORMAT_PACKED, MixedBudget, QuantResult, serving_note
 from moeprune.compress.quantize_plan import CHANNEL, SUPPORTED_BITS, check_quantize, quant_targets
+from moeprune.compress.rtn import expert_views, fake_quantize, group_scale
 from moeprune.errors import MoePruneError
 
 __all__ = ["MixedBudget", "QuantResult", "quantize_model", "save_quantized", "write_quantized", "SUPPORTED_BITS",
@@ -34,43 +35,8 @@ __all__ = ["MixedBudget", "QuantResult", "quantize_model", "save_quantized", "wr
 
 METHODS = ("rtn", "gptq")  # uniform mode: round to nearest, or GPTQ from calibration data (compress/gptq.py)
 
-def _qmax(bits: int) -> int:
-    return 2 ** (bits - 1) - 1
-
-
-def _group_scale(w: torch.Tensor, *, bits: int, group_size: int) -> torch.Tensor:
-    """Symmetric scale per group of `group_size` along the last dim: amax / qmax (..., in/g), float32.
-
-    `group_size` CHANNEL means one group per row (..., 1). An all-zero group (e.g. a padded neuron) gets the
-    smallest scale that stays nonzero in `w`'s dtype (float16 flushes 1e-12 to 0, and 0/0 would be NaN), so it
-    quantizes to exact zeros."""
-    group_size = w.shape[-1] if group_size == CHANNEL else group_size
-    groups = w.detach().float().reshape(*w.shape[:-1], w.shape[-1] // group_size, group_size)
-    floor = max(1e-12, torch.finfo(w.dtype).tiny) if w.dtype.is_floating_point else 1e-12
-    return (groups.abs().amax(-1) / _qmax(bits)).clamp(min=floor)
-
-
-def fake_quantize(w: torch.Tensor, *, bits: int, group_size: int) -> torch.Tensor:
-    """Quantize-dequantize along the last dim; with scale = amax/qmax the result re-quantizes to itself."""
-    scale = _group_scale(w, bits=bits, group_size=group_size).to(w.dtype).float()  # (..., in/g)
-    group_size = w.shape[-1] if group_size == CHANNEL else group_size
-    groups = w.detach().float().reshape(*w.shape[:-1], -1, group_size)
-    q = torch.clamp(torch.round(groups / scale.unsqueeze(-1)), -_qmax(bits) - 1, _qmax(bits))
-    return (q * scale.unsqueeze(-1)).reshape(w.shape).to(w.dtype)
-
-
 def _weight_bytes(model: nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in model.state_dict().values())
-
-
-def _expert_views(adapter, layer) -> list[torch.Tensor]:
-    """The fused expert weights of one layer as (E, out, in) views (transposed layouts are viewed back)."""
-    layout = adapter.spec.layout
-    views = []
-    for name in (layout.gate_up, layout.down):
-        t = getattr(layer.experts, name)
-        views.append(t.data.transpose(-1, -2) if layout.transposed else t.data)
-    return views
 
 
 def _quantize_uniform(model: nn.Module, adapter, *, bits: int, group_size, method: str = "rtn",
@@ -90,7 +56,7 @@ def _quantize_uniform(model: nn.Module, adapter, *, bits: int, group_size, metho
     else:
         with torch.no_grad():
             for layer in adapter.layers:
-                for view in _expert_views(adapter, layer):
+                for view in expert_views(adapter, layer):
                     view.copy_(fake_quantize(view, bits=bits, group_size=group_size))
             for name in targets:
                 w = modules[name].weight
@@ -100,7 +66,7 @@ def _quantize_uniform(model: nn.Module, adapter, *, bits: int, group_size, metho
     pattern = rf"^{re.escape(spec.layers)}\.({layer_alt})\.(.+\.)?{re.escape(spec.experts)}\."
     kept = "|".join(re.escape(m) for m in (spec.router, spec.shared_gate) if m)
     kept_pattern = rf"^{re.escape(spec.layers)}\.({layer_alt})\.(.+\.)?({kept})\.weight$"
-    tensors = [v for layer in adapter.layers for v in _expert_views(adapter, layer)]
+    tensors = [v for layer in adapter.layers for v in expert_views(adapter, layer)]
     tensors += [modules[n].weight for n in targets]
     quant_numel = sum(t.numel() for t in tensors)
     n_scales = sum(t.numel() // (t.shape[-1] if group_size == CHANNEL else group_size) for t in tensors)
@@ -156,7 +122,7 @@ def quantize_model(model: nn.Module, *, bits: int, group_size=None, mixed: Mixed
 def _compress_tensor(w: torch.Tensor, *, bits: int, group_size: int | None) -> dict[str, torch.Tensor]:
     from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
 
-    scale = _group_scale(w, bits=bits, group_size=CHANNEL if group_size is None else group_size).to(w.dtype)
+    scale = group_scale(w, bits=bits, group_size=CHANNEL if group_size is None else group_size).to(w.dtype)
     packed = PackedQuantizationCompressor.compress({"weight": w, "weight_scale": scale}, _scheme(bits, group_size))
     return {name: t.contiguous() for name, t in packed.items()}
 

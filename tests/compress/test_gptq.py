@@ -14,7 +14,8 @@ import moeprune.commands  # noqa: F401
 from moeprune.cli import cli
 from moeprune.compress.gptq import GPTQOptions, gptq_solve
 from moeprune.compress.gptq_eval import heldout_grams, layer_means, output_errors
-from moeprune.compress.quantize import _expert_views, _group_scale, fake_quantize, quantize_model
+from moeprune.compress.quantize import quantize_model
+from moeprune.compress.rtn import expert_views, fake_quantize, group_scale
 from moeprune.compress.quantize_plan import CHANNEL
 from moeprune.errors import MoePruneError
 from moeprune.models import MoEAdapter
@@ -117,7 +118,7 @@ def test_codes_and_scales_are_what_the_writer_stores(bits, group_size, act_order
     x = torch.randn(500, 128, generator=g) @ torch.randn(128, 128, generator=g) * 0.3
     res = gptq_solve(w, 2 * x.T @ x, bits=bits, group_size=group_size, act_order=act_order)
     assert res.codes.abs().max() == 2 ** (bits - 1) - 1
-    scale = _group_scale(res.weight, bits=bits, group_size=group_size).to(w.dtype)  # what the writer computes
+    scale = group_scale(res.weight, bits=bits, group_size=group_size).to(w.dtype)  # what the writer computes
     assert torch.equal(scale, res.scales)
     scheme = _scheme(bits, None if group_size == CHANNEL else group_size)
     packed = PackedQuantizationCompressor.compress({"weight": res.weight, "weight_scale": scale}, scheme)
@@ -176,7 +177,7 @@ def test_unreached_experts_fall_back_to_rtn():
     for layer, base_layer in zip(adapter.layers, base_adapter.layers):
         rtn = layers[str(layer.index)]["rtn_experts"]
         assert len(rtn) == 6 and layers[str(layer.index)]["gptq_experts"] == 2
-        for view, base_view in zip(_expert_views(adapter, layer), _expert_views(base_adapter, base_layer)):
+        for view, base_view in zip(expert_views(adapter, layer), expert_views(base_adapter, base_layer)):
             assert torch.isfinite(view).all()
             for j in range(8):
                 same = torch.equal(view[j], fake_quantize(base_view[j], bits=4, group_size=32))
@@ -205,7 +206,7 @@ def test_families_route_every_unpadded_token_into_the_expert_hessians(model_type
         record = result.method_details["layers"][str(layer.index)]
         assert record["expert_rows"] == (2 * 4 * 16 - 6) * top_k
         assert record["gptq_experts"] + len(record["rtn_experts"]) == layer.num_experts
-        for view in _expert_views(adapter, layer):
+        for view in expert_views(adapter, layer):
             assert torch.isfinite(view).all()
     with torch.no_grad():
         assert torch.isfinite(model(calib[0]["input_ids"]).logits).all()
