@@ -143,7 +143,7 @@ def timing(args) -> dict:
 
     from moeprune.checkpoint.model_dir import load_model
     from moeprune.compress import gptq as g
-    from moeprune.compress.quantize import _expert_views, fake_quantize
+    from moeprune.compress.rtn import expert_views, fake_quantize
     from moeprune.compress.quantize_plan import check_quantize, quant_targets
     from moeprune.models import MoEAdapter
     from moeprune.models.adapter import _get_path
@@ -184,7 +184,7 @@ def timing(args) -> dict:
             start = time.perf_counter()
             tensors = [m.weight for m in linears.values()]
             if index in moe:
-                tensors += _expert_views(adapter, moe[index])
+                tensors += expert_views(adapter, moe[index])
             for t in tensors:
                 t.copy_(fake_quantize(t, bits=bits, group_size=group))
             row["rtn_s"], row["rtn_peak_mb"] = time.perf_counter() - start, (rss.peak() - before) / 2**20
@@ -193,13 +193,7 @@ def timing(args) -> dict:
             gc.collect()
             before = rss.reset()
             start = time.perf_counter()
-            hs = g.HessianSet(adapter, prefix, linears, moe.get(index)).attach()
-            try:
-                for batch in inputs:
-                    hs.mask = batch["mask"]
-                    g._run_layer(layer, index, batch)
-            finally:
-                hs.detach()
+            hs = g.HessianSet(adapter, prefix, linears, moe.get(index)).accumulate(layer, index, inputs)
             for name, module in linears.items():
                 module.weight.copy_(g.gptq_solve(module.weight, hs.acc[name].hessian(), **solve).weight)
             if index in moe:
@@ -218,7 +212,7 @@ def timing(args) -> dict:
             widths = [m.in_features for m in linears.values()]
             hess = sum(w * w for w in widths)
             if index in moe:
-                hess += sum(v.shape[0] * v.shape[-1] ** 2 for v in _expert_views(adapter, moe[index]))
+                hess += sum(v.shape[0] * v.shape[-1] ** 2 for v in expert_views(adapter, moe[index]))
             row["hessian_mb"] = hess * 4 / 2**20
             row["hidden_states_mb"] = sum(b["hidden"].numel() * b["hidden"].element_size() for b in inputs) / 2**20
             rows.append({k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()})

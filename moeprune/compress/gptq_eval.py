@@ -35,13 +35,7 @@ def heldout_grams(model: nn.Module, batches: list[dict]) -> dict[str, tuple[torc
         for index, layer in enumerate(layers):
             prefix = f"{spec.layers}.{index}."
             linears = {n: modules[n] for n in names if n.startswith(prefix)}
-            hs = HessianSet(adapter, prefix, linears, moe.get(index)).attach()
-            try:
-                for batch in inputs:
-                    hs.mask = batch["mask"]
-                    _run_layer(layer, index, batch)
-            finally:
-                hs.detach()
+            hs = HessianSet(adapter, prefix, linears, moe.get(index)).accumulate(layer, index, inputs)
             for n, acc in hs.acc.items():
                 out[n] = (acc.sum, acc.rows)
             if index in moe:
