@@ -7,7 +7,10 @@ import re
 
 from moeprune.errors import MoePruneError
 
-__all__ = ["human_bytes", "parse_memory"]
+__all__ = ["human_bytes", "parse_memory", "DTYPE_BYTES"]
+
+# bytes per element of the compute dtypes a plan may choose
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "float64": 8}
 
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20,
           "GIB": 2**30, "TIB": 2**40}

@@ -104,6 +104,22 @@ class Executor:
         return evaluate(model, tokenizer, self.plan.tasks, limit=ev.limit, batch_size=ev.batch_size,
                         progress=self.progress)
 
+    def evaluate(self) -> dict:
+        """The tasks on the source model."""
+        return self._evaluate_on(self.plan.src)
+
+    def evaluate_output(self, folder: Path) -> dict:
+        """The tasks on the compressed model written to `folder`."""
+        return self._evaluate_on(folder)
+
+    def _evaluate_on(self, folder: Path) -> dict:
+        if self.plan.eval_backend == "vllm":
+            return self._evaluate_with_engine(folder)
+        return self._evaluate_hf(folder)
+
+    def _evaluate_hf(self, folder: Path) -> dict:  # each executor: the model as it holds it
+        raise NotImplementedError
+
     def _evaluate_with_engine(self, folder: Path) -> dict:
         """The tasks through vLLM's engine on `folder` (the source or the written output); the engine is shut
         down before this returns, so the next model's engine has the memory."""

@@ -74,7 +74,7 @@ class LayerwiseExecutor(Executor):
             if source is not None:
                 source.close()
 
-    def _evaluate_folder(self, folder: Path) -> dict:
+    def _evaluate_hf(self, folder: Path) -> dict:
         """Perplexity one decoder layer at a time over all texts; generation on the offloaded model."""
         from moeprune.evaluate import evaluate
         from moeprune.execution.layerwise_eval import LayerwiseBackend
@@ -86,13 +86,3 @@ class LayerwiseExecutor(Executor):
                                    max_memory=self.plan.max_memory, batch_size=ev.batch_size, progress=self.progress)
         return evaluate(None, self.tokenizer, self.plan.tasks, limit=ev.limit, batch_size=ev.batch_size,
                         progress=self.progress, backend=backend)
-
-    def evaluate(self) -> dict:
-        if self.plan.eval_backend == "vllm":
-            return self._evaluate_with_engine(self.plan.src)
-        return self._evaluate_folder(self.plan.src)
-
-    def evaluate_output(self, folder: Path) -> dict:
-        if self.plan.eval_backend == "vllm":
-            return self._evaluate_with_engine(folder)
-        return self._evaluate_folder(folder)

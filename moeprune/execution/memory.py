@@ -65,9 +65,8 @@ class MemoryExecutor(Executor):
         return search_layers(self.model, self.calibration(), choose, max_tokens=max_tokens, progressive=progressive,
                              progress=self.progress)
 
-    def evaluate(self) -> dict:
-        if self.plan.eval_backend == "vllm":
-            return self._evaluate_with_engine(self.plan.src)
+    def _evaluate_hf(self, folder: Path) -> dict:
+        """The loaded model (the source before compression, the compressed model after: pruned in place)."""
         return self._evaluate(self.model, self.tokenizer)
 
     def compress(self, decision, obs, folder: Path, provenance: dict):
@@ -106,11 +105,6 @@ class MemoryExecutor(Executor):
                 self.plan.method.apply_layer(adapter, layer, decision, obs, self.plan)
                 replaced.add(layer.index, changed_tensors(self.plan, adapter, layer, decision, self.plan.names))
         prune_experts(self.model, decision.kept, where="decision")  # the compressed model, for evaluation
-
-    def evaluate_output(self, folder: Path) -> dict:
-        if self.plan.eval_backend == "vllm":
-            return self._evaluate_with_engine(folder)
-        return self._evaluate(self.model, self.tokenizer)
 
     def _router_kd(self):
         """Logit KD (router_kd, moe_kd) set up with the original model's targets (None otherwise)."""

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from moeprune.errors import MoePruneError
-from moeprune.units import parse_memory
+from moeprune.units import DTYPE_BYTES, parse_memory
 
 __all__ = ["Plan", "Placement", "placement", "make_plan", "resolve_device", "free_memory", "MEMORY_MARGIN"]
 
@@ -25,8 +25,6 @@ __all__ = ["Plan", "Placement", "placement", "make_plan", "resolve_device", "fre
 # `MEMORY_HEADROOM` bytes (activations, the interpreter, calibration batches) fit in max_memory.
 MEMORY_MARGIN = 1.2
 MEMORY_HEADROOM = 256 * 2**20
-
-_DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "float64": 8}
 
 
 def resolve_device(spec: str | None) -> torch.device:
@@ -113,7 +111,7 @@ def _model_bytes(meta, dtype: str) -> int:
         if id(p) not in seen:
             seen.add(id(p))
             n += p.numel()
-    return n * _DTYPE_BYTES[dtype]
+    return n * DTYPE_BYTES[dtype]
 
 
 def _context(config) -> int | None:
@@ -172,7 +170,7 @@ def placement(src: Path, meta, *, dtype: str = "auto", device: str = "auto", exe
         raise MoePruneError(f"execution: {execution!r} is not one of auto, memory, layerwise")
     source_dtype = checkpoint_dtype(src, meta.config)
     dtype = source_dtype if dtype in (None, "auto") else dtype
-    if dtype not in _DTYPE_BYTES:
+    if dtype not in DTYPE_BYTES:
         raise MoePruneError(f"dtype: {dtype!r} is not one of auto, float32, bfloat16, float16")
     dev = resolve_device(device)
     model_bytes = _model_bytes(meta, dtype)

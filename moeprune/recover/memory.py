@@ -21,11 +21,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from moeprune.units import DTYPE_BYTES
+
 __all__ = ["RecoveryMemory", "recovery_memory", "memory_table", "ADAM_STATE_BYTES", "SAVED_PER_LAYER"]
 
 ADAM_STATE_BYTES = 16  # float32 master (4) + float32 gradient (4) + two float32 moments (8), plus d for the grad
 SAVED_PER_LAYER = 24  # hidden-sized tensors autograd keeps per decoder layer and token (estimate)
-_DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "float64": 8}
 METHODS = ("router_kd", "moe_kd", "router_kd_block", "moe_kd_block")
 
 
@@ -65,7 +66,7 @@ def recovery_memory(adapter, *, method: str, dtype: str, n_keep: int | None, exe
     `target_tokens`: training tokens whose teacher targets are kept."""
     from moeprune.recover.block import layer_trainable_parameters
 
-    d = _DTYPE_BYTES[dtype]
+    d = DTYPE_BYTES[dtype]
     config = adapter.config
     hidden, vocab = int(config.hidden_size), int(config.vocab_size)
     model_params = _numel(adapter.model.parameters())
