@@ -95,6 +95,18 @@ class Executor:
             replaced.add(i, tensors)
         return blocks
 
+    def generation_engine(self, seed: int):
+        """A context giving recover.generate's sampler: a vLLM engine on the source folder (shut down on exit)
+        when the plan resolved `recover.generate.engine` to vllm, else None (the loaded model samples)."""
+        from contextlib import nullcontext
+
+        if self.plan.generate_engine != "vllm":
+            return nullcontext(None)
+        from moeprune.evaluate.vllm_backend import VLLMBackend, beside_loaded_model
+
+        return VLLMBackend(self.plan.src, self.tokenizer, dtype=self.plan.dtype, seed=seed, progress=self.progress,
+                           **beside_loaded_model())
+
     def _evaluate(self, model, tokenizer) -> dict:
         from moeprune.evaluate import evaluate
 

@@ -151,9 +151,11 @@ class MemoryExecutor(Executor):
         seed = self.plan.recipe.seed if r.seed is None else r.seed
         calib = self.calibration()
         train, held = split_batches(calib.batches, tokens=r.tokens)
-        train, generated = kd_training_batches(self.model, self.tokenizer, train, r, max_length=calib.spec.max_length,
-                                               batch_size=self.plan.recipe.calibration.batch_size, seed=seed,
-                                               progress=self.progress)
+        with self.generation_engine(seed) as engine:
+            train, generated = kd_training_batches(self.model, self.tokenizer, train, r,
+                                                   max_length=calib.spec.max_length, engine=engine,
+                                                   batch_size=self.plan.recipe.calibration.batch_size, seed=seed,
+                                                   progress=self.progress)
         train = distributed.broadcast_batches(train)  # torchrun: every rank trains on rank 0's text
         kd = RouterKD(steps=r.steps, lr=r.lr, top_k=r.top_k, train=train, held=held, trains=r.trains, seed=seed,
                       generated=generated)
