@@ -200,6 +200,23 @@ def _unique_bytes(tensors, *, skip=()) -> int:
     return total
 
 
+def _allocate_layers(model, adapter, costs: dict, numel: int, *, budget, importance) -> Allocation:
+    """One width per MoE layer from `costs` ({"layer.<i>": {bits: bytes}}) under the user's budget, maximising the
+    importance-weighted bits; one-line errors for missing importance and a budget out of reach."""
+    if importance is None:
+        raise MoePruneError("mixed precision needs expert importance: pass --observations DIR")
+    missing = [layer.index for layer in adapter.layers if layer.index not in importance]
+    if missing:
+        raise MoePruneError(f"no importance for MoE layers {missing}; the observations do not match this model")
+    budget_bytes = _budget_bytes(model, adapter, budget, numel)
+    lo, hi = (sum(pick(c.values()) for c in costs.values()) for pick in (min, max))
+    if budget.avg_bits is not None and not lo <= budget_bytes <= hi:
+        raise MoePruneError(f"--mixed-budget {budget.avg_bits:g} is outside the achievable range "
+                            f"{8 * lo / numel:.2f}..{8 * hi / numel:.2f} bits per routed-expert weight")
+    return allocate_bits(costs=costs, importance={f"layer.{i}": float(importance[i]) for i in adapter.layer_indices},
+                         budget_bytes=budget_bytes)
+
+
 def quantize_mixed(model, adapter, *, bits: int, budget, importance: dict[int, float] | None):
     """Allocate float8 / dense per MoE layer under `budget`, quantize with torchao, attach the HF quantizer."""
     from torchao.quantization import Float8WeightOnlyConfig, FqnToConfig, quantize_
@@ -211,20 +228,9 @@ def quantize_mixed(model, adapter, *, bits: int, budget, importance: dict[int, f
     if bits != 8:
         raise MoePruneError("mixed precision stores fused experts as float8 or dense: use --bits 8 (4-bit experts "
                             "can only be saved uniformly; see docs/quantization.md)")
-    if importance is None:
-        raise MoePruneError("mixed precision needs expert importance: pass --observations DIR")
-    missing = [layer.index for layer in adapter.layers if layer.index not in importance]
-    if missing:
-        raise MoePruneError(f"no importance for MoE layers {missing}; the observations do not match this model")
     before = _unique_bytes(model.state_dict().values())
     costs, numel = layer_costs(adapter)
-    budget_bytes = _budget_bytes(model, adapter, budget, numel)
-    lo, hi = (sum(pick(c.values()) for c in costs.values()) for pick in (min, max))
-    if budget.avg_bits is not None and not lo <= budget_bytes <= hi:
-        raise MoePruneError(f"--mixed-budget {budget.avg_bits:g} is outside the achievable range "
-                            f"{8 * lo / numel:.2f}..{8 * hi / numel:.2f} bits per routed-expert weight")
-    alloc = allocate_bits(costs=costs, importance={f"layer.{i}": float(importance[i]) for i in adapter.layer_indices},
-                          budget_bytes=budget_bytes)
+    alloc = _allocate_layers(model, adapter, costs, numel, budget=budget, importance=importance)
     spec = adapter.spec
     fqn = {}
     for layer in adapter.layers:
@@ -276,22 +282,11 @@ def quantize_mixed_packed(model, adapter, *, budget, importance: dict[int, float
     widths = tuple(sorted(set(int(b) for b in widths)))
     if not set(widths) <= set(PACKED_WIDTHS) or len(widths) < 2:
         raise MoePruneError(f"--mixed-widths {','.join(map(str, widths))}: choose two or more of 4, 8 and 16 (dense)")
-    if importance is None:
-        raise MoePruneError("mixed precision needs expert importance: pass --observations DIR")
-    missing = [layer.index for layer in adapter.layers if layer.index not in importance]
-    if missing:
-        raise MoePruneError(f"no importance for MoE layers {missing}; the observations do not match this model")
     targets = quant_targets(model, adapter)
     group = resolve_group_size(dict((w, n) for n, w in targets.experts), group_size)
     before = _unique_bytes(model.state_dict().values())
     costs, numel = packed_layer_costs(adapter, widths=widths, group_size=group)
-    budget_bytes = _budget_bytes(model, adapter, budget, numel)
-    lo, hi = (sum(pick(c.values()) for c in costs.values()) for pick in (min, max))
-    if budget.avg_bits is not None and not lo <= budget_bytes <= hi:
-        raise MoePruneError(f"--mixed-budget {budget.avg_bits:g} is outside the achievable range "
-                            f"{8 * lo / numel:.2f}..{8 * hi / numel:.2f} bits per routed-expert weight")
-    alloc = allocate_bits(costs=costs, importance={f"layer.{i}": float(importance[i]) for i in adapter.layer_indices},
-                          budget_bytes=budget_bytes)
+    alloc = _allocate_layers(model, adapter, costs, numel, budget=budget, importance=importance)
     import torch
 
     with torch.no_grad():
