@@ -122,7 +122,7 @@ class MemoryExecutor(Executor):
                                                batch_size=self.plan.recipe.calibration.batch_size, seed=seed,
                                                progress=self.progress)
         kd = RouterKD(steps=r.steps, lr=r.lr, top_k=r.top_k, train=train, held=held, trains=r.trains, seed=seed,
-                      generated=generated)
+                      generated=generated, adapter=r.adapter, rank=r.rank, alpha=r.alpha)
         kd.compute_targets(self.model)
         return kd
 

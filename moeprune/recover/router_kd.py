@@ -123,6 +123,9 @@ class RouterKD:
     held_targets: list = None
     trains: str = "router"  # "router": router tensors only (router_kd); "moe": every MoE-block weight (moe_kd)
     generated: dict | None = None  # what the original model wrote for training (recover.generate), if anything
+    adapter: str = "none"  # "lora": moe_kd trains low-rank factors of the MoE-block matrices (recover.adapters)
+    rank: int = 16
+    alpha: float | None = None  # default 2 x rank
 
     @property
     def method(self) -> str:
@@ -152,12 +155,22 @@ class RouterKD:
 
         if self.train_targets is None:
             raise MoePruneError("recover: teacher targets were not computed before compression")
-        params = trainable_parameters(model, self.trains)
         eval_on, eval_t = (self.held, self.held_targets) if self.held else (self.train, self.train_targets)
         before = self.mean_kl(model, eval_on, eval_t)
         flags = {id(p): p.requires_grad for p in model.parameters()}
+        lora = None
+        if self.adapter == "lora":
+            from moeprune.recover.adapters import attach_adapters
+
+            lora = attach_adapters(model, rank=self.rank, alpha=self.alpha, seed=self.seed)
+            params = lora.trainable_parameters()
+        else:
+            params = trainable_parameters(model, self.trains)
         model.requires_grad_(False)
-        masters = [p.detach().float().clone().requires_grad_(True) for _, _, p in params.values()]
+        factors = {id(p) for _, path, p in params.values() if path.endswith((".lora_A", ".lora_B"))}
+        # float32 factors train in place (they are their own master); model tensors through a float32 master
+        masters = [p if id(p) in factors else p.detach().float().clone().requires_grad_(True)
+                   for _, _, p in params.values()]
         opt = torch.optim.Adam(masters, lr=self.lr)
         gen = torch.Generator().manual_seed(self.seed)
         dev = next(model.parameters()).device
@@ -181,13 +194,23 @@ class RouterKD:
                 opt.step()
                 with torch.no_grad():
                     for m, (_, _, p) in zip(masters, params.values()):
-                        p.copy_(m.to(p.dtype))
+                        if m is not p:
+                            p.copy_(m.to(p.dtype))
                 losses.append(float(loss.detach()))
+        except BaseException:
+            if lora is not None:
+                lora.detach()
+            raise
         finally:
             for p in model.parameters():
                 p.requires_grad_(flags.get(id(p), False))
         check_trained(((f"layer {i}: {path}", p) for i, path, p in params.values()), lr=self.lr, steps=self.steps)
         after = self.mean_kl(model, eval_on, eval_t)
+        extra = {}
+        if lora is not None:  # the adapted model's weights, written into the stock tensors
+            extra["adapter"] = {"kind": "lora", "rank": lora.rank, "alpha": lora.alpha,
+                                "adapted": lora.adapted_paths(), "trained_fully": lora.fully_trained_paths()}
+            lora.merge()
         return {"method": self.method, "steps": self.steps, "lr": self.lr, "top_k": self.top_k, "seed": self.seed,
                 "train_tokens": sum(int(_mask(b).sum()) for b in self.train),
                 "eval_tokens": sum(int(_mask(b).sum()) for b in eval_on),
@@ -195,4 +218,4 @@ class RouterKD:
                 "kl_before": before, "kl_after": after, "loss_first": losses[0], "loss_last": losses[-1],
                 "trained": sorted({path for _, path, _ in params.values()}),
                 "trained_params": sum(p.numel() for _, _, p in params.values()),
-                **({"generated": self.generated} if self.generated is not None else {})}
+                **extra, **({"generated": self.generated} if self.generated is not None else {})}
