@@ -149,15 +149,13 @@ class RouterKD:
         return total / max(n, 1)
 
     def fit(self, model, *, progress: bool = True) -> dict:
-        """Train the router parameters (or every MoE-block parameter) of the compressed `model` in place;
+        """Train the router parameters (or every MoE-block parameter, or with `adapter: lora` the routers and
+        low-rank factors of the MoE-block matrices, merged back at the end) of the compressed `model` in place;
         returns what was done."""
-        from tqdm.auto import tqdm
-
         if self.train_targets is None:
             raise MoePruneError("recover: teacher targets were not computed before compression")
         eval_on, eval_t = (self.held, self.held_targets) if self.held else (self.train, self.train_targets)
         before = self.mean_kl(model, eval_on, eval_t)
-        flags = {id(p): p.requires_grad for p in model.parameters()}
         lora = None
         if self.adapter == "lora":
             from moeprune.recover.adapters import attach_adapters
@@ -166,9 +164,38 @@ class RouterKD:
             params = lora.trainable_parameters()
         else:
             params = trainable_parameters(model, self.trains)
+        try:
+            losses = self._train(model, params, progress=progress)
+            check_trained(((f"layer {i}: {path}", p) for i, path, p in params.values()), lr=self.lr,
+                          steps=self.steps)
+            after = self.mean_kl(model, eval_on, eval_t)
+        except BaseException:
+            if lora is not None:
+                lora.detach()
+            raise
+        extra = {}
+        if lora is not None:  # the adapted model's weights, written into the stock tensors
+            extra["adapter"] = {"kind": "lora", "rank": lora.rank, "alpha": lora.alpha,
+                                "adapted": lora.adapted_paths(), "trained_fully": lora.fully_trained_paths()}
+            lora.merge()
+        return {"method": self.method, "steps": self.steps, "lr": self.lr, "top_k": self.top_k, "seed": self.seed,
+                "train_tokens": sum(int(_mask(b).sum()) for b in self.train),
+                "eval_tokens": sum(int(_mask(b).sum()) for b in eval_on),
+                "eval_on": "held-back calibration tokens" if self.held else "training tokens (no batch to hold back)",
+                "kl_before": before, "kl_after": after, "loss_first": losses[0], "loss_last": losses[-1],
+                "trained": sorted({path for _, path, _ in params.values()}),
+                "trained_params": sum(p.numel() for _, _, p in params.values()),
+                **extra, **({"generated": self.generated} if self.generated is not None else {})}
+
+    def _train(self, model, params: dict, *, progress: bool) -> list[float]:
+        """`steps` Adam steps on `params` ('key' -> (layer, path, parameter)); returns the losses. Model tensors
+        train through float32 master copies written back in their dtype; float32 adapter factors
+        ('.lora_A' / '.lora_B') train in place (they are their own master)."""
+        from tqdm.auto import tqdm
+
+        flags = {id(p): p.requires_grad for p in model.parameters()}
         model.requires_grad_(False)
         factors = {id(p) for _, path, p in params.values() if path.endswith((".lora_A", ".lora_B"))}
-        # float32 factors train in place (they are their own master); model tensors through a float32 master
         masters = [p if id(p) in factors else p.detach().float().clone().requires_grad_(True)
                    for _, _, p in params.values()]
         opt = torch.optim.Adam(masters, lr=self.lr)
@@ -197,25 +224,7 @@ class RouterKD:
                         if m is not p:
                             p.copy_(m.to(p.dtype))
                 losses.append(float(loss.detach()))
-        except BaseException:
-            if lora is not None:
-                lora.detach()
-            raise
         finally:
             for p in model.parameters():
                 p.requires_grad_(flags.get(id(p), False))
-        check_trained(((f"layer {i}: {path}", p) for i, path, p in params.values()), lr=self.lr, steps=self.steps)
-        after = self.mean_kl(model, eval_on, eval_t)
-        extra = {}
-        if lora is not None:  # the adapted model's weights, written into the stock tensors
-            extra["adapter"] = {"kind": "lora", "rank": lora.rank, "alpha": lora.alpha,
-                                "adapted": lora.adapted_paths(), "trained_fully": lora.fully_trained_paths()}
-            lora.merge()
-        return {"method": self.method, "steps": self.steps, "lr": self.lr, "top_k": self.top_k, "seed": self.seed,
-                "train_tokens": sum(int(_mask(b).sum()) for b in self.train),
-                "eval_tokens": sum(int(_mask(b).sum()) for b in eval_on),
-                "eval_on": "held-back calibration tokens" if self.held else "training tokens (no batch to hold back)",
-                "kl_before": before, "kl_after": after, "loss_first": losses[0], "loss_last": losses[-1],
-                "trained": sorted({path for _, path, _ in params.values()}),
-                "trained_params": sum(p.numel() for _, _, p in params.values()),
-                **extra, **({"generated": self.generated} if self.generated is not None else {})}
+        return losses
