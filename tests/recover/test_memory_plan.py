@@ -197,3 +197,14 @@ def test_the_plan_takes_qwen3_30b_moe_kd_lora_in_80_gb_and_refuses_full_moe_kd_n
     assert "moe_kd+lora r16" in msg and "recover.adapter: lora" in msg
     with pytest.raises(MoePruneError, match="moe_kd\\+lora r64 needs about"):
         _plan(folder, adapter="lora", rank=64)  # 1.26 B trained parameters: 22.8 GB of state on top of 61 GB
+
+
+def test_run_dry_run_prints_the_plan_with_the_adapter_row_and_writes_nothing(tmp_path):
+    res = _cli("run", "recipes/general-50.yaml", "-o", str(tmp_path / "o"), "--dry-run", "--set", "recover.adapter=lora",
+               "--set", "recover.rank=8", "--set", "execution=memory")
+    assert res.exit_code == 0, res.output
+    rows = {line.split()[0]: line for line in res.output.splitlines() if line.startswith(("moe_kd", "router_kd"))}
+    assert rows["moe_kd+lora"].split()[1] == "r8" and rows["moe_kd+lora"].endswith("yes")
+    # the study model at 50%: 4 layers x (16 kept experts x 8 x ((128 + 256) + (256 + 64)) + 16 x 256 router rows)
+    assert rows["moe_kd+lora"].split()[2] == f"{4 * (16 * 8 * (384 + 320) + 16 * 256):,}"
+    assert not (tmp_path / "o").exists()
