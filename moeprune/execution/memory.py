@@ -158,7 +158,7 @@ class MemoryExecutor(Executor):
                                                    progress=self.progress)
         train = distributed.broadcast_batches(train)  # torchrun: every rank trains on rank 0's text
         kd = RouterKD(steps=r.steps, lr=r.lr, top_k=r.top_k, train=train, held=held, trains=r.trains, seed=seed,
-                      generated=generated)
+                      generated=generated, adapter=r.adapter, rank=r.rank, alpha=r.alpha)
         kd.compute_targets(self.model)
         return kd
 

@@ -236,26 +236,29 @@ def _check_quantize_memory(plan: "Plan") -> None:
 
 def recovery_rows(plan: "Plan") -> list:
     """The memory of every recovery method on this plan's model, dtype, execution and recipe (per process)."""
+    from moeprune.pipeline.recipe import ADAPTER_RANK
     from moeprune.recover.memory import METHODS, recovery_memory
 
     r, c = plan.recipe.recover, plan.recipe.calibration
     step = c.batch_size * (c.max_length or min(512, _context(plan.shape.config) or 512))
+    ranks = [None, r.rank if r.adapter == "lora" else ADAPTER_RANK]  # moe_kd, and moe_kd with LoRA adapters
     return [recovery_memory(plan.shape, method=m, dtype=plan.dtype, n_keep=plan.n_keep, execution=plan.execution,
-                            batch_tokens=r.batch_tokens, step_tokens=step, top_k=r.top_k, target_tokens=r.tokens)
-            for m in METHODS]
+                            batch_tokens=r.batch_tokens, step_tokens=step, top_k=r.top_k, target_tokens=r.tokens,
+                            lora_rank=rank)
+            for m in METHODS for rank in (ranks if m == "moe_kd" else [None])]
 
 
 def _check_recover_memory(plan: "Plan") -> None:
     """Refuse, before any weight is read, a recovery method that cannot fit this run's memory budget (or a
     logit-KD method under layer-wise execution, which holds the whole model), naming the ones that fit."""
-    from moeprune.recover.memory import memory_table
+    from moeprune.recover.memory import memory_table, recovery_label
 
     r = plan.recipe.recover
     if r is None or r.method == "none":
         return
     rows = recovery_rows(plan)
     plan.recovery_memory = memory_table(rows, plan.max_memory)
-    mine = next(row for row in rows if row.method == r.method)
+    mine = next(row for row in rows if row.method == recovery_label(r.method, r.adapter, r.rank))
     fits = [row.method for row in rows if row.total <= plan.max_memory
             and not (plan.execution == "layerwise" and not row.method.endswith("_block"))]
     alternatives = (f"methods that fit: {', '.join(fits)}" if fits else "no recovery method fits; raise max_memory "
@@ -267,7 +270,9 @@ def _check_recover_memory(plan: "Plan") -> None:
                             f"teacher targets {mine.targets / 1e9:.2f}); {alternatives} (or set execution: memory "
                             "with a larger max_memory)")
     if mine.total > plan.max_memory:
-        raise MoePruneError(f"recover: {r.method} needs about {mine.total / 1e9:.2f} GB per process (weights "
+        if r.method == "moe_kd" and r.adapter == "none" and any(f.startswith("moe_kd+") for f in fits):
+            alternatives += " (moe_kd+lora: recover.adapter: lora, recover.rank: R)"
+        raise MoePruneError(f"recover: {mine.method} needs about {mine.total / 1e9:.2f} GB per process (weights "
                             f"{mine.weights / 1e9:.2f} + training state {mine.state / 1e9:.2f} + activations "
                             f"{mine.activations / 1e9:.2f} + teacher targets {mine.targets / 1e9:.2f}), over the "
                             f"{plan.max_memory / 1e9:.2f} GB budget; {alternatives}, or lower calibration.batch_size "

@@ -143,6 +143,10 @@ RECOVER_TRAINS = {"router_kd": "router", "router_kd_block": "router", "moe_kd": 
 # (method none trains nothing; its tokens bound the held-back measurement as for router_*)
 RECOVER_DEFAULTS = {"router": {"steps": 100, "lr": 1e-3, "tokens": 16384},
                     "moe": {"steps": 400, "lr": 3e-4, "tokens": 131072}}
+# moe_kd with adapter: lora trains low-rank factors (B starts at zero), which need a larger step than the weights
+ADAPTER_LR = 1e-3
+ADAPTER_RANK = 16  # moeprune.recover.adapters.DEFAULT_RANK
+RANK_MAX = 65536
 
 
 class GenerateConfig(_Section):
@@ -196,6 +200,15 @@ class RecoverConfig(_Section):
         None, description="router_kd / moe_kd: also train on the original model's own continuations of the "
                           "training calibration rows, up to `tokens` in all (docs/methods.md)")
 
+    adapter: Literal["none", "lora"] = Field(
+        "none", description="moe_kd: none = train every MoE-block weight; lora = keep the MoE-block matrices "
+                            "frozen and train low-rank factors of every routed and shared expert matrix (the "
+                            "routers train fully), merged back into the stock tensors (docs/scale.md)")
+    rank: int = Field(ADAPTER_RANK, ge=1, le=RANK_MAX, description="adapter: lora: rank R of the factors")
+    alpha: float | None = Field(None, gt=0, le=1e6, allow_inf_nan=False,
+                                description="adapter: lora: the factors' product is scaled by alpha / rank; "
+                                            "default 2 x rank")
+
     @field_validator("generate", mode="before")
     @classmethod
     def _samples_shorthand(cls, v):
@@ -203,6 +216,7 @@ class RecoverConfig(_Section):
 
     @model_validator(mode="after")
     def _does_something(self) -> "RecoverConfig":
+        self._check_adapter()
         if self.method == "none" and self.gate_scale == "keep":
             raise ValueError("method none with gate_scale keep does nothing; set gate_scale: auto (or renormalize, "
                              "no_renormalize), or a training method")
@@ -213,10 +227,19 @@ class RecoverConfig(_Section):
         if self.steps is None:
             self.steps = defaults["steps"]
         if self.lr is None:
-            self.lr = defaults["lr"]
+            self.lr = ADAPTER_LR if self.adapter == "lora" else defaults["lr"]
         if self.tokens is None:
             self.tokens = defaults["tokens"]
         return self
+
+    def _check_adapter(self) -> None:
+        if self.adapter == "lora" and self.method != "moe_kd":
+            hint = ("router_kd trains only the routers already" if self.method == "router_kd" else
+                    f"{self.method} has no adapter variant")
+            raise ValueError(f"adapter lora applies to method moe_kd; {hint}: use method: moe_kd or adapter: none")
+        unused = sorted({"rank", "alpha"} & self.model_fields_set)
+        if self.adapter == "none" and unused:
+            raise ValueError(f"{unused[0]} applies to adapter: lora; set adapter: lora or remove {unused[0]}")
 
     @property
     def trains(self) -> str | None:

@@ -15,6 +15,15 @@ Per method (d = bytes per element of the compute dtype; shapes after pruning to 
   KD: T x (layers x 24 x hidden x d + 12 x vocab). An estimate of what autograd keeps, not a measurement.
 - **teacher targets** (logit KD): recover.top_k log-probabilities (4 B) and token ids (8 B) per training token,
   for recover.tokens training tokens (its default when the recipe leaves it unset).
+
+`moe_kd` with `recover.adapter: lora` (recover/adapters.py) at rank R: weights and targets as for `moe_kd`; the
+trained parameters are the router tensors (kept rows), the small tensors trained fully (per-expert biases, a
+shared expert's one-output gate) and R x (m + n) factor elements for every adapted (m, n) matrix: each kept
+routed expert's gate_up and down matrices and each shared-expert linear. State is counted at (16 + d) bytes per
+trained parameter as above (the float32 factors train without a separate master: 16 B, so this is an upper
+bound for them). Activations: the logit-KD batch as above, plus what recomputing one layer's W_eff = W + scale
+B A needs in the backward pass (the adapted experts run under activation checkpointing): that layer's adapted
+tensors in the compute dtype (d) and 8 B per element of its largest adapted tensor (its float32 copy and B A).
 """
 
 from __future__ import annotations
@@ -23,18 +32,25 @@ from dataclasses import dataclass
 
 from moeprune.units import DTYPE_BYTES
 
-__all__ = ["RecoveryMemory", "recovery_memory", "memory_table", "ADAM_STATE_BYTES", "SAVED_PER_LAYER"]
+__all__ = ["RecoveryMemory", "recovery_memory", "memory_table", "ADAM_STATE_BYTES", "SAVED_PER_LAYER",
+           "recovery_label", "WEFF_TEMP_BYTES"]
 
 ADAM_STATE_BYTES = 16  # float32 master (4) + float32 gradient (4) + two float32 moments (8), plus d for the grad
 SAVED_PER_LAYER = 24  # hidden-sized tensors autograd keeps per decoder layer and token (estimate)
 METHODS = ("router_kd", "moe_kd", "router_kd_block", "moe_kd_block")
+WEFF_TEMP_BYTES = 8  # float32 copy of W and B @ A, per element of the largest adapted tensor of a layer
+
+
+def recovery_label(method: str, adapter: str = "none", rank: int | None = None) -> str:
+    """The table's name of a recovery: the method, with its adapter and rank when it has one."""
+    return method if adapter == "none" else f"{method}+{adapter} r{rank}"
 
 
 @dataclass(frozen=True)
 class RecoveryMemory:
     """Bytes one process needs for one recovery method."""
 
-    method: str
+    method: str  # recovery_label(): "moe_kd", "moe_kd+lora r16", ...
     trained_params: int
     weights: int
     state: int
@@ -60,11 +76,19 @@ def _expert_params(adapter, layer) -> int:
 
 
 def recovery_memory(adapter, *, method: str, dtype: str, n_keep: int | None, execution: str, batch_tokens: int,
-                    step_tokens: int, top_k: int, target_tokens: int) -> RecoveryMemory:
+                    step_tokens: int, top_k: int, target_tokens: int, lora_rank: int | None = None
+                    ) -> RecoveryMemory:
     """The memory of `method` on the model `adapter` wraps (built on the meta device): see the module docstring.
     `step_tokens`: tokens of one logit-KD training batch; `batch_tokens`: tokens of one block-method step;
-    `target_tokens`: training tokens whose teacher targets are kept."""
+    `target_tokens`: training tokens whose teacher targets are kept; `lora_rank`: moe_kd with LoRA adapters of
+    this rank (recover.adapter: lora) instead of training every MoE-block weight."""
     from moeprune.recover.block import layer_trainable_parameters
+
+    if lora_rank is not None:
+        if method != "moe_kd":
+            raise ValueError(f"adapters apply to moe_kd, not {method}")
+        return _lora_memory(adapter, dtype=dtype, n_keep=n_keep, step_tokens=step_tokens, top_k=top_k,
+                            target_tokens=target_tokens, rank=lora_rank)
 
     d = DTYPE_BYTES[dtype]
     config = adapter.config
@@ -102,6 +126,45 @@ def recovery_memory(adapter, *, method: str, dtype: str, n_keep: int | None, exe
     return RecoveryMemory(method, trained, weights, state, activations, targets)
 
 
+def _lora_memory(adapter, *, dtype: str, n_keep: int | None, step_tokens: int, top_k: int, target_tokens: int,
+                 rank: int) -> RecoveryMemory:
+    from moeprune.recover.adapters import adapter_targets, lowrank_numel
+    from moeprune.recover.block import layer_router_parameters
+
+    d = DTYPE_BYTES[dtype]
+    config = adapter.config
+    hidden, vocab = int(config.hidden_size), int(config.vocab_size)
+    trained, temp = 0, 0
+    for layer in adapter.layers:
+        e = layer.num_experts
+        keep = e if n_keep is None else n_keep
+        routers = {path for path in layer_router_parameters(adapter, layer)}
+        adapted, largest = 0, 0
+        for t in adapter_targets(adapter, layer, rank):
+            shape = (keep, *t.shape[1:]) if t.per_expert else t.shape
+            if t.lowrank:
+                trained += lowrank_numel(shape, rank)
+                n = _prod(shape)
+                adapted, largest = adapted + n, max(largest, n)
+            elif t.path in routers or t.per_expert:  # kept experts' rows only
+                trained += _prod(t.shape) * keep // e
+            else:
+                trained += _prod(t.shape)
+        temp = max(temp, adapted * d + largest * WEFF_TEMP_BYTES)
+    weights = _numel(adapter.model.parameters()) * d
+    state = trained * (ADAM_STATE_BYTES + d)
+    activations = step_tokens * (int(config.num_hidden_layers) * SAVED_PER_LAYER * hidden * d + 12 * vocab) + temp
+    targets = target_tokens * min(top_k, vocab) * 12
+    return RecoveryMemory(recovery_label("moe_kd", "lora", rank), trained, weights, state, activations, targets)
+
+
+def _prod(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= int(s)
+    return n
+
+
 def _largest_layer_bytes(adapter, d: int) -> int:
     model = adapter.model
     layers = model.get_decoder().layers if hasattr(model, "get_decoder") else model.model.layers
@@ -110,11 +173,11 @@ def _largest_layer_bytes(adapter, d: int) -> int:
 
 def memory_table(rows: list[RecoveryMemory], budget: int | None) -> str:
     """The rows as a text table (GB), with whether each fits `budget`."""
-    head = f"{'recovery':<16}{'trained':>14}{'weights':>10}{'state':>10}{'activ.':>10}{'targets':>10}{'total':>10}"
+    head = f"{'recovery':<18}{'trained':>14}{'weights':>10}{'state':>10}{'activ.':>10}{'targets':>10}{'total':>10}"
     lines = [head + ("  fits" if budget else "")]
     for r in rows:
         gb = lambda n: f"{n / 1e9:.2f}"  # noqa: E731
-        line = (f"{r.method:<16}{r.trained_params:>14,}{gb(r.weights):>10}{gb(r.state):>10}{gb(r.activations):>10}"
+        line = (f"{r.method:<18}{r.trained_params:>14,}{gb(r.weights):>10}{gb(r.state):>10}{gb(r.activations):>10}"
                 f"{gb(r.targets):>10}{gb(r.total):>10}")
         if budget:
             line += "  yes" if r.total <= budget else "  no"

@@ -125,6 +125,9 @@ class RouterKD:
     trains: str = "router"  # "router": router tensors only (router_kd); "moe": every MoE-block weight (moe_kd)
     generated: dict | None = None  # what the original model wrote for training (recover.generate), if anything
     parallel: dict | None = None  # after fit: processes and the trainable-state bytes each held (measured)
+    adapter: str = "none"  # "lora": moe_kd trains low-rank factors of the MoE-block matrices (recover.adapters)
+    rank: int = 16
+    alpha: float | None = None  # default 2 x rank
 
     @property
     def method(self) -> str:
@@ -148,18 +151,56 @@ class RouterKD:
         return total / max(n, 1)
 
     def fit(self, model, *, progress: bool = True) -> dict:
-        """Train the router parameters (or every MoE-block parameter) of the compressed `model` in place;
+        """Train the router parameters (or every MoE-block parameter, or with `adapter: lora` the routers and
+        low-rank factors of the MoE-block matrices, merged back at the end) of the compressed `model` in place;
         returns what was done."""
-        from tqdm.auto import tqdm
-
         if self.train_targets is None:
             raise MoePruneError("recover: teacher targets were not computed before compression")
-        params = trainable_parameters(model, self.trains)
         eval_on, eval_t = (self.held, self.held_targets) if self.held else (self.train, self.train_targets)
         before = self.mean_kl(model, eval_on, eval_t)
+        lora = None
+        if self.adapter == "lora":
+            from moeprune.recover.adapters import attach_adapters
+
+            lora = attach_adapters(model, rank=self.rank, alpha=self.alpha, seed=self.seed)
+            params = lora.trainable_parameters()
+        else:
+            params = trainable_parameters(model, self.trains)
+        try:
+            losses = self._train(model, params, progress=progress)
+            check_trained(((f"layer {i}: {path}", p) for i, path, p in params.values()), lr=self.lr,
+                          steps=self.steps)
+            after = self.mean_kl(model, eval_on, eval_t)
+        except BaseException:
+            if lora is not None:
+                lora.detach()
+            raise
+        extra = {}
+        if lora is not None:  # the adapted model's weights, written into the stock tensors
+            extra["adapter"] = {"kind": "lora", "rank": lora.rank, "alpha": lora.alpha,
+                                "adapted": lora.adapted_paths(), "trained_fully": lora.fully_trained_paths()}
+            lora.merge()
+        return {"method": self.method, "steps": self.steps, "lr": self.lr, "top_k": self.top_k, "seed": self.seed,
+                "train_tokens": sum(int(_mask(b).sum()) for b in self.train),
+                "eval_tokens": sum(int(_mask(b).sum()) for b in eval_on),
+                "eval_on": "held-back calibration tokens" if self.held else "training tokens (no batch to hold back)",
+                "kl_before": before, "kl_after": after, "loss_first": losses[0], "loss_last": losses[-1],
+                "trained": sorted({path for _, path, _ in params.values()}),
+                "trained_params": sum(p.numel() for _, _, p in params.values()),
+                "parallel": self.parallel,
+                **extra, **({"generated": self.generated} if self.generated is not None else {})}
+
+    def _train(self, model, params: dict, *, progress: bool) -> list[float]:
+        """`steps` Adam steps on `params` ('key' -> (layer, path, parameter)); returns the losses. Model tensors
+        train through float32 master copies written back in their dtype; float32 adapter factors
+        ('.lora_A' / '.lora_B') train in place (they are their own master)."""
+        from tqdm.auto import tqdm
+
         flags = {id(p): p.requires_grad for p in model.parameters()}
         model.requires_grad_(False)
-        masters = [p.detach().float().clone().requires_grad_(True) for _, _, p in params.values()]
+        factors = {id(p) for _, path, p in params.values() if path.endswith((".lora_A", ".lora_B"))}
+        masters = [p if id(p) in factors else p.detach().float().clone().requires_grad_(True)
+                   for _, _, p in params.values()]
         dp = DataParallel.current()  # torchrun: each step's rows split over the ranks (recover/parallel.py)
         opt = dp.optimizer(masters, self.lr) if dp is not None else torch.optim.Adam(masters, lr=self.lr)
         gen = torch.Generator().manual_seed(self.seed)
@@ -194,21 +235,12 @@ class RouterKD:
                 opt.step()
                 with torch.no_grad():
                     for m, p in zip(masters, trained):
-                        p.copy_(m.to(p.dtype))
+                        if m is not p:
+                            p.copy_(m.to(p.dtype))
                 losses.append(loss_value)
         finally:
             for p in model.parameters():
                 p.requires_grad_(flags.get(id(p), False))
         state = state_bytes(masters, grads, opt)
         self.parallel = dp.record(state) if dp is not None else {"processes": 1, "state_bytes_per_process": [state]}
-        check_trained(((f"layer {i}: {path}", p) for i, path, p in params.values()), lr=self.lr, steps=self.steps)
-        after = self.mean_kl(model, eval_on, eval_t)
-        return {"method": self.method, "steps": self.steps, "lr": self.lr, "top_k": self.top_k, "seed": self.seed,
-                "train_tokens": sum(int(_mask(b).sum()) for b in self.train),
-                "eval_tokens": sum(int(_mask(b).sum()) for b in eval_on),
-                "eval_on": "held-back calibration tokens" if self.held else "training tokens (no batch to hold back)",
-                "kl_before": before, "kl_after": after, "loss_first": losses[0], "loss_last": losses[-1],
-                "trained": sorted({path for _, path, _ in params.values()}),
-                "trained_params": sum(p.numel() for _, _, p in params.values()),
-                "parallel": self.parallel,
-                **({"generated": self.generated} if self.generated is not None else {})}
+        return losses

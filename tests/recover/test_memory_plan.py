@@ -114,3 +114,97 @@ def test_plan_refuses_a_recovery_over_budget_naming_what_fits(tmp_path):
 def test_plan_refuses_logit_kd_under_layerwise_with_its_memory(tmp_path):
     res = _cli("run", "recipes/general-50.yaml", "-o", str(tmp_path / "o"), "--set", "execution=layerwise")
     assert res.exit_code == 2 and "layer-wise (it would need" in res.output and "moe_kd_block" in res.output
+
+
+# the shared experts' MLP width per MoE layer (DeepSeek-V2-Lite: 2 shared experts of 1408, one MLP of 2816)
+SHARED = {"mixtral-8x7b": 0, "qwen3-30b-a3b": 0, "olmoe-1b-7b": 0, "deepseek-v2-lite": 2 * 1408}
+
+
+@pytest.mark.parametrize("rank", [8, 16])
+@pytest.mark.parametrize("name", sorted(REAL))
+def test_moe_kd_lora_trains_routers_and_factors_of_every_expert_matrix(name, rank):
+    hidden, inter, e, layers = EXPERTS[name]
+    keep, shared, d = e // 2, SHARED[name], 2
+    adapter = _meta(name)
+    mem = recovery_memory(adapter, method="moe_kd", dtype="bfloat16", n_keep=keep, execution="memory",
+                          batch_tokens=512, step_tokens=4096, top_k=64, target_tokens=100_000, lora_rank=rank)
+    # per kept expert: gate_up (2I, H) and down (H, I) get R x (rows + cols) each; the kept router rows train fully
+    routed = keep * rank * ((2 * inter + hidden) + (hidden + inter))
+    shared_factors = 3 * rank * (shared + hidden) if shared else 0  # gate_proj, up_proj (S, H) and down_proj (H, S)
+    assert mem.method == f"moe_kd+lora r{rank}"
+    assert mem.trained_params == layers * (routed + shared_factors + keep * hidden)
+    assert mem.state == mem.trained_params * (ADAM_STATE_BYTES + d)
+    assert mem.weights == sum(p.numel() for p in adapter.model.parameters()) * d  # as moe_kd: the unpruned model
+    assert mem.targets == 100_000 * 64 * 12
+    cfg = adapter.config
+    batch = 4096 * (cfg.num_hidden_layers * SAVED_PER_LAYER * hidden * d + 12 * cfg.vocab_size)
+    # recomputing one layer's W_eff: its adapted tensors in bf16 plus 8 B per element of the largest (gate_up)
+    weff = (keep * 3 * hidden * inter + 3 * shared * hidden) * d + keep * 2 * inter * hidden * 8
+    assert mem.activations == batch + weff
+    full = recovery_memory(adapter, method="moe_kd", dtype="bfloat16", n_keep=keep, execution="memory",
+                           batch_tokens=512, step_tokens=4096, top_k=64, target_tokens=100_000)
+    assert mem.state < full.state / 20  # a small fraction of full moe_kd's training state
+
+
+def test_qwen3_30b_moe_kd_lora_fits_one_80_gb_gpu_with_general_50_batches():
+    """recipes/general-50.yaml's batches (8 rows x 64 tokens) and tokens (262,144) on Qwen3-30B-A3B at 50%."""
+    adapter = _meta("qwen3-30b-a3b")
+    kw = dict(dtype="bfloat16", n_keep=64, execution="memory", batch_tokens=512, step_tokens=8 * 64, top_k=64,
+              target_tokens=262_144)
+    lora = recovery_memory(adapter, method="moe_kd", lora_rank=16, **kw)
+    full = recovery_memory(adapter, method="moe_kd", **kw)
+    assert lora.total <= 80e9 < full.total
+    assert lora.state < 6.5e9 and full.state > 250e9  # 0.32 B vs 14.5 B trained parameters at 18 B each
+    table = memory_table([full, lora], 80 * 10**9)
+    assert [line.split()[-1] for line in table.splitlines()[1:3]] == ["no", "yes"]
+
+
+def _config_only(folder, name):
+    """A model folder with the real config and one small bf16 tensor (the plan reads the dtype from headers)."""
+    from safetensors.torch import save_file
+
+    model_type, numbers = REAL[name]
+    folder.mkdir()
+    CONFIG_MAPPING[model_type](**numbers, dtype="bfloat16").save_pretrained(folder)
+    save_file({"placeholder": torch.zeros(4, dtype=torch.bfloat16)}, str(folder / "model.safetensors"))
+    return folder
+
+
+def _plan(folder, **recover):
+    import yaml
+
+    from moeprune.pipeline.plan import make_plan
+    from moeprune.pipeline.recipe import Recipe
+
+    raw = yaml.safe_load(open("recipes/general-50.yaml"))
+    raw.update(model=str(folder), max_memory="80GB", device="cpu", eval={"tasks": []})
+    raw["recover"].update(recover)
+    return make_plan(Recipe.model_validate(raw), needs_output=False)
+
+
+def test_the_plan_takes_qwen3_30b_moe_kd_lora_in_80_gb_and_refuses_full_moe_kd_naming_adapters(tmp_path):
+    from moeprune.errors import MoePruneError
+
+    folder = _config_only(tmp_path / "qwen3-30b-a3b", "qwen3-30b-a3b")
+    plan = _plan(folder, adapter="lora")
+    assert plan.execution == "memory" and "moe_kd+lora r16" in plan.summary()
+    row = next(line for line in plan.recovery_memory.splitlines() if line.startswith("moe_kd+lora r16"))
+    assert row.endswith("yes")
+    with pytest.raises(MoePruneError) as err:
+        _plan(folder)
+    msg = str(err.value)
+    assert "\n" not in msg and "recover: moe_kd needs about" in msg
+    assert "moe_kd+lora r16" in msg and "recover.adapter: lora" in msg
+    with pytest.raises(MoePruneError, match="moe_kd\\+lora r64 needs about"):
+        _plan(folder, adapter="lora", rank=64)  # 1.26 B trained parameters: 22.8 GB of state on top of 61 GB
+
+
+def test_run_dry_run_prints_the_plan_with_the_adapter_row_and_writes_nothing(tmp_path):
+    res = _cli("run", "recipes/general-50.yaml", "-o", str(tmp_path / "o"), "--dry-run", "--set", "recover.adapter=lora",
+               "--set", "recover.rank=8", "--set", "execution=memory")
+    assert res.exit_code == 0, res.output
+    rows = {line.split()[0]: line for line in res.output.splitlines() if line.startswith(("moe_kd", "router_kd"))}
+    assert rows["moe_kd+lora"].split()[1] == "r8" and rows["moe_kd+lora"].endswith("yes")
+    # the study model at 50%: 4 layers x (16 kept experts x 8 x ((128 + 256) + (256 + 64)) + 16 x 256 router rows)
+    assert rows["moe_kd+lora"].split()[2] == f"{4 * (16 * 8 * (384 + 320) + 16 * 256):,}"
+    assert not (tmp_path / "o").exists()
