@@ -95,6 +95,25 @@ class Executor:
             replaced.add(i, tensors)
         return blocks
 
+    def _logit_kd_on(self, teacher):
+        """Logit KD (router_kd, moe_kd) set up with the targets of `teacher`, the original model (loaded, or
+        streamed from its files), on the training batches (with recover.generate's text written by it)."""
+        from moeprune.recover import RouterKD
+        from moeprune.recover.generate import kd_training_batches
+        from moeprune.recover.router_kd import split_batches
+
+        r = self.plan.recipe.recover
+        seed = self.plan.recipe.seed if r.seed is None else r.seed
+        calib = self.calibration()
+        train, held = split_batches(calib.batches, tokens=r.tokens)
+        train, generated = kd_training_batches(teacher, self.tokenizer, train, r, max_length=calib.spec.max_length,
+                                               batch_size=self.plan.recipe.calibration.batch_size, seed=seed,
+                                               progress=self.progress)
+        kd = RouterKD(steps=r.steps, lr=r.lr, top_k=r.top_k, train=train, held=held, trains=r.trains, seed=seed,
+                      generated=generated)
+        kd.compute_targets(teacher, progress=self.progress)
+        return kd
+
     def _evaluate(self, model, tokenizer) -> dict:
         from moeprune.evaluate import evaluate
 

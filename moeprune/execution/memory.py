@@ -111,20 +111,7 @@ class MemoryExecutor(Executor):
         r = self.plan.recipe.recover
         if r is None or not r.logit_kd:
             return None
-        from moeprune.recover import RouterKD
-        from moeprune.recover.generate import kd_training_batches
-        from moeprune.recover.router_kd import split_batches
-
-        seed = self.plan.recipe.seed if r.seed is None else r.seed
-        calib = self.calibration()
-        train, held = split_batches(calib.batches, tokens=r.tokens)
-        train, generated = kd_training_batches(self.model, self.tokenizer, train, r, max_length=calib.spec.max_length,
-                                               batch_size=self.plan.recipe.calibration.batch_size, seed=seed,
-                                               progress=self.progress)
-        kd = RouterKD(steps=r.steps, lr=r.lr, top_k=r.top_k, train=train, held=held, trains=r.trains, seed=seed,
-                      generated=generated)
-        kd.compute_targets(self.model)
-        return kd
+        return self._logit_kd_on(self.model)
 
 
 @dataclass
