@@ -155,7 +155,9 @@ def observe_merge_cmd(folders, out_dir, overwrite):
               help="Override the recipe's execution.")
 @click.option("--max-memory", default=None, help="Override the recipe's max_memory, e.g. 24GB.")
 @click.option("--no-progress", is_flag=True)
-def run_cmd(recipe_file, out_dir, overrides, overwrite, execution, max_memory, no_progress):
+@click.option("--dry-run", is_flag=True, help="Print the plan (execution, recovery memory table) and stop; reads no "
+              "weights.")
+def run_cmd(recipe_file, out_dir, overrides, overwrite, execution, max_memory, no_progress, dry_run):
     """Observe, score, prune, evaluate and write OUT/ as a recipe says."""
     from moeprune.pipeline import load_recipe, run_recipe
 
@@ -165,6 +167,11 @@ def run_cmd(recipe_file, out_dir, overrides, overwrite, execution, max_memory, n
     if max_memory is not None:
         overrides.append(f"max_memory={max_memory}")
     recipe = load_recipe(recipe_file, overrides)
+    if dry_run:
+        from moeprune.pipeline.plan import make_plan
+
+        click.echo(make_plan(recipe, out_dir=out_dir, overwrite=overwrite, inputs=(recipe_file,)).summary())
+        return
     report = run_recipe(recipe, out_dir=out_dir, overwrite=overwrite, progress=not no_progress, log=click.echo,
                         inputs=(recipe_file,))
     echo_result(report, out_dir or recipe.output)

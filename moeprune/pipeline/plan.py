@@ -228,7 +228,8 @@ def recovery_rows(plan: "Plan", execution: str | None = None) -> list:
 def _check_recover_memory(plan: "Plan") -> None:
     """Refuse, before any weight is read, a recovery method that cannot fit this run's memory budget, naming
     the ones that fit. Logit KD under layer-wise execution streams the frozen weights (execution/streamkd.py);
-    with `execution: auto`, a logit KD that does not fit in memory but fits streamed makes the run layer-wise."""
+    with `execution: auto`, a logit KD that does not fit in memory makes the run layer-wise when streamed needs
+    less (and is refused with that smaller need when it does not fit either)."""
     from moeprune.recover.memory import memory_table
 
     r = plan.recipe.recover
@@ -240,7 +241,7 @@ def _check_recover_memory(plan: "Plan") -> None:
             and plan.recipe.execution == "auto" and plan.recipe.quantize is None):
         streamed = recovery_rows(plan, "layerwise")
         lw = next(row for row in streamed if row.method == r.method)
-        if lw.total <= plan.max_memory:
+        if lw.total < mine.total:  # streamed: it fits, or the refusal below gives the smaller need
             plan.execution = "layerwise"
             plan.execution_reason += (f"; {r.method} needs {mine.total / 1e9:.2f} GB in memory, "
                                       f"{lw.total / 1e9:.2f} GB layer-wise")
