@@ -49,6 +49,9 @@ class Replacements:
     def __len__(self) -> int:
         return len(self._where)
 
+    def names(self) -> list[str]:
+        return list(self._where)
+
     def shape(self, name: str) -> tuple[int, ...]:
         return self._shapes[name]
 

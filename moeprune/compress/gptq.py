@@ -37,7 +37,7 @@ from moeprune.compress.quantize_plan import CHANNEL
 from moeprune.compress.rtn import expert_views, fake_quantize, scale_floor
 from moeprune.errors import MoePruneError
 
-__all__ = ["GPTQOptions", "GPTQWeight", "gptq_solve", "gptq_quantize_layers", "HessianSet"]
+__all__ = ["GPTQOptions", "GPTQWeight", "gptq_solve", "gptq_quantize_layers", "HessianSet", "ResidentLayers"]
 
 
 @dataclass(frozen=True)
@@ -333,46 +333,46 @@ def _layer_output(out):
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
-def _capture_inputs(model, layers: nn.ModuleList, batches: list[dict]):
-    """One forward per batch: layer 0's positional inputs and every layer's keyword inputs (masks, positions);
-    these do not depend on the weights, the hidden states are recomputed layer by layer."""
+def _capture_inputs(model, layers: nn.ModuleList, batches: list[dict], device=None):
+    """One forward per batch with every decoder layer replaced by a recorder: layer 0's positional inputs and
+    every layer's keyword inputs (masks, positions). No decoder layer's weights are read (a weightless model
+    whose embedding is loaded will do); the hidden states are computed layer by layer afterwards."""
     per_batch = []
     state: dict = {}
 
-    def pre(index):
-        def hook(_m, args, kwargs):
+    def recorder(index):
+        def forward(_self, *args, **kwargs):
+            hidden = args[0] if args else kwargs.pop("hidden_states")
             if index == 0:
-                state["args"] = args
-                state["kwargs0"] = kwargs
-            state.setdefault("kwargs", {})[index] = dict(kwargs)
+                state["hidden"], state["rest"] = hidden, args[1:]
+            state["kwargs"][index] = kwargs
             if index == len(layers) - 1:
                 raise _Stop
-        return hook
+            return hidden
+        return forward
 
-    handles = [layer.register_forward_pre_hook(pre(i), with_kwargs=True) for i, layer in enumerate(layers)]
-    device = next(model.parameters()).device
+    for index, layer in enumerate(layers):
+        layer.forward = types.MethodType(recorder(index), layer)
+    if device is None:
+        device = model.get_input_embeddings().weight.device
     try:
         for batch in batches:
             state.clear()
+            state["kwargs"] = {}
             ids = batch["input_ids"].to(device)
             mask = batch.get("attention_mask")
             try:
                 model(input_ids=ids, attention_mask=None if mask is None else mask.to(device), use_cache=False)
             except _Stop:
                 pass
-            args = state["args"]
-            if args:
-                hidden, rest = args[0], args[1:]
-            else:
-                hidden, rest = state["kwargs0"].get("hidden_states"), ()
-                for kw in state["kwargs"].values():
-                    kw.pop("hidden_states", None)
+            if len(state["kwargs"]) != len(layers):
+                raise MoePruneError(f"the model called {len(state['kwargs'])} of its {len(layers)} decoder layers")
             flat = None if mask is None else mask.reshape(-1).bool().to(device)
-            per_batch.append({"hidden": hidden.detach(), "rest": rest, "kwargs": state["kwargs"],
+            per_batch.append({"hidden": state["hidden"].detach(), "rest": state["rest"], "kwargs": state["kwargs"],
                               "mask": None if flat is None or bool(flat.all()) else flat})
     finally:
-        for handle in handles:
-            handle.remove()
+        for layer in layers:
+            vars(layer).pop("forward", None)
     return per_batch
 
 
@@ -380,72 +380,152 @@ def _run_layer(layer: nn.Module, index: int, batch: dict) -> torch.Tensor:
     return _layer_output(layer(batch["hidden"], *batch["rest"], **batch["kwargs"][index]))
 
 
-def gptq_quantize_layers(model, adapter, batches: list[dict], *, bits: int, group_size: int, targets: list[str],
-                         options: GPTQOptions, log=None) -> dict:
-    """Quantize `model` in place with GPTQ, decoder layer by decoder layer (see the module docstring).
+class ResidentLayers:
+    """Where the layer pass finds its weights: here, a model already in memory (nothing to load or free). The
+    layer-wise executor passes an object with the same methods that reads each decoder layer from the
+    safetensors files before it is quantized and frees it after (moeprune/execution/quantize_pass.py)."""
 
-    `targets` are the nn.Linear names to quantize (`quant_targets`); every routed expert tensor is quantized.
-    Returns what was done: per-layer counts of GPTQ / RTN experts, the fallbacks, seconds per layer.
-    """
-    from moeprune.models.adapter import _get_path
+    def load_outer(self) -> None:  # what the forward reads before the decoder layers (embedding, rotary tables)
+        pass
 
-    spec = adapter.spec
-    if spec.experts_call != "indexed":
-        raise MoePruneError(f"--method gptq does not support {spec.name}'s dense-prescaled experts yet; "
-                            "use --method rtn")
-    if not batches:
-        raise MoePruneError("GPTQ needs calibration data; the calibration set is empty")
-    layers = _get_path(model, spec.layers)
-    modules = dict(model.named_modules())
-    moe_by_index = {layer.index: layer for layer in adapter.layers}
+    def release_outer(self) -> None:
+        pass
+
+    def load_modules(self, names: list[str]) -> None:  # linears outside the decoder layers
+        pass
+
+    def release_modules(self, names: list[str]) -> None:
+        pass
+
+    def load(self, index: int) -> None:  # decoder layer `index`
+        pass
+
+    def release(self, index: int) -> None:
+        pass
+
+
+def _split_targets(model, spec, targets: list[str], n_layers: int):
+    """Quantized linear names -> ({decoder layer index: [names]}, [names outside the decoder layers])."""
     prefix = f"{spec.layers}."
-    by_layer: dict[int, dict[str, nn.Linear]] = {}
+    by_layer: dict[int, list[str]] = {}
     outside = []
     for name in targets:
         rest = name[len(prefix):] if name.startswith(prefix) else ""
         head = rest.split(".", 1)[0]
-        if head.isdigit() and int(head) < len(layers):
-            by_layer.setdefault(int(head), {})[name] = modules[name]
+        if head.isdigit() and int(head) < n_layers:
+            by_layer.setdefault(int(head), []).append(name)
         else:
             outside.append(name)
+    return by_layer, outside
+
+
+def _expert_tensors(adapter, moe) -> dict[str, torch.Tensor]:
+    """In-memory name -> the layer's fused routed-expert weight tensors (what quantization changes)."""
+    spec, lay = adapter.spec, adapter.spec.layout
+    base = f"{spec.layers}.{moe.index}.{spec.block}.{spec.experts}."
+    return {base + t: getattr(moe.experts, t).detach() for t in (lay.gate_up, lay.down)}
+
+
+def gptq_quantize_layers(model, adapter, batches: list[dict] | None, *, bits: int, group_size: int,
+                         targets: list[str], options: GPTQOptions | None = None, method: str = "gptq",
+                         access=None, on_quantized=None, log=None) -> dict | None:
+    """Quantize `model` in place, decoder layer by decoder layer (see the module docstring): GPTQ from the
+    calibration `batches`, or round to nearest (`method="rtn"`, no batches needed).
+
+    `targets` are the nn.Linear names to quantize (`quant_targets`); every routed expert tensor is quantized.
+    `access` loads and frees the weights of a model that is not in memory (default `ResidentLayers`: it is);
+    `on_quantized(layer index or None, {in-memory name: quantized tensor})` sees every quantized tensor while
+    its layer is loaded. GPTQ returns what was done (per-layer counts of GPTQ / RTN experts, the fallbacks,
+    seconds per layer); RTN returns None.
+    """
+    from moeprune.models.adapter import _get_path
+
+    spec = adapter.spec
+    gptq = method == "gptq"
+    options = options or GPTQOptions()
+    if gptq and spec.experts_call != "indexed":
+        raise MoePruneError(f"--method gptq does not support {spec.name}'s dense-prescaled experts yet; "
+                            "use --method rtn")
+    if gptq and not batches:
+        raise MoePruneError("GPTQ needs calibration data; the calibration set is empty")
+    access = access or ResidentLayers()
+    report = on_quantized or (lambda _index, _tensors: None)
+    layers = _get_path(model, spec.layers)
+    modules = dict(model.named_modules())
+    moe_by_index = {layer.index: layer for layer in adapter.layers}
+    prefix = f"{spec.layers}."
+    by_layer, outside = _split_targets(model, spec, targets, len(layers))
     summary = {"layers": {}, "rtn_linears": list(outside), "options": options.to_dict()}
     solve = dict(bits=bits, group_size=group_size, damp=options.damp, act_order=options.act_order,
                  block_size=options.block_size)
     with torch.no_grad():
-        for name in outside:
-            w = modules[name].weight
-            w.copy_(fake_quantize(w, bits=bits, group_size=group_size))
-        inputs = _capture_inputs(model, layers, batches)
+        if outside:
+            access.load_modules(outside)
+            for name in outside:
+                w = modules[name].weight
+                w.copy_(fake_quantize(w, bits=bits, group_size=group_size))
+            report(None, {f"{name}.weight": modules[name].weight.detach() for name in outside})
+            access.release_modules(outside)
+        inputs = None
+        if gptq:
+            access.load_outer()
+            try:
+                inputs = _capture_inputs(model, layers, batches)
+            finally:
+                access.release_outer()
         for index, layer in enumerate(layers):
             start = time.perf_counter()
-            hs = HessianSet(adapter, f"{prefix}{index}.", by_layer.get(index, {}), moe_by_index.get(index))
-            hs.accumulate(layer, index, inputs)
-            if not options.sequential:  # the next layer's inputs from this layer unquantized
-                outputs = [_run_layer(layer, index, batch).detach() for batch in inputs]
-            record = {"linears": len(hs.linears), "rtn_linears": []}
-            for name, module in hs.linears.items():
-                acc = hs.acc[name]
-                if int(acc.rows) == 0:
-                    module.weight.copy_(fake_quantize(module.weight, bits=bits, group_size=group_size))
-                    record["rtn_linears"].append(name)
-                    continue
-                res = gptq_solve(module.weight, acc.hessian(), **solve)
-                module.weight.copy_(res.weight)
-                if res.fallback:
-                    record["rtn_linears"].append(name)
+            access.load(index)
+            linears = {name: modules[name] for name in by_layer.get(index, [])}
             moe = moe_by_index.get(index)
+            if not gptq:
+                for module in linears.values():
+                    module.weight.copy_(fake_quantize(module.weight, bits=bits, group_size=group_size))
+                if moe is not None:
+                    for view in expert_views(adapter, moe):
+                        view.copy_(fake_quantize(view, bits=bits, group_size=group_size))
+            else:
+                record = _gptq_layer(adapter, layer, index, linears, moe, inputs, solve, options, bits, group_size,
+                                     prefix)
+            quantized = {f"{name}.weight": m.weight.detach() for name, m in linears.items()}
             if moe is not None:
-                record.update(_solve_experts(adapter, moe, hs, solve, options, bits, group_size))
-            del hs
-            for i, batch in enumerate(inputs):  # the next layer's inputs: this layer's outputs, quantized
-                batch["hidden"] = _run_layer(layer, index, batch).detach() if options.sequential else outputs[i]
-            record["seconds"] = round(time.perf_counter() - start, 3)
-            summary["layers"][str(index)] = record
-            if log:
-                log(f"gptq layer {index}: {record['linears']} linears, "
-                    f"{record.get('gptq_experts', 0)} experts GPTQ, {len(record.get('rtn_experts', []))} RTN "
-                    f"({record['seconds']:.1f}s)")
-    return summary
+                quantized.update(_expert_tensors(adapter, moe))
+            report(index, quantized)
+            if gptq:
+                record["seconds"] = round(time.perf_counter() - start, 3)
+                summary["layers"][str(index)] = record
+                if log:
+                    log(f"gptq layer {index}: {record['linears']} linears, "
+                        f"{record.get('gptq_experts', 0)} experts GPTQ, {len(record.get('rtn_experts', []))} RTN "
+                        f"({record['seconds']:.1f}s)")
+            access.release(index)
+    return summary if gptq else None
+
+
+def _gptq_layer(adapter, layer, index, linears, moe, inputs, solve, options, bits, group_size, prefix) -> dict:
+    """GPTQ for one loaded decoder layer, then its outputs (quantized, or not with `sequential=False`) become
+    the next layer's inputs."""
+    hs = HessianSet(adapter, f"{prefix}{index}.", linears, moe)
+    hs.accumulate(layer, index, inputs)
+    if not options.sequential:  # the next layer's inputs from this layer unquantized
+        outputs = [_run_layer(layer, index, batch).detach() for batch in inputs]
+    record = {"linears": len(hs.linears), "rtn_linears": []}
+    for name, module in hs.linears.items():
+        acc = hs.acc[name]
+        if int(acc.rows) == 0:
+            module.weight.copy_(fake_quantize(module.weight, bits=bits, group_size=group_size))
+            record["rtn_linears"].append(name)
+            continue
+        res = gptq_solve(module.weight, acc.hessian(), **solve)
+        module.weight.copy_(res.weight)
+        if res.fallback:
+            record["rtn_linears"].append(name)
+    if moe is not None:
+        record.update(_solve_experts(adapter, moe, hs, solve, options, bits, group_size))
+    del hs
+    for i, batch in enumerate(inputs):  # the next layer's inputs: this layer's outputs, quantized
+        batch["hidden"] = _run_layer(layer, index, batch).detach() if options.sequential else outputs[i]
+    return record
 
 
 def _solve_experts(adapter, moe, hs: HessianSet, solve: dict, options: GPTQOptions, bits: int, group_size: int):

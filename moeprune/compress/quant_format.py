@@ -45,10 +45,16 @@ class QuantResult:
     method: str = "rtn"  # "rtn": round to nearest (uniform, and the float8 of mixed); "gptq": uniform GPTQ
     method_details: dict | None = None  # GPTQ: options, per-layer experts solved / fallen back to RTN, seconds
 
-    def to_dict(self) -> dict:
+    def to_dict(self, *, timings: bool = True) -> dict:
+        """The record for report.json; `timings=False` leaves out the seconds per layer (for moeprune.json, which
+        both executors write byte for byte)."""
         out = asdict(self)
         out.pop("expert_pattern")
         out.pop("kept_pattern")
+        if not timings and out.get("method_details"):
+            layers = out["method_details"].get("layers", {})
+            out["method_details"]["layers"] = {k: {f: v for f, v in r.items() if f != "seconds"}
+                                               for k, r in layers.items()}
         out["serves_in"] = serving_note(self)
         return out
 

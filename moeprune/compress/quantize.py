@@ -27,11 +27,12 @@ from torch import nn
 
 from moeprune.compress.quant_format import FORMAT_PACKED, MixedBudget, QuantResult, serving_note
 from moeprune.compress.quantize_plan import CHANNEL, SUPPORTED_BITS, check_quantize, quant_targets
-from moeprune.compress.rtn import expert_views, fake_quantize, group_scale
+from moeprune.compress.rtn import fake_quantize, group_scale
 from moeprune.errors import MoePruneError
 
 __all__ = ["MixedBudget", "QuantResult", "quantize_model", "save_quantized", "write_quantized", "SUPPORTED_BITS",
-           "fake_quantize", "check_quantize", "CHANNEL", "serving_note", "METHODS"]
+           "fake_quantize", "check_quantize", "CHANNEL", "serving_note", "METHODS", "uniform_result",
+           "write_values", "pack_checkpoint"]
 
 METHODS = ("rtn", "gptq")  # uniform mode: round to nearest, or GPTQ from calibration data (compress/gptq.py)
 
@@ -41,35 +42,39 @@ def _weight_bytes(model: nn.Module) -> int:
 
 def _quantize_uniform(model: nn.Module, adapter, *, bits: int, group_size, method: str = "rtn",
                       calibration=None, gptq=None, log=None) -> QuantResult:
-    spec = adapter.spec
+    from moeprune.compress.gptq import GPTQOptions, gptq_quantize_layers
+
     group_size = check_quantize(model, bits, group_size)
     plan = quant_targets(model, adapter)
     before = _weight_bytes(model)
+    targets = [name for name, _ in plan.linears]
+    details = gptq_quantize_layers(model, adapter, None if calibration is None else list(calibration), bits=bits,
+                                   group_size=group_size, targets=targets, options=gptq or GPTQOptions(),
+                                   method=method, log=log)
+    return uniform_result(model, adapter, bits=bits, group_size=group_size, method=method, details=details,
+                          bytes_before=before)
+
+
+def uniform_result(model: nn.Module, adapter, *, bits: int, group_size, method: str, details: dict | None,
+                   bytes_before: int | None = None) -> QuantResult:
+    """The record of a uniform quantization of `model` (loaded or weightless: only names and shapes are read):
+    which checkpoint keys are packed or kept, and the bytes expected on disk."""
+    spec = adapter.spec
+    plan = quant_targets(model, adapter)
+    before = _weight_bytes(model) if bytes_before is None else bytes_before
     targets, ignore = [name for name, _ in plan.linears], plan.ignore
     modules = dict(model.named_modules())
-    details = None
-    if method == "gptq":
-        from moeprune.compress.gptq import GPTQOptions, gptq_quantize_layers
-
-        details = gptq_quantize_layers(model, adapter, list(calibration), bits=bits, group_size=group_size,
-                                       targets=targets, options=gptq or GPTQOptions(), log=log)
-    else:
-        with torch.no_grad():
-            for layer in adapter.layers:
-                for view in expert_views(adapter, layer):
-                    view.copy_(fake_quantize(view, bits=bits, group_size=group_size))
-            for name in targets:
-                w = modules[name].weight
-                w.copy_(fake_quantize(w, bits=bits, group_size=group_size))
     # checkpoint keys of routed experts; the block may be renamed on disk (e.g. mlp -> block_sparse_moe)
     layer_alt = "|".join(str(layer.index) for layer in adapter.layers)
     pattern = rf"^{re.escape(spec.layers)}\.({layer_alt})\.(.+\.)?{re.escape(spec.experts)}\."
     kept = "|".join(re.escape(m) for m in (spec.router, spec.shared_gate) if m)
     kept_pattern = rf"^{re.escape(spec.layers)}\.({layer_alt})\.(.+\.)?({kept})\.weight$"
-    tensors = [v for layer in adapter.layers for v in expert_views(adapter, layer)]
+    lay = spec.layout
+    tensors = [getattr(layer.experts, t) for layer in adapter.layers for t in (lay.gate_up, lay.down)]
     tensors += [modules[n].weight for n in targets]
     quant_numel = sum(t.numel() for t in tensors)
-    n_scales = sum(t.numel() // (t.shape[-1] if group_size == CHANNEL else group_size) for t in tensors)
+    n_scales = sum(t.numel() // ((t.shape[-2] if lay.transposed and t.dim() == 3 else t.shape[-1])
+                                 if group_size == CHANNEL else group_size) for t in tensors)
     elem = next(model.parameters()).element_size()
     after = before - quant_numel * elem + quant_numel * bits // 8 + n_scales * elem  # scales in the model dtype
     channel = group_size == CHANNEL
@@ -169,6 +174,39 @@ def _quantization_config(result: QuantResult, kept: set[str]) -> dict:
                                           "input_activations": None, "output_activations": None,
                                           "format": "pack-quantized"}},
             "ignore": sorted(set(result.ignore) | kept), "kv_cache_scheme": None}
+
+
+def write_values(folder: Path, values) -> None:
+    """Replace tensors in the safetensors shards of `folder` (in place) by `values` (`Replacements`: on-disk name
+    -> tensor), each cast to the dtype its shard stores; every name must be found, with its shape."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    wanted, found = set(values.names()), set()
+    for shard in sorted(Path(folder).glob("*.safetensors")):
+        with safe_open(shard, framework="pt") as f:
+            hit = wanted & set(f.keys())
+            metadata = f.metadata()
+        if not hit:
+            continue
+        tensors = load_file(shard)
+        for name in sorted(hit):
+            value = values.load(name)
+            if tuple(value.shape) != tuple(tensors[name].shape):
+                raise MoePruneError(f"{name}: quantized shape {list(value.shape)} does not match the "
+                                    f"checkpoint's {list(tensors[name].shape)} in {shard.name}")
+            tensors[name] = value.to(tensors[name].dtype).contiguous()
+        save_file(tensors, shard, metadata=metadata)
+        found |= hit
+    missing = sorted(wanted - found)
+    if missing:
+        raise MoePruneError(f"quantized tensors {missing[:3]} are not in the checkpoint written to {folder}")
+
+
+def pack_checkpoint(folder: Path, result: QuantResult) -> None:
+    """Pack the quantized tensors of the checkpoint in `folder` (in place) as `result` says, and record the
+    quantization in its config.json."""
+    _compress_checkpoint(Path(folder), result)
 
 
 def _compress_checkpoint(folder: Path, result: QuantResult) -> None:

@@ -25,7 +25,7 @@ from torch import nn
 from moeprune.errors import MoePruneError
 
 __all__ = ["AUTO_GROUP_SIZES", "CHANNEL", "SUPPORTED_BITS", "QuantTargets", "check_quantize", "quant_targets",
-           "resolve_group_size", "parse_group_size"]
+           "resolve_group_size", "parse_group_size", "gptq_layer_memory"]
 
 SUPPORTED_BITS = (4, 8)
 AUTO_GROUP_SIZES = (128, 64, 32)
@@ -123,3 +123,44 @@ def check_quantize(model: nn.Module, bits: int, group_size=None, *, option: str 
     if bits not in SUPPORTED_BITS:
         raise MoePruneError(f"--bits {bits} is not supported; choose one of {', '.join(map(str, SUPPORTED_BITS))}")
     return resolve_group_size(quant_targets(model).widths(), group_size, option)
+
+
+def gptq_layer_memory(model: nn.Module, *, n_keep: int | None, weight_bytes: int) -> dict[str, int]:
+    """Bytes GPTQ needs for its largest decoder layer, from shapes alone (weights may be on the meta device),
+    with `n_keep` routed experts per MoE layer (None: all): the layer's weights streamed in (3 x: the read,
+    the conversion to the in-memory layout and the loaded copy, as the layer-wise loader counts them), its
+    Hessians (float32, in^2 per quantized linear and per kept expert for gate_up and down) and the solver's
+    float64 work on the largest stack (the Hessian copy, its Cholesky factor and inverse: 3 x in^2 x 8 per
+    entry). The calibration hidden states come on top (tokens x hidden x dtype)."""
+    from moeprune.models import MoEAdapter
+    from moeprune.models.adapter import _get_path
+
+    adapter = MoEAdapter(model)
+    spec, layout = adapter.spec, adapter.spec.layout
+    moe = {layer.index: layer for layer in adapter.layers}
+    targets = quant_targets(model, adapter)
+    best = {"weights": 0, "hessians": 0, "solver": 0, "total": 0}
+    for index, layer in enumerate(_get_path(model, spec.layers)):
+        prefix = f"{spec.layers}.{index}."
+        frac = 1.0
+        hessians, solver = 0, 0
+        if index in moe:
+            m = moe[index]
+            keep = m.num_experts if n_keep is None else min(n_keep, m.num_experts)
+            frac = keep / m.num_experts
+            for name in (layout.gate_up, layout.down):
+                t = getattr(m.experts, name)
+                width = t.shape[-2] if layout.transposed else t.shape[-1]
+                hessians += keep * width * width * 4
+                solver = max(solver, keep * width * width * 8 * 3)
+        expert_ids = {id(getattr(moe[index].experts, t)) for t in layout.tensors} if index in moe else set()
+        numel = sum(p.numel() * (frac if id(p) in expert_ids else 1.0) for p in layer.parameters())
+        for name, width in targets.linears:
+            if name.startswith(prefix):
+                hessians += width * width * 4
+                solver = max(solver, width * width * 8 * 3)
+        row = {"weights": int(numel * weight_bytes * 3), "hessians": hessians, "solver": solver}
+        row["total"] = row["weights"] + row["hessians"] + row["solver"]
+        if row["total"] > best["total"]:
+            best = row
+    return best

@@ -139,6 +139,12 @@ class Executor:
     def _evaluate_hf(self, folder: Path) -> dict:  # each executor: the model as it holds it
         raise NotImplementedError
 
+    def quantize(self, folder: Path):  # each executor: (QuantResult, Replacements) of the recipe's quantize stage
+        raise NotImplementedError
+
+    def evaluate_quantized(self, folder: Path) -> dict:  # each executor: the tasks on the quantized model
+        raise NotImplementedError
+
     def _evaluate_with_engine(self, folder: Path) -> dict:
         """The tasks through vLLM's engine on `folder` (the source or the written output); the engine is shut
         down before this returns, so the next model's engine has the memory."""

@@ -90,6 +90,24 @@ class LayerwiseExecutor(Executor):
             if source is not None:
                 source.close()
 
+    def quantize(self, folder: Path):
+        """The recipe's uniform quantization over the compressed output written to `folder`, one decoder layer
+        read at a time (in the source dtype): the QuantResult and the quantized tensors under their on-disk names."""
+        from moeprune.execution.layerpass import LayerSource
+        from moeprune.execution.quantize_pass import SourceLayers, quantize_layers
+
+        source = LayerSource(folder, dtype=self.plan.source_dtype, device=self.plan.device)
+        try:
+            calibration = self.calibration() if self.plan.recipe.quantize.method == "gptq" else None
+            return quantize_layers(self.plan, source.model, source.adapter, calibration=calibration,
+                                   access=SourceLayers(source, self.plan.device))
+        finally:
+            source.close()
+
+    def evaluate_quantized(self, folder: Path) -> dict:
+        """The tasks on `folder`, which holds the quantized values unpacked at this point (one layer at a time)."""
+        return self._evaluate_on(folder)
+
     def _logit_kd(self):
         """Logit KD (router_kd, moe_kd) set up with the targets of the original model, streamed from its files
         (recover/generate.py's text too), or None."""

@@ -97,6 +97,21 @@ class MemoryExecutor(Executor):
         finally:
             replaced.close()
 
+    def quantize(self, folder: Path):
+        """The recipe's uniform quantization over the compressed model in memory (in the source dtype): the
+        QuantResult and the quantized tensors under their on-disk names."""
+        from moeprune.execution.quantize_pass import quantize_layers
+        from moeprune.models import MoEAdapter
+
+        if self.plan.dtype != self.plan.source_dtype:  # the output keeps the source dtype (quantized tensors aside)
+            self.model.to(getattr(torch, self.plan.source_dtype))
+        calibration = self.calibration() if self.plan.recipe.quantize.method == "gptq" else None
+        return quantize_layers(self.plan, self.model, MoEAdapter(self.model), calibration=calibration)
+
+    def evaluate_quantized(self, folder: Path) -> dict:
+        """The tasks on the quantized model in memory (its weights are the checkpoint's dequantized values)."""
+        return self._evaluate(self.model, self.tokenizer)
+
     def _surgery(self, adapter, decision, obs, replaced) -> None:
         from moeprune.compress import prune_experts
 

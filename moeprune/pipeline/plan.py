@@ -89,6 +89,7 @@ class Plan:
     eval_backend: str = "hf"  # recipe.eval.backend resolved: "hf" or "vllm"
     recovery_memory: str | None = None  # the memory table of every recovery method, when the recipe recovers
     recovery_row: object = None  # the recipe's own recovery method's RecoveryMemory (recover/memory.py)
+    quantize_memory: str | None = None  # GPTQ's largest decoder layer, when the recipe quantizes with GPTQ
     keep_plan: dict | None = None
 
     @cached_property
@@ -103,6 +104,8 @@ class Plan:
                 f"execution {self.execution} ({self.execution_reason})")
         if self.recovery_memory:
             line += "\nrecovery memory per process (docs/scale.md):\n" + self.recovery_memory
+        if self.quantize_memory:
+            line += "\nquantize memory per process: " + self.quantize_memory
         return line
 
 
@@ -198,10 +201,10 @@ def _quantize(recipe, shape, execution: str) -> int | None:
     q = recipe.quantize
     if q is None:
         return None
-    if execution == "layerwise":
-        raise MoePruneError("quantize: the quantization stage needs the compressed model in memory, and this run is "
-                            "layer-wise; drop the quantize section and run `moeprune quantize OUT` on the "
-                            "compressed output (it is smaller), or set execution: memory with a larger max_memory")
+    if execution == "layerwise" and q.mixed_budget is not None:
+        raise MoePruneError("quantize.mixed_budget: mixed precision needs the compressed model in memory, and this "
+                            "run is layer-wise; drop quantize.mixed_budget (uniform rtn/gptq runs layer by layer), "
+                            "or set execution: memory with a larger max_memory")
     if q.mixed_budget is not None and q.bits != 8:
         raise MoePruneError("quantize.mixed_budget mixes 4- and 8-bit layers; set quantize.bits: 8")
     if q.mixed_budget is not None:
@@ -210,6 +213,25 @@ def _quantize(recipe, shape, execution: str) -> int | None:
 
     # pruning and merging keep every width, so the source's widths decide (CHANNEL = one scale per row)
     return check_quantize(shape.model, q.bits, q.group_size, option="quantize.group_size")
+
+
+def _check_quantize_memory(plan: "Plan") -> None:
+    """Layer-wise GPTQ holds one decoder layer, its Hessians and the solver's work at a time: refuse, before any
+    weight is read, a largest layer that does not fit max_memory, and say what it needs in the plan line."""
+    q = plan.recipe.quantize
+    if q is None or q.method != "gptq" or q.mixed_budget is not None:
+        return
+    from moeprune.compress.quantize_plan import gptq_layer_memory
+
+    need = gptq_layer_memory(plan.shape.model, n_keep=plan.n_keep, weight_bytes=DTYPE_BYTES[plan.source_dtype])
+    plan.quantize_memory = (f"gptq, largest decoder layer: {need['total'] / 1e9:.2f} GB (weights read "
+                            f"{need['weights'] / 1e9:.2f} + Hessians {need['hessians'] / 1e9:.2f} + solver "
+                            f"{need['solver'] / 1e9:.2f}) plus the calibration hidden states")
+    if plan.execution == "layerwise" and need["total"] > plan.max_memory:
+        raise MoePruneError(f"quantize.method: gptq needs about {need['total'] / 1e9:.2f} GB for its largest decoder "
+                            f"layer (weights {need['weights'] / 1e9:.2f} + Hessians {need['hessians'] / 1e9:.2f} + "
+                            f"solver {need['solver'] / 1e9:.2f}), over the {plan.max_memory / 1e9:.2f} GB max_memory; "
+                            "raise max_memory or use quantize.method: rtn")
 
 
 def recovery_rows(plan: "Plan", execution: str | None = None) -> list:
@@ -238,7 +260,8 @@ def _check_recover_memory(plan: "Plan") -> None:
     rows = recovery_rows(plan)
     mine = next(row for row in rows if row.method == r.method)
     if (mine.total > plan.max_memory and r.logit_kd and plan.execution == "memory"
-            and plan.recipe.execution == "auto" and plan.recipe.quantize is None):
+            and plan.recipe.execution == "auto"
+            and (plan.recipe.quantize is None or plan.recipe.quantize.mixed_budget is None)):
         streamed = recovery_rows(plan, "layerwise")
         lw = next(row for row in streamed if row.method == r.method)
         if lw.total < mine.total:  # streamed: it fits, or the refusal below gives the smaller need
@@ -345,6 +368,7 @@ def make_plan(recipe, *, out_dir=None, overwrite: bool = False, needs_output: bo
     if method.needs_observations or method.needs_layer_inputs or recipe.recover is not None:
         plan.calibration = _calibration(recipe, shape.config)
     plan.quant_group_size = _quantize(recipe, shape, plan.execution)
+    _check_quantize_memory(plan)
     if recipe.eval.tasks:
         from moeprune.evaluate import resolve_tasks
 

@@ -234,14 +234,42 @@ def _sizes(report: dict, plan, folder: Path, *, stage: str) -> None:
 
 
 def _quantize_stage(report: dict, plan, ex, obs, decision, folder: Path, timer) -> None:
-    """Quantize the compressed in-memory model and replace the weights in `folder` by its quantized save."""
+    """Quantize the compressed model and replace the weights in `folder` by its quantized save. Uniform
+    quantization (RTN or GPTQ) is one pass over the decoder layers in either executor; its values are written
+    into the output's shards, evaluated, then packed, so both executors write the same files."""
+    from moeprune.checkpoint import write_json
+    from moeprune.compress.quantize import pack_checkpoint, write_values
+
+    if plan.recipe.quantize.mixed_budget is not None:
+        return _quantize_mixed_stage(report, plan, ex, obs, decision, folder, timer)
+    with timer("quantize"):
+        quant, values = ex.quantize(folder)
+    try:
+        with timer("save"):
+            write_values(folder, values)
+    finally:
+        values.close()
+    with timer("eval_quantized"):
+        quant_eval = ex.evaluate_quantized(folder) if plan.tasks else {}
+    report["quantization"] = quant.to_dict()
+    report["eval"]["quantized"] = quant_eval
+    report["eval"]["retained_quantized"] = _retained(report["eval"]["base"], quant_eval)
+    with timer("save"):
+        pack_checkpoint(folder, quant)
+        record = json.loads((folder / "moeprune.json").read_text())
+        record["quantization"] = quant.to_dict(timings=False)  # the same bytes whichever executor ran
+        write_json(folder / "moeprune.json", record)
+    _sizes(report, plan, folder, stage="quantized")
+
+
+def _quantize_mixed_stage(report: dict, plan, ex, obs, decision, folder: Path, timer) -> None:
+    """Mixed precision (torchao float8 per layer): the in-memory model quantized and saved over `folder`."""
     from moeprune.compress.quantize import write_quantized
 
     if plan.dtype != plan.source_dtype:  # the output keeps the source dtype (quantized tensors aside)
         ex.model.to(getattr(torch, plan.source_dtype))
     with timer("quantize"):
-        calibration = ex.calibration() if plan.recipe.quantize.method == "gptq" else None
-        quant = _quantize(ex.model, plan, obs, decision.kept, calibration)
+        quant = _quantize(ex.model, plan, obs, decision.kept)
     with timer("eval_quantized"):
         quant_eval = ex._evaluate(ex.model, ex.tokenizer) if plan.tasks else {}
     report["quantization"] = quant.to_dict()
@@ -255,29 +283,19 @@ def _quantize_stage(report: dict, plan, ex, obs, decision, folder: Path, timer) 
     _sizes(report, plan, folder, stage="quantized")
 
 
-def _quantize(model, plan, obs, kept: dict[int, list[int]], calibration=None):
-    """Quantize the compressed model in place; layer importance = summed scores of its kept experts; GPTQ
-    calibrates on the run's calibration batches, through the compressed model."""
+def _quantize(model, plan, obs, kept: dict[int, list[int]]):
+    """Mixed precision: quantize the compressed model in place; layer importance = summed scores of its kept
+    experts."""
     from moeprune.compress.quantize import MixedBudget, quantize_model
     from moeprune.score import score_layer
 
     q = plan.recipe.quantize
-    importance = None
-    mixed = None
-    if q.mixed_budget is not None:
-        mixed = MixedBudget(avg_bits=q.mixed_budget)
-        importance = {}
-        for i, experts in kept.items():
-            scores = score_layer(q.importance, obs.layers[i])[experts]
-            importance[i] = float(scores[torch.isfinite(scores)].clamp(min=0).sum())
-    if q.method == "gptq":
-        from moeprune.compress.gptq import GPTQOptions
-
-        options = GPTQOptions(damp=q.damp, act_order=q.act_order, block_size=q.block_size,
-                              min_tokens=q.min_expert_tokens)
-        return quantize_model(model, bits=q.bits, group_size=plan.quant_group_size, method="gptq",
-                              calibration=calibration.batches, gptq=options)
-    return quantize_model(model, bits=q.bits, group_size=plan.quant_group_size, mixed=mixed, importance=importance)
+    importance = {}
+    for i, experts in kept.items():
+        scores = score_layer(q.importance, obs.layers[i])[experts]
+        importance[i] = float(scores[torch.isfinite(scores)].clamp(min=0).sum())
+    return quantize_model(model, bits=q.bits, group_size=plan.quant_group_size,
+                          mixed=MixedBudget(avg_bits=q.mixed_budget), importance=importance)
 
 
 def _provenance(plan, obs, decision) -> dict:

@@ -68,3 +68,28 @@ def test_explicit_group_size_names_the_width_it_does_not_divide():
 def test_bad_settings_are_errors(bits, group, needle):
     with pytest.raises(MoePruneError, match=needle):
         check_quantize(_meta(tiny_config("qwen3_moe")), bits, group)
+
+
+def test_gptq_layer_memory_on_qwen3_30b_shapes():
+    """GPTQ's largest decoder layer on Qwen3-30B-A3B's public shapes (meta device) at 64 of 128 experts, against
+    a hand computation from its config numbers."""
+    import torch
+    from transformers import AutoModelForCausalLM
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    from moeprune.compress.quantize_plan import gptq_layer_memory
+
+    config = CONFIG_MAPPING["qwen3_moe"](hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768,
+                                         num_hidden_layers=2, num_attention_heads=32, num_key_value_heads=4,
+                                         head_dim=128, num_experts=128, num_experts_per_tok=8, vocab_size=1000)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    h, i, keep = 2048, 768, 64
+    attention = h * 4096 + 2 * h * 512 + 4096 * h  # q, k, v (4 kv heads x 128), o
+    norms = 2 * h + 2 * 128  # input/post-attention norms, q/k norms
+    weights = (attention + norms + 128 * h + keep * 3 * h * i) * 2 * 3  # bf16, router whole, kept experts, 3 copies
+    hessians = (keep * (h * h + i * i) + 3 * h * h + 4096 * 4096) * 4
+    solver = keep * h * h * 8 * 3  # the gate_up stack is the largest
+    need = gptq_layer_memory(model, n_keep=keep, weight_bytes=2)
+    assert need == {"weights": weights, "hessians": hessians, "solver": solver, "total": weights + hessians + solver}
+    assert 9e9 < need["total"] < 10e9  # 9.7 GB: the float64 solver work on 64 stacked 2048-wide Hessians leads

@@ -49,7 +49,9 @@ def no_weights(monkeypatch):
     ({"device": "cuda:0"}, "CUDA"),
     ({"quantize": {"bits": 4, "group_size": 48}}, "not a multiple of quantize.group_size 48"),
     ({"max_memory": "lots"}, "max_memory"),
-    ({"method": "reap", "execution": "layerwise", "quantize": {"bits": 8}}, "layer-wise"),
+    ({"method": "reap", "execution": "layerwise", "quantize": {"bits": 8, "mixed_budget": 12}}, "layer-wise"),
+    ({"method": "reap", "execution": "layerwise", "max_memory": "20KB", "quantize": {"bits": 4, "method": "gptq"}},
+     "for its largest decoder layer"),
 ])
 def test_early_checks_fail_before_any_weight(tiny, tmp_path, no_weights, fields, message):
     import torch
