@@ -21,7 +21,7 @@ import torch
 from moeprune.errors import MoePruneError
 
 __all__ = ["Context", "RankDone", "context", "launched", "shard", "reduce_observations", "broadcast_flag", "local_only",
-           "is_main", "leave_unless_main", "finish"]
+           "is_main", "leave_unless_main", "finish", "broadcast_batches", "all_reduce_sum", "gather_ints"]
 
 _SOLO = {"on": False}
 
@@ -179,3 +179,62 @@ def finish(wait: bool = False) -> None:
             dist.barrier(group=dist.new_group(backend="gloo", timeout=FINISH_TIMEOUT))
     finally:
         dist.destroy_process_group()
+
+
+def broadcast_batches(batches: list[dict], ctx: Context | None = None) -> list[dict]:
+    """Rank 0's list of token batches ({"input_ids", "attention_mask"} integer tensors) on every rank: its count,
+    each tensor's shape, then the tensors (no pickling)."""
+    import torch.distributed as dist
+
+    ctx = ctx or context()
+    if not ctx.enabled:
+        return batches
+    dev = ctx.collective_device
+    n = torch.tensor([len(batches)], dtype=torch.int64, device=dev)
+    dist.broadcast(n, src=0)
+    out = []
+    for i in range(int(n.item())):
+        mine = batches[i] if ctx.is_main else None
+        shape = torch.tensor(list(mine["input_ids"].shape) if mine is not None else [0, 0], dtype=torch.int64,
+                             device=dev)
+        dist.broadcast(shape, src=0)
+        batch = {}
+        for key in ("input_ids", "attention_mask"):
+            t = (mine[key].to(torch.int64) if mine is not None and key in mine
+                 else torch.ones(*shape.tolist(), dtype=torch.int64))
+            t = t.contiguous().to(dev) if dev is not None else t.contiguous()
+            dist.broadcast(t, src=0)
+            batch[key] = t.cpu()
+        out.append(batch)
+    return out
+
+
+def all_reduce_sum(tensors: list[torch.Tensor], ctx: Context | None = None) -> None:
+    """Sum `tensors` (in place) over the ranks."""
+    import torch.distributed as dist
+
+    ctx = ctx or context()
+    if not ctx.enabled:
+        return
+    dev = ctx.collective_device
+    for t in tensors:
+        if dev is None or t.device == dev:
+            dist.all_reduce(t)
+        else:
+            moved = t.to(dev)
+            dist.all_reduce(moved)
+            t.copy_(moved)
+
+
+def gather_ints(value: int, ctx: Context | None = None) -> list[int]:
+    """Every rank's `value`, in rank order (a single process: [value])."""
+    import torch.distributed as dist
+
+    ctx = ctx or context()
+    if not ctx.enabled:
+        return [int(value)]
+    dev = ctx.collective_device
+    mine = torch.tensor([int(value)], dtype=torch.int64, device=dev)
+    every = [torch.zeros_like(mine) for _ in range(ctx.world_size)]
+    dist.all_gather(every, mine)
+    return [int(t.item()) for t in every]

@@ -100,11 +100,46 @@ def check_prompts(model_dir: Path, *, count: int, max_prompt_tokens: int = 64) -
 
 
 def load_reference(model_dir: Path, dtype: str):
-    """The folder as stock transformers loads it, in `dtype`, eval mode."""
+    """The folder as stock transformers loads it, in `dtype`, eval mode. A checkpoint with expert widths per MoE
+    layer (`quantize --mixed-format packed`), which transformers cannot load, is first decoded to the dense
+    weights it stores (moeprune.compress.quantize.dequantized_tensors) in a temporary folder."""
     import torch
     from transformers import AutoModelForCausalLM
 
+    if _per_layer_widths(model_dir):
+        return _dequantized_reference(model_dir, dtype)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype), local_files_only=True)
+    return model.eval()
+
+
+def _per_layer_widths(model_dir: Path) -> bool:
+    from moeprune.compress.quant_format import FORMAT_MIXED_PACKED
+
+    record = model_dir / "moeprune.json"
+    if not record.is_file():
+        return False
+    return (json.loads(record.read_text()).get("quantization") or {}).get("format") == FORMAT_MIXED_PACKED
+
+
+def _dequantized_reference(model_dir: Path, dtype: str):
+    import shutil
+
+    import torch
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM
+
+    from moeprune.compress.quantize import dequantized_tensors
+
+    with tempfile.TemporaryDirectory(prefix="moeprune-reference-") as tmp:
+        for f in model_dir.iterdir():
+            if f.is_file() and f.suffix != ".safetensors" and f.name != "model.safetensors.index.json":
+                shutil.copy(f, tmp)
+        config = json.loads((model_dir / "config.json").read_text())
+        config.pop("quantization_config", None)
+        (Path(tmp) / "config.json").write_text(json.dumps(config))
+        save_file({k: v.contiguous() for k, v in dequantized_tensors(model_dir).items()},
+                  str(Path(tmp) / "model.safetensors"), metadata={"format": "pt"})
+        model = AutoModelForCausalLM.from_pretrained(tmp, dtype=getattr(torch, dtype), local_files_only=True)
     return model.eval()
 
 

@@ -51,6 +51,10 @@ mp quantize demo --bits 8 -o "$WORK/demo-int8"
 mp quantize "$WORK/demo-reap50" --bits 4 -o "$WORK/demo-reap50-int4"
 mp quantize demo --bits 4 --method gptq --calib demo:64 --max-length 128 -o "$WORK/demo-gptq-int4"
 mp quantize demo --bits 8 --mixed-budget 12 --observations "$WORK/obs" -o "$WORK/demo-mixed"
+# int4 or dense per MoE layer by importance (compressed-tensors config groups): vLLM only (check_vllm.py decodes
+# the packed weights into a dense reference, since transformers cannot load per-layer expert widths)
+mp quantize demo --mixed-budget 10 --mixed-format packed --mixed-widths 4,16 --observations "$WORK/obs" \
+  -o "$WORK/demo-mixed-int4"
 # shellcheck disable=SC2086
 python scripts/make_tiny_models.py "$WORK/tiny" $VLLM_CPU_FAMILIES >>"$WORK/moeprune.log" 2>&1
 echo "outputs written after $(( $(date +%s) - stage_start ))s"
@@ -58,7 +62,7 @@ echo "outputs written after $(( $(date +%s) - stage_start ))s"
 # vLLM CPU's int4 MoE kernel (CPUExpertsInt4) needs AMX tiles; without them vLLM refuses int4 MoE
 # checkpoints ("No WNA16 MoE backend supports the deployment configuration"), so they are expected to fail
 # there, and the stage fails if they start to pass (docs/serving.md).
-INT4=("$WORK"/demo-int4 "$WORK"/demo-reap50-int4 "$WORK"/demo-gptq-int4)
+INT4=("$WORK"/demo-int4 "$WORK"/demo-reap50-int4 "$WORK"/demo-gptq-int4 "$WORK"/demo-mixed-int4)
 if "$MOEPRUNE_VLLM_PYTHON" -c "import sys, torch; sys.exit(0 if torch.cpu._is_amx_tile_supported() else 1)"; then
   AGREE_INT4=("${INT4[@]}"); FAIL_INT4=()
 else

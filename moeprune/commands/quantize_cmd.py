@@ -41,6 +41,17 @@ def layer_importance(obs_dir: str, *, method: str, model) -> dict[int, float]:
     return out
 
 
+def _widths(text: str) -> tuple[int, ...]:
+    """--mixed-widths: two or more of 4, 8, 16 (16: dense), comma-separated."""
+    try:
+        widths = tuple(sorted({int(w) for w in text.split(",") if w.strip()}))
+    except ValueError:
+        widths = ()
+    if len(widths) < 2 or not set(widths) <= {4, 8, 16}:
+        raise MoePruneError(f"--mixed-widths {text!r}: give two or more of 4, 8 and 16 (dense), e.g. 4,16")
+    return widths
+
+
 def _disk_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.glob("*.safetensors"))
 
@@ -66,6 +77,13 @@ GPTQ_DEFAULTS = {"damp": 0.01, "block_size": 128, "min_tokens": 32}
 @click.option("--mixed-budget", "avg_bits", default=None,
               help="Mixed precision: average bits per routed-expert weight (scales included).")
 @click.option("--max-bytes", default=None, help="Mixed precision: total bytes allowed for all weights.")
+@click.option("--mixed-format", default="float8", show_default=True,
+              help="Mixed precision storage: float8 (torchao float8 or dense per MoE layer; transformers reloads it) "
+                   "or packed (int4 / int8 / dense per MoE layer as compressed-tensors config groups; vLLM serves "
+                   "it, transformers cannot load it).")
+@click.option("--mixed-widths", default="4,8,16", show_default=True,
+              help="--mixed-format packed: the widths a layer's experts may get (16 = dense); vLLM's CPU build "
+                   "serves 4,16.")
 @click.option("--observations", "obs_dir", type=click.Path(), default=None,
               help="Saved observations (moeprune observe): the importance that drives mixed precision.")
 @click.option("--importance-method", "method", default="reap", show_default=True,
@@ -74,15 +92,16 @@ GPTQ_DEFAULTS = {"damp": 0.01, "block_size": 128, "min_tokens": 32}
 @calibration_options
 def quantize_cmd(model_dir: str, out_dir: str, bits: str, group_size: str, quant_method: str, damp: str | None,
                  act_order: bool, block_size: str | None, min_expert_tokens: str | None, avg_bits: str | None,
-                 max_bytes: str | None, obs_dir: str | None, method: str, overwrite: bool, device: str, execution: str,
-                 max_memory: str | None, dtype: str, **calib) -> None:
+                 max_bytes: str | None, mixed_format: str, mixed_widths: str, obs_dir: str | None, method: str,
+                 overwrite: bool, device: str, execution: str, max_memory: str | None, dtype: str, **calib) -> None:
     """Quantize the weights of MODEL_DIR (experts included) into a checkpoint stock transformers reloads.
 
     Uniform: every expert and linear layer at --bits (compressed-tensors pack-quantized), rounded to
     nearest (--method rtn) or with GPTQ from calibration data (--method gptq, --calib as for observe);
     routers, shared-expert gates and lm_head stay in the source dtype. Mixed (--mixed-budget or
     --max-bytes, with --observations): each MoE layer's experts float8 or dense, the most important layers
-    kept dense within the budget (transformers-only: vLLM refused it as tested, see docs/serving.md).
+    kept dense within the budget (transformers-only: vLLM refused it as tested, see docs/serving.md); with
+    --mixed-format packed, int4 / int8 / dense per MoE layer in compressed-tensors (vLLM-only).
     """
     from moeprune.compress.quantize import (METHODS, SUPPORTED_BITS, MixedBudget, quantize_model, save_quantized,
                                             serving_note)
@@ -108,6 +127,9 @@ def quantize_cmd(model_dir: str, out_dir: str, bits: str, group_size: str, quant
                             max_bytes=parse_number(max_bytes, option="--max-bytes", integer=True))
         if obs_dir is None:
             raise MoePruneError("mixed precision needs --observations DIR (from `moeprune observe`) for importance")
+    if mixed_format not in ("float8", "packed"):
+        raise MoePruneError(f"--mixed-format {mixed_format!r}: choose float8 or packed")
+    widths = _widths(mixed_widths) if mixed is not None and mixed_format == "packed" else None
     src = resolve_model_dir(model_dir)
     calib_spec = _calibration_spec(src, calib) if gptq is not None else None
     check_output_dir(out_dir, inputs=(src, obs_dir, *_calib_paths(calib_spec)), overwrite=overwrite)
@@ -125,7 +147,8 @@ def quantize_cmd(model_dir: str, out_dir: str, bits: str, group_size: str, quant
     importance = layer_importance(obs_dir, method=method, model=model) if mixed is not None else None
     result = quantize_model(model, bits=n_bits, group_size=group, mixed=mixed, importance=importance,
                             method=quant_method, calibration=None if calibration is None else calibration.batches,
-                            gptq=gptq, log=lambda line: click.echo(line, err=True))
+                            gptq=gptq, log=lambda line: click.echo(line, err=True), mixed_format=mixed_format,
+                            widths=widths)
     provenance = {"base_model": portable_path(src), "method": "quantize",
                   "importance_method": method if mixed else None}
     if calibration is not None:

@@ -7,10 +7,11 @@ from dataclasses import asdict, dataclass, field
 
 from moeprune.errors import MoePruneError
 
-__all__ = ["FORMAT_PACKED", "FORMAT_MIXED", "VLLM_CPU_GROUP_SIZES", "MixedBudget", "QuantResult", "serving_note"]
+__all__ = ["FORMAT_PACKED", "FORMAT_MIXED", "FORMAT_MIXED_PACKED", "VLLM_CPU_GROUP_SIZES", "MixedBudget", "QuantResult", "serving_note"]
 
 FORMAT_PACKED = "compressed-tensors/pack-quantized"
 FORMAT_MIXED = "torchao/float8-per-layer"
+FORMAT_MIXED_PACKED = "compressed-tensors/pack-quantized-per-layer"  # routed experts' width per MoE layer (vLLM)
 VLLM_CPU_GROUP_SIZES = (64, 128)  # int4 group sizes vLLM 0.32's CPU MoE kernel serves (measured, docs/serving.md)
 
 
@@ -64,6 +65,13 @@ def serving_note(result: "QuantResult | dict") -> str:
     q = result if isinstance(result, dict) else asdict(result)
     if q["format"] == FORMAT_MIXED:
         return "transformers only (vLLM refuses this torchao float8-per-layer checkpoint as tested; docs/serving.md)"
+    if q["format"] == FORMAT_MIXED_PACKED:
+        widths = sorted({int(b) for b in q.get("layer_bits", {}).values()})
+        cpu = ("vLLM CPU (its int4 MoE kernel; dense layers unquantized)" if set(widths) <= {4, 16}
+               and q.get("group_size") in VLLM_CPU_GROUP_SIZES else
+               "not vLLM CPU (it serves int4 at group 64/128 and dense MoE layers only)")
+        return (f"vLLM GPU (expert widths resolved per MoE layer; docs/quantization.md); {cpu}; not transformers "
+                "(its loader decodes every layer's experts with one scheme)")
     if q["bits"] != 4:
         cpu = "not vLLM CPU (it has no int8 weight-only kernel)"
     elif q.get("strategy") == "channel" or q.get("group_size") == 32:

@@ -25,14 +25,16 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from moeprune.compress.quant_format import FORMAT_PACKED, MixedBudget, QuantResult, serving_note
-from moeprune.compress.quantize_plan import CHANNEL, SUPPORTED_BITS, check_quantize, quant_targets
+from moeprune.compress.quant_format import (FORMAT_MIXED_PACKED, FORMAT_PACKED, MixedBudget, QuantResult,
+                                           serving_note)
+from moeprune.compress.quantize_plan import (CHANNEL, SUPPORTED_BITS, check_quantize, checkpoint_patterns,
+                                             quant_targets)
 from moeprune.compress.rtn import fake_quantize, group_scale
 from moeprune.errors import MoePruneError
 
 __all__ = ["MixedBudget", "QuantResult", "quantize_model", "save_quantized", "write_quantized", "SUPPORTED_BITS",
            "fake_quantize", "check_quantize", "CHANNEL", "serving_note", "METHODS", "uniform_result",
-           "write_values", "pack_checkpoint"]
+           "write_values", "pack_checkpoint", "dequantized_tensors"]
 
 METHODS = ("rtn", "gptq")  # uniform mode: round to nearest, or GPTQ from calibration data (compress/gptq.py)
 
@@ -64,11 +66,7 @@ def uniform_result(model: nn.Module, adapter, *, bits: int, group_size, method: 
     before = _weight_bytes(model) if bytes_before is None else bytes_before
     targets, ignore = [name for name, _ in plan.linears], plan.ignore
     modules = dict(model.named_modules())
-    # checkpoint keys of routed experts; the block may be renamed on disk (e.g. mlp -> block_sparse_moe)
-    layer_alt = "|".join(str(layer.index) for layer in adapter.layers)
-    pattern = rf"^{re.escape(spec.layers)}\.({layer_alt})\.(.+\.)?{re.escape(spec.experts)}\."
-    kept = "|".join(re.escape(m) for m in (spec.router, spec.shared_gate) if m)
-    kept_pattern = rf"^{re.escape(spec.layers)}\.({layer_alt})\.(.+\.)?({kept})\.weight$"
+    pattern, kept_pattern = checkpoint_patterns(adapter)
     lay = spec.layout
     tensors = [getattr(layer.experts, t) for layer in adapter.layers for t in (lay.gate_up, lay.down)]
     tensors += [modules[n].weight for n in targets]
@@ -88,7 +86,7 @@ def uniform_result(model: nn.Module, adapter, *, bits: int, group_size, method: 
 
 def quantize_model(model: nn.Module, *, bits: int, group_size=None, mixed: MixedBudget | None = None,
                    importance: dict[int, float] | None = None, method: str = "rtn", calibration=None,
-                   gptq=None, log=None) -> QuantResult:
+                   gptq=None, log=None, mixed_format: str = "float8", widths=None) -> QuantResult:
     """Quantize `model` in place (weight-only) and return what `save_quantized` needs.
 
     Args:
@@ -103,6 +101,9 @@ def quantize_model(model: nn.Module, *, bits: int, group_size=None, mixed: Mixed
         calibration: batches of {"input_ids", "attention_mask"} (e.g. `load_calibration(...).batches`).
         gptq: a `moeprune.compress.gptq.GPTQOptions` (default: 1% dampening, no act-order, blocks of 128).
         log: a callable given one line per decoder layer (GPTQ progress).
+        mixed_format: with `mixed`, "float8" (torchao float8 or dense per MoE layer; transformers reloads it) or
+            "packed" (int4 / int8 / dense per MoE layer as compressed-tensors config groups; vLLM serves it,
+            transformers cannot load it); `widths` the packed candidates (default 4, 8, 16 = dense).
     """
     from moeprune.models import MoEAdapter
 
@@ -119,6 +120,13 @@ def quantize_model(model: nn.Module, *, bits: int, group_size=None, mixed: Mixed
     if mixed is None:
         return _quantize_uniform(model, adapter, bits=bits, group_size=group_size, method=method,
                                  calibration=calibration, gptq=gptq, log=log)
+    if mixed_format == "packed":
+        from moeprune.compress.quantize_mixed import PACKED_WIDTHS, quantize_mixed_packed
+
+        return quantize_mixed_packed(model, adapter, budget=mixed, importance=importance,
+                                     widths=widths or PACKED_WIDTHS, group_size=group_size)
+    if mixed_format != "float8":
+        raise MoePruneError(f"--mixed-format {mixed_format!r}: choose float8 or packed")
     from moeprune.compress.quantize_mixed import quantize_mixed
 
     return quantize_mixed(model, adapter, bits=bits, budget=mixed, importance=importance)
@@ -151,15 +159,19 @@ def _compress_shard(path: Path, result: QuantResult, found: set[str], kept: set[
     tensors, out = load_file(path), {}
     for key, w in tensors.items():
         module = key[: -len(".weight")] if key.endswith(".weight") else None
-        is_expert = module is not None and re.match(result.expert_pattern, key) is not None
-        if is_expert and w.dim() != 2:
+        match = re.match(result.expert_pattern, key) if module is not None else None
+        bits = result.bits
+        if match is not None and result.format == FORMAT_MIXED_PACKED:
+            bits = result.layer_bits[match.group(1)]  # this MoE layer's width; 16: left dense
+            match = match if bits < 16 else None
+        if match is not None and w.dim() != 2:
             raise MoePruneError(f"{key} is stored fused ({tuple(w.shape)}) in this architecture's checkpoint; "
-                                "uniform quantization needs per-expert 2-D weights (use --mixed-budget instead)")
+                                "pack-quantized storage needs per-expert 2-D weights (use the float8 mixed mode)")
         if module is not None and re.match(result.kept_pattern, key):
             kept.add(module)
-        if is_expert or module in dense:
+        if match is not None or module in dense:
             found.add(module)
-            for name, t in _compress_tensor(w, bits=result.bits, group_size=result.group_size).items():
+            for name, t in _compress_tensor(w, bits=bits, group_size=result.group_size).items():
                 out[f"{module}.{name}"] = t
         else:
             out[key] = w
@@ -167,13 +179,22 @@ def _compress_shard(path: Path, result: QuantResult, found: set[str], kept: set[
     return {key: path.name for key in out}
 
 
+def _group(bits: int, group_size: int | None, targets: list[str]) -> dict:
+    return {"targets": targets, "weights": _scheme(bits, group_size).weights.model_dump(),
+            "input_activations": None, "output_activations": None, "format": "pack-quantized"}
+
+
 def _quantization_config(result: QuantResult, kept: set[str]) -> dict:
-    scheme = _scheme(result.bits, result.group_size)
+    groups = {"group_0": _group(result.bits, result.group_size, ["Linear"])}
+    if result.format == FORMAT_MIXED_PACKED:  # one group per width, targeting its layers' expert linears
+        groups = {}
+        prefix, _, rest = result.expert_pattern.partition("(")  # ^layers\.(0|1|...)\.(.+\.)?experts\.
+        rest = rest.split(")", 1)[1]
+        for bits in sorted({b for b in result.layer_bits.values() if b < 16}):
+            alt = "|".join(i for i, b in sorted(result.layer_bits.items(), key=lambda kv: int(kv[0])) if b == bits)
+            groups[f"group_{bits}"] = _group(bits, result.group_size, [f"re:{prefix}({alt}){rest}\\d+\\.[^.]+$"])
     return {"quant_method": "compressed-tensors", "format": "pack-quantized", "quantization_status": "compressed",
-            "config_groups": {"group_0": {"targets": ["Linear"], "weights": scheme.weights.model_dump(),
-                                          "input_activations": None, "output_activations": None,
-                                          "format": "pack-quantized"}},
-            "ignore": sorted(set(result.ignore) | kept), "kv_cache_scheme": None}
+            "config_groups": groups, "ignore": sorted(set(result.ignore) | kept), "kv_cache_scheme": None}
 
 
 def write_values(folder: Path, values) -> None:
@@ -232,6 +253,34 @@ def _compress_checkpoint(folder: Path, result: QuantResult) -> None:
     config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
+def dequantized_tensors(folder: str | Path) -> dict[str, torch.Tensor]:
+    """The weights of a pack-quantized checkpoint folder as dense tensors (checkpoint names, scale dtype): each
+    packed module's width and group size read from its own tensors (int32 words per row, scales per row), so
+    per-layer widths decode too. A reference for engines that load what transformers cannot."""
+    from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
+    from safetensors.torch import load_file
+
+    tensors: dict[str, torch.Tensor] = {}
+    for shard in sorted(Path(folder).glob("*.safetensors")):
+        tensors.update(load_file(shard))
+    out = {}
+    for key, t in tensors.items():
+        if key.endswith((".weight_scale", ".weight_shape")):
+            continue
+        if not key.endswith(".weight_packed"):
+            out[key] = t
+            continue
+        module = key[: -len(".weight_packed")]
+        scale = tensors[f"{module}.weight_scale"]
+        rows, width = (int(x) for x in tensors[f"{module}.weight_shape"])
+        bits = 32 * t.shape[-1] // width
+        group = None if scale.shape[-1] == 1 else width // scale.shape[-1]
+        packed = {"weight_packed": t, "weight_scale": scale, "weight_shape": tensors[f"{module}.weight_shape"]}
+        out[f"{module}.weight"] = PackedQuantizationCompressor.decompress(packed, _scheme(bits, group))["weight"].to(
+            scale.dtype).reshape(rows, width)
+    return out
+
+
 def save_quantized(model: nn.Module, result: QuantResult, out_dir: str | Path, *,
                    source_dir: str | Path | None = None, provenance: dict | None = None,
                    overwrite: bool = False, inputs=()) -> Path:
@@ -251,5 +300,5 @@ def write_quantized(model: nn.Module, result: QuantResult, folder: Path, *, sour
 
     record = {**(provenance or {}), "quantization": result.to_dict()}
     write_checkpoint(model, folder, source_dir=source_dir, provenance=record)
-    if result.format == FORMAT_PACKED:
+    if result.format in (FORMAT_PACKED, FORMAT_MIXED_PACKED):
         _compress_checkpoint(Path(folder), result)

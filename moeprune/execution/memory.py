@@ -71,31 +71,48 @@ class MemoryExecutor(Executor):
 
     def compress(self, decision, obs, folder: Path, provenance: dict):
         from moeprune.checkpoint.replacements import Replacements
-        from moeprune.models import MoEAdapter
+
+        replaced = Replacements()
+        try:
+            config = self._compressed(decision, obs, replaced, provenance)
+            return self._write(folder, decision, replaced, provenance, config)
+        finally:
+            replaced.close()
+
+    def recover_share(self, decision, obs) -> None:
+        """torchrun, ranks other than 0: the same surgery and logit-KD recovery as rank 0, training this rank's
+        rows of every step (recover/parallel.py); nothing is written."""
+        from moeprune.checkpoint.replacements import Replacements
+
+        replaced = Replacements()
+        try:
+            self._compressed(decision, obs, replaced, {})
+        finally:
+            replaced.close()
+
+    def _compressed(self, decision, obs, replaced, provenance: dict):
+        """Surgery and recovery of the loaded model in place; what changed goes into `replaced`, the recovery
+        record into `provenance`; returns the config updates of block recovery (or None)."""
         from moeprune.recover.blockwise import needs_block_pass
         from moeprune.recover.finite import check_trained
 
         kd = self._router_kd()  # the original model's targets, before any surgery
-        adapter, replaced, blocks = MoEAdapter(self.model), Replacements(), None
-        try:
-            if needs_block_pass(self.plan.recipe.recover):
-                blocks = self._block_recovery(decision, obs, replaced, adapter, self.model)
-                blocks.apply_to(adapter)
-                provenance["recovery"] = blocks.record()
-            else:
-                self._surgery(adapter, decision, obs, replaced)
-            if kd is not None:
-                provenance["recovery"] = kd.fit(self.model, progress=self.progress)
-                if blocks is not None:
-                    provenance["recovery"]["gate_scale"] = blocks.gate_record()
-                trained = trained_tensors(self.plan, self.model, kd.trains)
-                check_trained(((n, t) for ts in trained.values() for n, t in ts.items()), lr=kd.lr, steps=kd.steps)
-                for i, tensors in trained.items():
-                    replaced.add(i, tensors)
-            config = blocks.config_updates() if blocks is not None else None
-            return self._write(folder, decision, replaced, provenance, config)
-        finally:
-            replaced.close()
+        adapter, blocks = MoEAdapter(self.model), None
+        if needs_block_pass(self.plan.recipe.recover):
+            blocks = self._block_recovery(decision, obs, replaced, adapter, self.model)
+            blocks.apply_to(adapter)
+            provenance["recovery"] = blocks.record()
+        else:
+            self._surgery(adapter, decision, obs, replaced)
+        if kd is not None:
+            provenance["recovery"] = kd.fit(self.model, progress=self.progress)
+            if blocks is not None:
+                provenance["recovery"]["gate_scale"] = blocks.gate_record()
+            trained = trained_tensors(self.plan, self.model, kd.trains)
+            check_trained(((n, t) for ts in trained.values() for n, t in ts.items()), lr=kd.lr, steps=kd.steps)
+            for i, tensors in trained.items():
+                replaced.add(i, tensors)
+        return blocks.config_updates() if blocks is not None else None
 
     def quantize(self, folder: Path):
         """The recipe's uniform quantization over the compressed model in memory (in the source dtype): the

@@ -90,6 +90,7 @@ class Plan:
     recovery_memory: str | None = None  # the memory table of every recovery method, when the recipe recovers
     recovery_row: object = None  # the recipe's own recovery method's RecoveryMemory (recover/memory.py)
     quantize_memory: str | None = None  # GPTQ's largest decoder layer, when the recipe quantizes with GPTQ
+    generate_engine: str | None = None  # recover.generate's sampler resolved: "hf" or "vllm" (None: no generation)
     keep_plan: dict | None = None
 
     @cached_property
@@ -300,6 +301,17 @@ def _check_recover(recipe, shape, execution: str) -> None:
     _check_generate(recipe, shape.config)
 
 
+def generate_engine(recipe, device) -> str | None:
+    """recover.generate's sampler resolved for this run ("hf" or "vllm"), None without generation; a vLLM that
+    is asked for and not installed is a one-line error."""
+    g = recipe.recover.generate if recipe.recover is not None else None
+    if g is None:
+        return None
+    from moeprune.evaluate.vllm_backend import resolve_backend
+
+    return resolve_backend(g.engine, device.type, option="recover.generate.engine")
+
+
 def _check_generate(recipe, config) -> None:
     """recover.generate's prompt plus continuation must fit the model's context."""
     g = recipe.recover.generate if recipe.recover is not None else None
@@ -365,6 +377,7 @@ def make_plan(recipe, *, out_dir=None, overwrite: bool = False, needs_output: bo
     plan.collect = tuple(method.needs)
     _check_recover(recipe, shape, plan.execution)
     _check_recover_memory(plan)
+    plan.generate_engine = generate_engine(recipe, plan.device)
     if method.needs_observations or method.needs_layer_inputs or recipe.recover is not None:
         plan.calibration = _calibration(recipe, shape.config)
     plan.quant_group_size = _quantize(recipe, shape, plan.execution)

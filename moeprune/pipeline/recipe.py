@@ -159,6 +159,9 @@ class GenerateConfig(_Section):
     temperature: float = Field(1.0, ge=TEMPERATURE_MIN, le=TEMPERATURE_MAX, allow_inf_nan=False,
         description="sampling temperature (1: the model's own distribution)")
     batch_size: int = Field(32, ge=1, le=BATCH_MAX, description="continuations sampled at once")
+    engine: Literal["auto", "hf", "vllm"] = Field(
+        "auto", description="who samples: vllm (its offline engine on the source folder), hf (the loaded model, "
+                            "moeprune's own sampler), auto: vLLM when it is installed and runs on this device")
 
 
 class RecoverConfig(_Section):

@@ -55,9 +55,19 @@ def _cache_key(fingerprint: str, calibration: dict, collect: tuple[str, ...], dt
 
 
 
-def get_observations(executor, *, log=print, observations_dir=None):
+def trains_in_parallel(plan) -> bool:
+    """Under torchrun, whether every rank stays for the recovery: logit KD (router_kd / moe_kd) in memory trains
+    data-parallel (recover/parallel.py); otherwise ranks other than 0 leave once observation is reduced."""
+    r = plan.recipe.recover
+    return (distributed.launched() and plan.execution == "memory" and r is not None and r.logit_kd
+            and distributed.context().enabled)
+
+
+def get_observations(executor, *, log=print, observations_dir=None, every_rank: bool = False):
     """Observations for (model, calibration, the method's needs): from `observations_dir` when given,
-    else from the cache when present, else one calibration pass (then cached)."""
+    else from the cache when present, else one calibration pass (then cached). Under torchrun the ranks
+    other than 0 leave once the statistics are reduced, unless `every_rank` (they then observe even when
+    rank 0's cache holds the entry, so that every rank has the statistics)."""
     from moeprune.errors import MoePruneError
     from moeprune.observe import Observations
 
@@ -76,7 +86,7 @@ def get_observations(executor, *, log=print, observations_dir=None):
                                    "all_means_tokens": all_means}, plan.collect, plan.dtype)
     cached = cache_dir() / key
     obs = None
-    if cached.exists() and distributed.is_main():  # rank 0 alone reads and writes the cache
+    if cached.exists() and distributed.is_main() and not every_rank:  # rank 0 alone reads and writes the cache
         try:
             obs = Observations.load(cached)
             _check_fingerprint(obs, fingerprint, f"cached observations {cached}", plan.shape)
@@ -88,7 +98,10 @@ def get_observations(executor, *, log=print, observations_dir=None):
     if distributed.broadcast_flag(obs is not None):  # rank 0's hit; other ranks hold None and leave
         return obs, True
     obs = executor.observe()  # under torchrun: every rank its share, statistics all-reduced
-    distributed.leave_unless_main()
+    if not distributed.is_main():
+        if every_rank:
+            return obs, False
+        distributed.leave_unless_main()
     obs.meta["used_default_calibration"] = executor.calibration().used_default
     obs.meta["model_path"] = _portable(plan.src)
     try:
@@ -146,12 +159,18 @@ def run_recipe(recipe: Recipe, *, out_dir: str | Path | None = None, overwrite: 
     ex = make_executor(plan, progress=progress, log=log)
     try:
         obs, reused = None, False
+        parallel = trains_in_parallel(plan)
         if plan.method.needs_observations:
             with timer("observe"):
-                obs, reused = get_observations(ex, log=log, observations_dir=observations_dir)
-        distributed.leave_unless_main()  # torchrun: rank 0 alone decides, evaluates and writes
+                obs, reused = get_observations(ex, log=log, observations_dir=observations_dir,
+                                               every_rank=parallel)
+        if not parallel:
+            distributed.leave_unless_main()  # torchrun: rank 0 alone decides, evaluates and writes
         with timer("score"):
             decision = plan.method.decide(obs, plan, ex)
+        if not distributed.is_main():  # torchrun with logit-KD recovery: this rank trains its share, then leaves
+            ex.recover_share(decision, obs)
+            distributed.leave_unless_main()
         if decision.selection.protected:
             log(f"protected super experts: {decision.selection.protected}")
         base_eval = {}

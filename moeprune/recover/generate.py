@@ -71,13 +71,35 @@ def sample_continuations(model, prompts: torch.Tensor, *, max_new_tokens: int, t
     return rows
 
 
-def teacher_rows(model, tokenizer, batches: list[dict], cfg, *, max_length: int, budget: int, seed: int,
-                 progress: bool = True) -> tuple[list[torch.Tensor], dict]:
-    """The original model's continuations of the rows of `batches` (cfg: a GenerateConfig): every row once,
-    then every row again, up to cfg.samples times, stopping once `budget` tokens are written. Rows shorter
-    than cfg.prompt_tokens are no prompt. Returns (rows in a seeded shuffled order, record)."""
+def _engine_rows(engine, prompts: list[torch.Tensor], cfg, *, new_tokens: int, eos: set[int], budget: int,
+                 seed: int, progress: bool) -> list[torch.Tensor]:
+    """teacher_rows on a sampling engine (vLLM): one request per prompt and round, every row once per round,
+    request seeds derived from `seed`, rounds until `budget` tokens are written."""
     from tqdm.auto import tqdm
 
+    rows: list[torch.Tensor] = []
+    written = 0
+    with tqdm(total=budget, desc="teacher text (vLLM)", unit="tok", disable=not progress) as bar:
+        for round_ in range(cfg.samples):
+            if written >= budget:
+                break
+            seeds = [(seed * 1_000_003 + round_ * len(prompts) + j) % 2**31 for j in range(len(prompts))]
+            got = engine.sample([p.tolist() for p in prompts], max_new_tokens=new_tokens,
+                                temperature=cfg.temperature, seeds=seeds, eos_ids=sorted(eos))
+            rows.extend(torch.tensor(r, dtype=torch.long) for r in got)
+            n = sum(len(r) for r in got)
+            written += n
+            bar.update(min(n, max(budget - bar.n, 0)))
+    return rows
+
+
+def teacher_rows(model, tokenizer, batches: list[dict], cfg, *, max_length: int, budget: int, seed: int,
+                 progress: bool = True, engine=None) -> tuple[list[torch.Tensor], dict]:
+    """The original model's continuations of the rows of `batches` (cfg: a GenerateConfig): every row once,
+    then every row again, up to cfg.samples times, stopping once `budget` tokens are written. Rows shorter
+    than cfg.prompt_tokens are no prompt. With `engine` (a `VLLMBackend` on the original model's folder) the
+    engine samples, with the same temperature, prompts and stopping rule; else `model` with moeprune's
+    sampler. Returns (rows in a seeded shuffled order, record)."""
     start = time.perf_counter()
     p = cfg.prompt_tokens
     prompts = [ids[:p] for b in batches for ids, mask in zip(b["input_ids"], _row_mask(b))
@@ -86,12 +108,32 @@ def teacher_rows(model, tokenizer, batches: list[dict], cfg, *, max_length: int,
         return [], {"rows": 0, "tokens": 0, "prompts": 0,
                     "note": f"no training calibration row has {p} tokens to start from; lower prompt_tokens"}
     new_tokens = cfg.max_new_tokens or max(max_length - p, 1)
+    eos = _eos_ids(model, tokenizer)
+    if engine is not None:
+        rows = _engine_rows(engine, prompts, cfg, new_tokens=new_tokens, eos=eos, budget=budget, seed=seed,
+                            progress=progress)
+    else:
+        rows = _model_rows(model, prompts, cfg, new_tokens=new_tokens, eos=eos, budget=budget, seed=seed,
+                           progress=progress)
+    order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed)).tolist()
+    rows = [rows[j] for j in order]
+    record = {"engine": "vllm" if engine is not None else "hf", "samples": cfg.samples, "prompt_tokens": p,
+              "max_new_tokens": new_tokens, "temperature": cfg.temperature, "prompts": len(prompts), "rows": len(rows),
+              "tokens": sum(len(r) for r in rows), "seconds": round(time.perf_counter() - start, 1)}
+    return rows, record
+
+
+def _model_rows(model, prompts: list[torch.Tensor], cfg, *, new_tokens: int, eos: set[int], budget: int, seed: int,
+                progress: bool) -> list[torch.Tensor]:
+    """teacher_rows on the loaded model: batches of cfg.batch_size prompts, every row once per round, one seeded
+    generator, until `budget` tokens are written."""
+    from tqdm.auto import tqdm
+
     dev = next(model.parameters()).device
     gen = torch.Generator(device=dev).manual_seed(seed)
     rows: list[torch.Tensor] = []
     written = 0
     starts = [i for _ in range(cfg.samples) for i in range(0, len(prompts), cfg.batch_size)]  # every row, again
-    eos = _eos_ids(model, tokenizer)
     was_training = model.training
     model.eval()
     try:
@@ -108,16 +150,11 @@ def teacher_rows(model, tokenizer, batches: list[dict], cfg, *, max_length: int,
                 bar.update(min(n, max(budget - bar.n, 0)))
     finally:
         model.train(was_training)
-    order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed)).tolist()
-    rows = [rows[j] for j in order]
-    record = {"samples": cfg.samples, "prompt_tokens": p, "max_new_tokens": new_tokens,
-              "temperature": cfg.temperature, "prompts": len(prompts), "rows": len(rows),
-              "tokens": sum(len(r) for r in rows), "seconds": round(time.perf_counter() - start, 1)}
-    return rows, record
+    return rows
 
 
 def kd_training_batches(model, tokenizer, train: list[dict], recover, *, max_length: int, batch_size: int, seed: int,
-                        progress: bool = True) -> tuple[list[dict], dict | None]:
+                        progress: bool = True, engine=None) -> tuple[list[dict], dict | None]:
     """`train` (calibration batches) followed by batches of the original model's continuations when
     `recover.generate` is set, `recover.tokens` tokens in all (whole batches). Returns (batches, what was
     generated, or None)."""
@@ -131,7 +168,7 @@ def kd_training_batches(model, tokenizer, train: list[dict], recover, *, max_len
         return train, {"rows": 0, "tokens": 0, "note": f"the calibration rows already fill recover.tokens "
                                                        f"({recover.tokens}); raise it to train on generated text"}
     rows, record = teacher_rows(model, tokenizer, train, cfg, max_length=max_length, budget=budget, seed=seed,
-                                progress=progress)
+                                progress=progress, engine=engine)
     batches, used = take_tokens(pad_batches(rows, pad=pad_id(tokenizer), batch_size=batch_size), budget)
     record.update(rows=sum(b["input_ids"].shape[0] for b in batches), tokens=used)
     return train + batches, record

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from moeprune.errors import MoePruneError
 from moeprune.models import MoEAdapter
 from moeprune.recover.finite import check_loss, check_trained
+from moeprune.recover.parallel import DataParallel, state_bytes
 
 __all__ = ["RouterKD", "kd_loss", "teacher_targets", "router_parameters", "trainable_parameters", "split_batches", "take_tokens"]
 
@@ -126,6 +127,7 @@ class RouterKD:
     held_targets: list = None
     trains: str = "router"  # "router": router tensors only (router_kd); "moe": every MoE-block weight (moe_kd)
     generated: dict | None = None  # what the original model wrote for training (recover.generate), if anything
+    parallel: dict | None = None  # after fit: processes and the trainable-state bytes each held (measured)
 
     @property
     def method(self) -> str:
@@ -162,37 +164,50 @@ class RouterKD:
         flags = {id(p): p.requires_grad for p in model.parameters()}
         model.requires_grad_(False)
         masters = [p.detach().float().clone().requires_grad_(True) for _, _, p in params.values()]
-        opt = torch.optim.Adam(masters, lr=self.lr)
+        dp = DataParallel.current()  # torchrun: each step's rows split over the ranks (recover/parallel.py)
+        opt = dp.optimizer(masters, self.lr) if dp is not None else torch.optim.Adam(masters, lr=self.lr)
         gen = torch.Generator().manual_seed(self.seed)
         dev = next(model.parameters()).device
         order: list[int] = []
         losses = []
+        trained = [p for _, _, p in params.values()]
+        grads: list = []
         try:
-            for _, _, p in params.values():
+            for p in trained:
                 p.requires_grad_(True)
             bar = tqdm(range(1, self.steps + 1), desc=f"{self.method} recovery", disable=not progress)
             for step in bar:
                 if not order:
                     order = torch.randperm(len(self.train), generator=gen).tolist()
                 i = order.pop(0)
-                b, (idx, logp) = self.train[i], self.train_targets[i]
-                with torch.enable_grad():
-                    logits = model(**{k: v.to(dev) for k, v in b.items()}).logits
-                    loss = kd_loss(logits, idx.to(dev), logp.to(dev), _mask(b).to(dev))
-                    check_loss(float(loss.detach()), step=step, lr=self.lr)
-                    grads = torch.autograd.grad(loss, [p for _, _, p in params.values()], allow_unused=True)
+                b, (idx, logp), mask, weight = self.train[i], self.train_targets[i], _mask(self.train[i]), 1.0
+                share = dp.local(b, idx, logp, mask) if dp is not None else (b, idx, logp, mask, 1.0)
+                loss_value, grads = 0.0, [None] * len(trained)
+                if share is not None:
+                    b, idx, logp, mask, weight = share
+                    with torch.enable_grad():
+                        logits = model(**{k: v.to(dev) for k, v in b.items()}).logits
+                        loss = kd_loss(logits, idx.to(dev), logp.to(dev), mask.to(dev)) * weight
+                        grads = list(torch.autograd.grad(loss, trained, allow_unused=True))
+                    loss_value = float(loss.detach())
+                if dp is not None:
+                    loss_value = dp.reduce_loss(loss_value)
+                    grads = dp.reduce_gradients(grads, trained)
+                check_loss(loss_value, step=step, lr=self.lr)
                 for m, g in zip(masters, grads):
                     m.grad = None if g is None else g.float()
                 opt.step()
                 with torch.no_grad():
-                    for m, (_, _, p) in zip(masters, params.values()):
+                    for m, p in zip(masters, trained):
                         p.copy_(m.to(p.dtype))
-                losses.append(float(loss.detach()))
+                losses.append(loss_value)
                 if step % 10 == 0 or step == self.steps:
                     bar.set_postfix(loss=f"{losses[-1]:.4f}")
         finally:
             for p in model.parameters():
                 p.requires_grad_(flags.get(id(p), False))
+        state = state_bytes(masters, grads, opt)
+        self.parallel = dp.record(state) if dp is not None else {"processes": 1, "state_bytes_per_process": [state]}
         check_trained(((f"layer {i}: {path}", p) for i, path, p in params.values()), lr=self.lr, steps=self.steps)
         after = self.mean_kl(model, eval_on, eval_t)
         return {"method": self.method, "steps": self.steps, "lr": self.lr, "top_k": self.top_k, "seed": self.seed,
@@ -202,4 +217,5 @@ class RouterKD:
                 "kl_before": before, "kl_after": after, "loss_first": losses[0], "loss_last": losses[-1],
                 "trained": sorted({path for _, path, _ in params.values()}),
                 "trained_params": sum(p.numel() for _, _, p in params.values()),
+                "parallel": self.parallel,
                 **({"generated": self.generated} if self.generated is not None else {})}

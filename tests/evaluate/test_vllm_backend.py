@@ -127,3 +127,55 @@ def test_perplexity_arithmetic_matches_transformers(engines):
             assert math.isclose(n1 / t1, n2 / t2, rel_tol=1e-3), (n1, n2)
         else:
             assert n1 == n2 == 0.0
+
+
+def test_recover_generate_engine_resolves_in_the_plan(tmp_path):
+    """recover.generate.engine: hf always; auto is vLLM only where it is installed; vllm without it is one line."""
+    from moeprune.cli import _register_commands, cli
+    from moeprune.pipeline.plan import make_plan
+    from moeprune.pipeline.recipe import Recipe
+
+    _register_commands()
+    base = {"model": "demo", "method": "frequency", "ratio": 0.5,
+            "recover": {"method": "moe_kd", "generate": {"samples": 1}}}
+    for engine in ("hf", "auto"):
+        data = {**base, "recover": {**base["recover"], "generate": {"samples": 1, "engine": engine}}}
+        plan = make_plan(Recipe.model_validate(data), out_dir=tmp_path / f"o-{engine}")
+        want = "vllm" if engine == "auto" and resolve_backend("auto", plan.device.type) == "vllm" else "hf"
+        assert plan.generate_engine == want
+    assert make_plan(Recipe.model_validate({**base, "recover": {"method": "moe_kd"}}),
+                     out_dir=tmp_path / "none").generate_engine is None
+    if not vllm_available():
+        recipe = tmp_path / "r.yaml"
+        recipe.write_text("model: demo\nmethod: frequency\nratio: 0.5\n"
+                          "recover: {method: moe_kd, generate: {samples: 1, engine: vllm}}\n")
+        res = CliRunner().invoke(cli, ["run", str(recipe), "-o", str(tmp_path / "out")])
+        assert res.exit_code == 2 and res.output.count("\n") == 1
+        assert "recover.generate.engine vllm: vLLM is not installed" in res.output
+        assert not (tmp_path / "out").exists()
+
+
+@needs_vllm
+def test_engine_samples_the_teachers_text_reproducibly(engines, demo):
+    """vLLM writes recover.generate's text: rows start with their prompt, end at the first end-of-sequence token
+    or after max_new_tokens, the same seeds give the same rows, other seeds other rows; the record says vLLM."""
+    import torch
+
+    from moeprune.pipeline.recipe import GenerateConfig
+    from moeprune.recover.generate import _eos_ids, teacher_rows
+
+    _, vllm = engines
+    path, model, tok = demo
+    eos = sorted(_eos_ids(model, tok))
+    prompts = [tok(p)["input_ids"][:4] for p in PROMPTS]
+    a = vllm.sample(prompts, max_new_tokens=12, temperature=1.0, seeds=range(5), eos_ids=eos)
+    assert a == vllm.sample(prompts, max_new_tokens=12, temperature=1.0, seeds=range(5), eos_ids=eos)
+    assert a != vllm.sample(prompts, max_new_tokens=12, temperature=1.0, seeds=range(5, 10), eos_ids=eos)
+    for p, row in zip(prompts, a):
+        assert row[:4] == p and 4 < len(row) <= 16
+        ends = [k for k, t in enumerate(row[4:]) if t in eos]
+        assert not ends or ends[0] == len(row) - 5  # nothing after the first end-of-sequence token
+    batch = {"input_ids": torch.tensor(prompts), "attention_mask": torch.ones(len(prompts), 4, dtype=torch.long)}
+    cfg = GenerateConfig(samples=2, prompt_tokens=4, max_new_tokens=8)
+    rows, record = teacher_rows(model, tok, [batch], cfg, max_length=12, budget=10_000, seed=3, engine=vllm)
+    assert record["engine"] == "vllm" and record["rows"] == len(rows) == 10 and record["prompts"] == 5
