@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from moeprune import distributed
 from moeprune.checkpoint.replacements import block_tensors_on_disk, changed_tensors
 
 if TYPE_CHECKING:
@@ -106,6 +107,28 @@ class Executor:
 
         return VLLMBackend(self.plan.src, self.tokenizer, dtype=self.plan.dtype, seed=seed, progress=self.progress,
                            **beside_loaded_model())
+
+    def _logit_kd_on(self, teacher):
+        """Logit KD (router_kd, moe_kd) set up with the targets of `teacher`, the original model (loaded, or
+        streamed from its files), on the training batches (with recover.generate's text written by it)."""
+        from moeprune.recover import RouterKD
+        from moeprune.recover.generate import kd_training_batches
+        from moeprune.recover.router_kd import split_batches
+
+        r = self.plan.recipe.recover
+        seed = self.plan.recipe.seed if r.seed is None else r.seed
+        calib = self.calibration()
+        train, held = split_batches(calib.batches, tokens=r.tokens)
+        with self.generation_engine(seed) as engine:
+            train, generated = kd_training_batches(teacher, self.tokenizer, train, r,
+                                                   max_length=calib.spec.max_length, engine=engine,
+                                                   batch_size=self.plan.recipe.calibration.batch_size, seed=seed,
+                                                   progress=self.progress)
+        train = distributed.broadcast_batches(train)  # torchrun: every rank trains on rank 0's text
+        kd = RouterKD(steps=r.steps, lr=r.lr, top_k=r.top_k, train=train, held=held, trains=r.trains, seed=seed,
+                      generated=generated, adapter=r.adapter, rank=r.rank, alpha=r.alpha)
+        kd.compute_targets(teacher, progress=self.progress)
+        return kd
 
     def _evaluate(self, model, tokenizer) -> dict:
         from moeprune.evaluate import evaluate

@@ -47,16 +47,33 @@ class LayerwiseExecutor(Executor):
     def compress(self, decision, obs, folder: Path, provenance: dict):
         from moeprune.checkpoint.replacements import Replacements
 
+        replaced = Replacements()
+        try:
+            kd = self._logit_kd()  # the original model's targets (streamed), before any surgery
+            config, blocks = self._compressed(decision, obs, replaced)
+            if blocks is not None:
+                provenance["recovery"] = blocks.record()
+            if kd is not None:
+                from moeprune.execution.streamkd import fit_streamed
+
+                provenance["recovery"] = fit_streamed(self, kd, decision, replaced, config, folder)
+                if blocks is not None:
+                    provenance["recovery"]["gate_scale"] = blocks.gate_record()
+            return self._write(folder, decision, replaced, provenance, config)
+        finally:
+            replaced.close()
+
+    def _compressed(self, decision, obs, replaced):
+        """Surgery (and block recovery) one layer at a time into `replaced`; returns (config updates, the
+        BlockRecovery or None)."""
         from moeprune.recover.blockwise import needs_block_pass
 
-        replaced = Replacements()
         source = None
         try:
             if needs_block_pass(self.plan.recipe.recover):
                 source = self._source()
                 blocks = self._block_recovery(decision, obs, replaced, source.adapter, source.model, source)
-                provenance["recovery"] = blocks.record()
-                return self._write(folder, decision, replaced, provenance, blocks.config_updates())
+                return blocks.config_updates(), blocks
             layers = [i for i in self.plan.shape.layer_indices if decision.changed_experts(i)]
             if layers:
                 source = self._source()
@@ -68,9 +85,8 @@ class LayerwiseExecutor(Executor):
                     self.plan.method.apply_layer(source.adapter, layer, decision, obs, self.plan)
                     replaced.add(i, changed_tensors(self.plan, source.adapter, layer, decision, source.names))
                     source.release(names)
-            return self._write(folder, decision, replaced, provenance)
+            return None, None
         finally:
-            replaced.close()
             if source is not None:
                 source.close()
 
@@ -91,6 +107,23 @@ class LayerwiseExecutor(Executor):
     def evaluate_quantized(self, folder: Path) -> dict:
         """The tasks on `folder`, which holds the quantized values unpacked at this point (one layer at a time)."""
         return self._evaluate_on(folder)
+
+    def _logit_kd(self):
+        """Logit KD (router_kd, moe_kd) set up with the targets of the original model, streamed from its files
+        (recover/generate.py's text too), or None."""
+        r = self.plan.recipe.recover
+        if r is None or not r.logit_kd:
+            return None
+        import gc
+
+        from moeprune.execution.streamkd import teacher_model
+
+        teacher = teacher_model(self.plan, self.plan.recovery_row)
+        try:
+            return self._logit_kd_on(teacher)
+        finally:
+            del teacher
+            gc.collect()  # the hooked teacher is freed by the cycle collector only
 
     def _evaluate_hf(self, folder: Path) -> dict:
         """Perplexity one decoder layer at a time over all texts; generation on the offloaded model."""

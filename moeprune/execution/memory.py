@@ -8,7 +8,6 @@ from pathlib import Path
 
 import torch
 
-from moeprune import distributed
 from moeprune.models import MoEAdapter
 
 from moeprune.execution.base import Executor, changed_tensors, trained_tensors
@@ -144,23 +143,7 @@ class MemoryExecutor(Executor):
         r = self.plan.recipe.recover
         if r is None or not r.logit_kd:
             return None
-        from moeprune.recover import RouterKD
-        from moeprune.recover.generate import kd_training_batches
-        from moeprune.recover.router_kd import split_batches
-
-        seed = self.plan.recipe.seed if r.seed is None else r.seed
-        calib = self.calibration()
-        train, held = split_batches(calib.batches, tokens=r.tokens)
-        with self.generation_engine(seed) as engine:
-            train, generated = kd_training_batches(self.model, self.tokenizer, train, r,
-                                                   max_length=calib.spec.max_length, engine=engine,
-                                                   batch_size=self.plan.recipe.calibration.batch_size, seed=seed,
-                                                   progress=self.progress)
-        train = distributed.broadcast_batches(train)  # torchrun: every rank trains on rank 0's text
-        kd = RouterKD(steps=r.steps, lr=r.lr, top_k=r.top_k, train=train, held=held, trains=r.trains, seed=seed,
-                      generated=generated, adapter=r.adapter, rank=r.rank, alpha=r.alpha)
-        kd.compute_targets(self.model)
-        return kd
+        return self._logit_kd_on(self.model)
 
 
 @dataclass

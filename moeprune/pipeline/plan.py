@@ -88,6 +88,7 @@ class Plan:
     output: object = None  # OutputFolder
     eval_backend: str = "hf"  # recipe.eval.backend resolved: "hf" or "vllm"
     recovery_memory: str | None = None  # the memory table of every recovery method, when the recipe recovers
+    recovery_row: object = None  # the recipe's own recovery method's RecoveryMemory (recover/memory.py)
     quantize_memory: str | None = None  # GPTQ's largest decoder layer, when the recipe quantizes with GPTQ
     generate_engine: str | None = None  # recover.generate's sampler resolved: "hf" or "vllm" (None: no generation)
     keep_plan: dict | None = None
@@ -234,45 +235,59 @@ def _check_quantize_memory(plan: "Plan") -> None:
                             "raise max_memory or use quantize.method: rtn")
 
 
-def recovery_rows(plan: "Plan") -> list:
-    """The memory of every recovery method on this plan's model, dtype, execution and recipe (per process)."""
+def recovery_rows(plan: "Plan", execution: str | None = None) -> list:
+    """The memory of every recovery method on this plan's model, dtype, execution (or `execution`) and recipe
+    (per process): moe_kd also with LoRA adapters."""
     from moeprune.pipeline.recipe import ADAPTER_RANK
     from moeprune.recover.memory import METHODS, recovery_memory
 
     r, c = plan.recipe.recover, plan.recipe.calibration
     step = c.batch_size * (c.max_length or min(512, _context(plan.shape.config) or 512))
     ranks = [None, r.rank if r.adapter == "lora" else ADAPTER_RANK]  # moe_kd, and moe_kd with LoRA adapters
-    return [recovery_memory(plan.shape, method=m, dtype=plan.dtype, n_keep=plan.n_keep, execution=plan.execution,
-                            batch_tokens=r.batch_tokens, step_tokens=step, top_k=r.top_k, target_tokens=r.tokens,
-                            lora_rank=rank)
+    return [recovery_memory(plan.shape, method=m, dtype=plan.dtype, n_keep=plan.n_keep,
+                            execution=execution or plan.execution, batch_tokens=r.batch_tokens, step_tokens=step,
+                            top_k=r.top_k, target_tokens=r.tokens, lora_rank=rank)
             for m in METHODS for rank in (ranks if m == "moe_kd" else [None])]
 
 
 def _check_recover_memory(plan: "Plan") -> None:
-    """Refuse, before any weight is read, a recovery method that cannot fit this run's memory budget (or a
-    logit-KD method under layer-wise execution, which holds the whole model), naming the ones that fit."""
+    """Refuse, before any weight is read, a recovery method that cannot fit this run's memory budget, naming
+    the ones that fit. Logit KD under layer-wise execution streams the frozen weights (execution/streamkd.py);
+    with `execution: auto`, a logit KD that does not fit in memory makes the run layer-wise when streamed needs
+    less (and is refused with that smaller need when it does not fit either). Adapters run in memory only."""
     from moeprune.recover.memory import memory_table, recovery_label
 
     r = plan.recipe.recover
     if r is None or r.method == "none":
         return
     rows = recovery_rows(plan)
+    label = recovery_label(r.method, r.adapter, r.rank)
+    mine = next(row for row in rows if row.method == label)
+    if r.adapter != "none" and plan.execution == "layerwise":
+        raise MoePruneError(f"recover.adapter: {r.adapter} runs in memory only (it needs about {mine.total / 1e9:.2f} "
+                            "GB there) and this run is layer-wise; set execution: memory with a larger max_memory, "
+                            "or drop the adapter: moe_kd without it streams its frozen weights layer-wise")
+    if (mine.total > plan.max_memory and r.logit_kd and r.adapter == "none" and plan.execution == "memory"
+            and plan.recipe.execution == "auto"
+            and (plan.recipe.quantize is None or plan.recipe.quantize.mixed_budget is None)):
+        streamed = recovery_rows(plan, "layerwise")
+        lw = next(row for row in streamed if row.method == label)
+        if lw.total < mine.total:  # streamed: it fits, or the refusal below gives the smaller need
+            plan.execution = "layerwise"
+            plan.execution_reason += (f"; {r.method} needs {mine.total / 1e9:.2f} GB in memory, "
+                                      f"{lw.total / 1e9:.2f} GB layer-wise")
+            rows, mine = streamed, lw
     plan.recovery_memory = memory_table(rows, plan.max_memory)
-    mine = next(row for row in rows if row.method == recovery_label(r.method, r.adapter, r.rank))
+    plan.recovery_row = mine
     fits = [row.method for row in rows if row.total <= plan.max_memory
-            and not (plan.execution == "layerwise" and not row.method.endswith("_block"))]
+            and not (plan.execution == "layerwise" and "+" in row.method)]  # adapters: in memory only
     alternatives = (f"methods that fit: {', '.join(fits)}" if fits else "no recovery method fits; raise max_memory "
                     "or drop recover")
-    if r.logit_kd and plan.execution == "layerwise":
-        raise MoePruneError(f"recover: {r.method} trains the whole compressed model in memory and this run is "
-                            f"layer-wise (it would need {mine.total / 1e9:.2f} GB: weights {mine.weights / 1e9:.2f} + "
-                            f"training state {mine.state / 1e9:.2f} + activations {mine.activations / 1e9:.2f} + "
-                            f"teacher targets {mine.targets / 1e9:.2f}); {alternatives} (or set execution: memory "
-                            "with a larger max_memory)")
     if mine.total > plan.max_memory:
         if r.method == "moe_kd" and r.adapter == "none" and any(f.startswith("moe_kd+") for f in fits):
             alternatives += " (moe_kd+lora: recover.adapter: lora, recover.rank: R)"
-        raise MoePruneError(f"recover: {mine.method} needs about {mine.total / 1e9:.2f} GB per process (weights "
+        where = " layer-wise (streamed)" if plan.execution == "layerwise" and r.logit_kd else ""
+        raise MoePruneError(f"recover: {mine.method} needs about {mine.total / 1e9:.2f} GB per process{where} (weights "
                             f"{mine.weights / 1e9:.2f} + training state {mine.state / 1e9:.2f} + activations "
                             f"{mine.activations / 1e9:.2f} + teacher targets {mine.targets / 1e9:.2f}), over the "
                             f"{plan.max_memory / 1e9:.2f} GB budget; {alternatives}, or lower calibration.batch_size "

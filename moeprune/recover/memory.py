@@ -24,6 +24,18 @@ trained parameter as above (the float32 factors train without a separate master:
 bound for them). Activations: the logit-KD batch as above, plus what recomputing one layer's W_eff = W + scale
 B A needs in the backward pass (the adapted experts run under activation checkpointing): that layer's adapted
 tensors in the compute dtype (d) and 8 B per element of its largest adapted tensor (its float32 copy and B A).
+
+Logit KD under layer-wise execution (execution/streamkd.py: frozen weights streamed from the files, what trains
+resident, every decoder layer recomputed in the backward pass) instead needs (`layerwise_logit_kd`):
+
+- **weights**: the part outside the decoder layers (embedding, final norm, head; tied tensors once), plus the
+  larger of the teacher's streamed layer (3 x the largest decoder layer: the layer and its conversion copies,
+  as offload.py counts them) and the student's trained tensors (after pruning) with 3 x the largest streamed
+  remainder of a decoder layer (its parameters less what trains there, before pruning: an upper bound).
+- **training state**: (16 + d) B per trained parameter, as above.
+- **activations**: the decoder layers' inputs kept for the backward pass (T x hidden x layers x d), one layer's
+  recomputation (T x 24 x hidden x d) and the logits (T x 12 x vocab).
+- **teacher targets**: as above.
 """
 
 from __future__ import annotations
@@ -33,7 +45,7 @@ from dataclasses import dataclass
 from moeprune.units import DTYPE_BYTES
 
 __all__ = ["RecoveryMemory", "recovery_memory", "memory_table", "ADAM_STATE_BYTES", "SAVED_PER_LAYER",
-           "recovery_label", "WEFF_TEMP_BYTES"]
+           "recovery_label", "WEFF_TEMP_BYTES", "layerwise_logit_kd", "STREAM_COPIES"]
 
 ADAM_STATE_BYTES = 16  # float32 master (4) + float32 gradient (4) + two float32 moments (8), plus d for the grad
 SAVED_PER_LAYER = 24  # hidden-sized tensors autograd keeps per decoder layer and token (estimate)
@@ -44,6 +56,7 @@ WEFF_TEMP_BYTES = 8  # float32 copy of W and B @ A, per element of the largest a
 def recovery_label(method: str, adapter: str = "none", rank: int | None = None) -> str:
     """The table's name of a recovery: the method, with its adapter and rank when it has one."""
     return method if adapter == "none" else f"{method}+{adapter} r{rank}"
+STREAM_COPIES = 3  # a streamed layer and its conversion copies (offload.py's budget)
 
 
 @dataclass(frozen=True)
@@ -114,6 +127,9 @@ def recovery_memory(adapter, *, method: str, dtype: str, n_keep: int | None, exe
         weights = _largest_layer_bytes(adapter, d) if execution == "layerwise" else model_params * d
         logits = 0
         targets = 0
+    elif execution == "layerwise":
+        return layerwise_logit_kd(adapter, method=method, d=d, trained_per_layer=trained_per_layer,
+                                  step_tokens=step_tokens, top_k=top_k, target_tokens=target_tokens)
     else:
         trained = sum(trained_per_layer.values())
         layers_run = int(config.num_hidden_layers)
@@ -163,6 +179,38 @@ def _prod(shape) -> int:
     for s in shape:
         n *= int(s)
     return n
+
+
+def layerwise_logit_kd(adapter, *, method: str, d: int, trained_per_layer: dict[int, int], step_tokens: int,
+                       top_k: int, target_tokens: int) -> RecoveryMemory:
+    """Logit KD streamed under layer-wise execution (see the module docstring); `trained_per_layer`: MoE layer
+    index -> parameters trained there, after pruning."""
+    from moeprune.recover.block import layer_trainable_parameters
+
+    config = adapter.config
+    hidden, vocab, n_layers = int(config.hidden_size), int(config.vocab_size), int(config.num_hidden_layers)
+    trains = "router" if method.startswith("router") else "moe"
+    decoder = _decoder_layers(adapter.model)
+    outer = _numel(adapter.model.parameters()) - _numel(decoder.parameters())
+    moe = {layer.index: layer for layer in adapter.layers}
+    streamed = 0
+    for i, layer in enumerate(decoder):
+        frozen = _numel(layer.parameters())
+        if i in moe:
+            frozen -= _numel(layer_trainable_parameters(adapter, moe[i], trains).values())
+        streamed = max(streamed, frozen)
+    trained = sum(trained_per_layer.values())
+    teacher = STREAM_COPIES * _largest_layer_bytes(adapter, d)
+    student = trained * d + STREAM_COPIES * streamed * d
+    weights = outer * d + max(teacher, student)
+    state = trained * (ADAM_STATE_BYTES + d)
+    activations = step_tokens * (n_layers * hidden * d + SAVED_PER_LAYER * hidden * d + 12 * vocab)
+    targets = target_tokens * min(top_k, vocab) * 12
+    return RecoveryMemory(method, trained, weights, state, activations, targets)
+
+
+def _decoder_layers(model):
+    return model.get_decoder().layers if hasattr(model, "get_decoder") else model.model.layers
 
 
 def _largest_layer_bytes(adapter, d: int) -> int:

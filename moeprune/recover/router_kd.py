@@ -61,11 +61,14 @@ def _mask(batch: dict) -> torch.Tensor:
 
 
 @torch.no_grad()
-def teacher_targets(model, batches: list[dict], *, top_k: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def teacher_targets(model, batches: list[dict], *, top_k: int, progress: bool = False,
+                    desc: str = "teacher targets") -> list[tuple[torch.Tensor, torch.Tensor]]:
     """(indices (B, S, k) long, log-probabilities (B, S, k) float32) of the teacher's top-k next tokens."""
+    from tqdm.auto import tqdm
+
     out = []
     dev = next(model.parameters()).device
-    for b in batches:
+    for b in tqdm(batches, desc=desc, unit="batch", disable=not progress or not batches):
         logits = model(**{k: v.to(dev) for k, v in b.items()}).logits  # (B, S, V)
         logp = F.log_softmax(logits.float(), dim=-1)
         vals, idx = logp.topk(min(top_k, logp.shape[-1]), dim=-1)
@@ -133,9 +136,10 @@ class RouterKD:
     def method(self) -> str:
         return "router_kd" if self.trains == "router" else "moe_kd"
 
-    def compute_targets(self, model) -> None:
-        self.train_targets = teacher_targets(model, self.train, top_k=self.top_k)
-        self.held_targets = teacher_targets(model, self.held, top_k=self.top_k)
+    def compute_targets(self, model, *, progress: bool = False) -> None:
+        self.train_targets = teacher_targets(model, self.train, top_k=self.top_k, progress=progress)
+        self.held_targets = teacher_targets(model, self.held, top_k=self.top_k, progress=progress,
+                                            desc="teacher targets (held back)")
 
     def mean_kl(self, model, batches, targets) -> float | None:
         if not batches:
@@ -212,7 +216,8 @@ class RouterKD:
         try:
             for p in trained:
                 p.requires_grad_(True)
-            for step in tqdm(range(1, self.steps + 1), desc=f"{self.method} recovery", disable=not progress):
+            bar = tqdm(range(1, self.steps + 1), desc=f"{self.method} recovery", disable=not progress)
+            for step in bar:
                 if not order:
                     order = torch.randperm(len(self.train), generator=gen).tolist()
                 i = order.pop(0)
@@ -238,6 +243,8 @@ class RouterKD:
                         if m is not p:
                             p.copy_(m.to(p.dtype))
                 losses.append(loss_value)
+                if step % 10 == 0 or step == self.steps:
+                    bar.set_postfix(loss=f"{losses[-1]:.4f}")
         finally:
             for p in model.parameters():
                 p.requires_grad_(flags.get(id(p), False))

@@ -139,8 +139,8 @@ def test_recipe_fields_defaults_and_one_line_refusals(tmp_path):
              (["recover.adapter=lora", "recover.rank=0"], ("recover.rank",)),
              (["recover.adapter=lora", "recover.alpha=-1"], ("recover.alpha",)),
              (["recover.adapter=qlora"], ("recover.adapter",)),
-             (["recover.adapter=lora", "execution=layerwise"], ("recover: moe_kd trains the whole compressed model",
-                                                                "layer-wise (it would need"))]
+             (["recover.adapter=lora", "execution=layerwise"], ("recover.adapter: lora runs in memory only",
+                                                                "this run is layer-wise"))]
     for sets, parts in cases:
         args = base + [a for s in sets for a in ("--set", s)]
         one_error_line(CliRunner().invoke(cli, args), *parts)

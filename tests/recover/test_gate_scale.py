@@ -100,7 +100,7 @@ def test_gate_scale_without_a_flag_is_skipped_with_a_note_or_refused(tmp_path, m
         json.loads((model / "config.json").read_text()).keys()
 
 
-def test_recover_none_needs_a_gate_scale_and_logit_kd_stays_in_memory(tmp_path):
+def test_recover_none_needs_a_gate_scale_and_logit_kd_layerwise_fits_the_budget(tmp_path):
     from pydantic import ValidationError
 
     from moeprune.pipeline.plan import make_plan
@@ -108,8 +108,16 @@ def test_recover_none_needs_a_gate_scale_and_logit_kd_stays_in_memory(tmp_path):
     with pytest.raises(ValidationError, match="method none with gate_scale keep does nothing"):
         Recipe.model_validate({"model": "demo", "ratio": 0.5, "recover": {"method": "none"}})
     model, calib = save_tiny(tmp_path / "m", "qwen2_moe"), _calib(tmp_path / "calib.txt")
-    with pytest.raises(MoePruneError, match="router_kd_block"):
-        make_plan(_recipe(model, calib, execution="layerwise", recover={"gate_scale": "auto"}), out_dir=tmp_path / "x")
+    plan = make_plan(_recipe(model, calib, execution="layerwise", recover={"gate_scale": "auto"}), out_dir=tmp_path / "x")
+    assert plan.execution == "layerwise" and plan.recovery_row.method == "router_kd"  # streamed (execution/streamkd.py)
+    from moeprune.pipeline.plan import recovery_rows
+
+    need = {row.method: row.total for row in recovery_rows(plan)}
+    assert need["router_kd_block"] < need["router_kd"]
+    budget = (need["router_kd_block"] + need["router_kd"]) // 2
+    with pytest.raises(MoePruneError, match="router_kd needs about .* methods that fit: router_kd_block"):
+        make_plan(_recipe(model, calib, execution="layerwise", max_memory=budget, recover={"gate_scale": "auto"}),
+                  out_dir=tmp_path / "x")
     plan = make_plan(_recipe(model, calib, execution="layerwise", recover={"method": "router_kd_block"}),
                      out_dir=tmp_path / "y")
     assert plan.execution == "layerwise" and plan.calibration is not None

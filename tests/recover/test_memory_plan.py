@@ -111,11 +111,6 @@ def test_plan_refuses_a_recovery_over_budget_naming_what_fits(tmp_path):
     assert "router_kd_block" in res.output and not (tmp_path / "o").exists()
 
 
-def test_plan_refuses_logit_kd_under_layerwise_with_its_memory(tmp_path):
-    res = _cli("run", "recipes/general-50.yaml", "-o", str(tmp_path / "o"), "--set", "execution=layerwise")
-    assert res.exit_code == 2 and "layer-wise (it would need" in res.output and "moe_kd_block" in res.output
-
-
 # the shared experts' MLP width per MoE layer (DeepSeek-V2-Lite: 2 shared experts of 1408, one MLP of 2816)
 SHARED = {"mixtral-8x7b": 0, "qwen3-30b-a3b": 0, "olmoe-1b-7b": 0, "deepseek-v2-lite": 2 * 1408}
 
@@ -208,3 +203,84 @@ def test_run_dry_run_prints_the_plan_with_the_adapter_row_and_writes_nothing(tmp
     # the study model at 50%: 4 layers x (16 kept experts x 8 x ((128 + 256) + (256 + 64)) + 16 x 256 router rows)
     assert rows["moe_kd+lora"].split()[2] == f"{4 * (16 * 8 * (384 + 320) + 16 * 256):,}"
     assert not (tmp_path / "o").exists()
+
+
+def test_plan_refuses_logit_kd_under_layerwise_over_budget_in_one_line(tmp_path):
+    from cli_checks import one_error_line
+
+    res = _cli("run", "recipes/general-50.yaml", "-o", str(tmp_path / "o"), "--set", "execution=layerwise",
+               "--set", "max_memory=100MB")
+    one_error_line(res, "recover: moe_kd needs about", "layer-wise (streamed)", "over the 0.10 GB budget",
+                   "methods that fit: router_kd_block, moe_kd_block")
+    assert not (tmp_path / "o").exists()
+
+
+def _mixtral_layer() -> tuple[int, int, int]:
+    """Mixtral-8x7B by hand: (parameters of one decoder layer, of its router, outside the decoder layers)."""
+    h, inter, e, vocab = 4096, 14336, 8, 32000
+    attention = h * h + h * 1024 + h * 1024 + h * h  # q, k, v (8 KV heads of 128), o
+    layer = attention + 2 * h + e * h + e * 3 * h * inter  # two norms, router, experts
+    return layer, e * h, 2 * vocab * h + h  # embedding, head (untied), final norm
+
+
+@pytest.mark.parametrize("method", ["router_kd", "moe_kd"])
+def test_layerwise_logit_kd_streams_the_frozen_weights(method):
+    adapter = _meta("mixtral-8x7b")
+    layer, router, outer = _mixtral_layer()
+    h, inter, vocab, n_layers, keep, d, tokens = 4096, 14336, 32000, 32, 4, 2, 4096
+    lw = recovery_memory(adapter, method=method, dtype="bfloat16", n_keep=keep, execution="layerwise",
+                         batch_tokens=512, step_tokens=tokens, top_k=64, target_tokens=100_000)
+    mem = recovery_memory(adapter, method=method, dtype="bfloat16", n_keep=keep, execution="memory",
+                          batch_tokens=512, step_tokens=tokens, top_k=64, target_tokens=100_000)
+    if method == "router_kd":
+        trained = n_layers * keep * h
+        streamed = layer - router
+    else:
+        trained = n_layers * (keep * h + keep * 3 * h * inter)
+        streamed = layer - router - 8 * 3 * h * inter  # attention and norms
+    assert lw.trained_params == trained == mem.trained_params
+    teacher, student = 3 * layer * d, trained * d + 3 * streamed * d
+    assert lw.weights == outer * d + max(teacher, student)
+    assert lw.state == trained * (ADAM_STATE_BYTES + d) == mem.state
+    assert lw.activations == tokens * (n_layers * h * d + SAVED_PER_LAYER * h * d + 12 * vocab)
+    assert lw.targets == 100_000 * 64 * 12 == mem.targets
+    assert lw.total < mem.total
+    if method == "router_kd":  # about 13 GB where memory needs the whole 93 GB model
+        assert lw.total < 15e9 < 90e9 < mem.total
+
+
+def _demo_plan(tmp_path, *sets):
+    from moeprune.pipeline import load_recipe
+    from moeprune.pipeline.plan import make_plan
+
+    return make_plan(load_recipe("recipes/demo-general.yaml", list(sets)), out_dir=tmp_path / "o")
+
+
+def test_auto_picks_layerwise_logit_kd_only_when_it_fits(tmp_path):
+    """The demo model fits in memory, but 2M tokens of teacher targets make moe_kd in memory miss a budget that
+    the streamed moe_kd meets: auto goes layer-wise for the recovery; with room it stays in memory; below the
+    streamed need it refuses in one line."""
+    from cli_checks import one_error_line
+
+    many = "recover.tokens=2000000"
+    mem = _demo_plan(tmp_path, "execution=memory", many).recovery_row
+    lw = _demo_plan(tmp_path, "execution=layerwise", many).recovery_row
+    assert lw.total < mem.total
+    between = (lw.total + mem.total) // 2
+    plan = _demo_plan(tmp_path, "execution=auto", many, f"max_memory={between}")
+    assert plan.execution == "layerwise" and plan.recovery_row == lw
+    assert "moe_kd needs" in plan.execution_reason and "layer-wise" in plan.execution_reason
+    assert "moe_kd " in plan.summary() and "fits" in plan.summary()
+    plan = _demo_plan(tmp_path, "execution=auto", many, f"max_memory={mem.total + 2**30}")  # room: stays in memory
+    assert plan.execution == "memory" and plan.recovery_row == mem
+    res = _cli("run", "recipes/demo-general.yaml", "-o", str(tmp_path / "x"), "--set", "execution=auto",
+               "--set", many, "--set", f"max_memory={lw.total - 1}")
+    one_error_line(res, "recover: moe_kd needs about", "layer-wise (streamed)", "methods that fit:")
+
+
+def test_dry_run_prints_the_plan_and_its_memory_table(tmp_path):
+    res = _cli("run", "recipes/demo-general.yaml", "-o", str(tmp_path / "o"), "--set", "execution=layerwise",
+               "--dry-run")
+    assert res.exit_code == 0, res.output
+    assert "execution layerwise" in res.output and "recovery memory per process" in res.output
+    assert "moe_kd " in res.output and not (tmp_path / "o").exists()

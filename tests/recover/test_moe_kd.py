@@ -129,7 +129,7 @@ def test_moe_kd_block_layerwise_equals_memory(tmp_path, monkeypatch, model_type,
     assert all(torch.equal(t, want[k]) for k, t in loaded.state_dict().items())
 
 
-def test_prune_cli_moe_kd_block_layerwise_and_moe_kd_refused_layerwise(tmp_path, monkeypatch):
+def test_prune_cli_moe_kd_block_and_moe_kd_layerwise_and_over_budget_refused(tmp_path, monkeypatch):
     from click.testing import CliRunner
 
     from moeprune.cli import cli
@@ -145,8 +145,12 @@ def test_prune_cli_moe_kd_block_layerwise_and_moe_kd_refused_layerwise(tmp_path,
     rec = json.loads((tmp_path / "o" / "moeprune.json").read_text())["recovery"]
     assert rec["steps"] == 3 and rec["lr"] == 3e-4  # the moe_* default learning rate
     res = CliRunner().invoke(cli, [str(a) for a in [*common, "--recover", "moe_kd", "-o", tmp_path / "p"]])
-    assert res.exit_code == 2 and "Error: recover: moe_kd trains the whole compressed model" in res.output
-    assert "moe_kd_block" in res.output
+    assert res.exit_code == 0, res.output  # streamed (execution/streamkd.py)
+    assert json.loads((tmp_path / "p" / "moeprune.json").read_text())["recovery"]["method"] == "moe_kd"
+    res = CliRunner().invoke(cli, [str(a) for a in [*common, "--recover", "moe_kd", "--max-memory", "1MB", "-o",
+                                                    tmp_path / "q"]])
+    assert res.exit_code == 2 and "Error: recover: moe_kd needs about" in res.output
+    assert "layer-wise (streamed)" in res.output and not (tmp_path / "q").exists()
 
 
 def test_recipe_accepts_moe_kd_and_rejects_unknown_methods():

@@ -1,6 +1,6 @@
 """Recovery that diverges stops with one `Error:` line naming recover.lr, exit status 2, and writes nothing:
 a non-finite loss at the step it appears, non-finite trained tensors before the checkpoint is written (logit
-KD in memory, block KD in memory and layer-wise)."""
+KD in memory and layer-wise, block KD in memory and layer-wise)."""
 
 from __future__ import annotations
 
@@ -62,7 +62,8 @@ def test_nan_loss_stops_at_its_step_naming_the_learning_rate(tmp_path, monkeypat
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("method,execution", [("router_kd", "memory"), ("moe_kd_block", "layerwise")])
+@pytest.mark.parametrize("method,execution", [("router_kd", "memory"), ("moe_kd_block", "layerwise"),
+                                              ("moe_kd", "layerwise")])
 def test_nan_weights_after_the_last_step_are_never_written(tmp_path, monkeypatch, method, execution):
     _poison_adam(monkeypatch)
     done = _run(tmp_path, {"method": method, "steps": 1}, execution)

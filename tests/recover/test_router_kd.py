@@ -1,5 +1,5 @@
 """Router KD: lowers the KL to the original on held-back tokens, changes only router tensors, reloads
-in stock transformers, deterministic, refused under layer-wise execution."""
+in stock transformers, deterministic, run under layer-wise execution and refused there over budget."""
 
 from __future__ import annotations
 
@@ -118,12 +118,14 @@ def test_router_kd_is_deterministic_and_trains_router_parameters_only():
     assert s1 == s2 and t1.keys() == t2.keys() and all(torch.equal(t1[k], t2[k]) for k in t1)
 
 
-def test_layerwise_recovery_is_refused_in_the_plan(tmp_path):
+def test_layerwise_recovery_is_planned_and_refused_over_budget(tmp_path):
     from moeprune.pipeline.plan import make_plan
 
     model, calib = save_tiny(tmp_path / "m", "mixtral"), _calib(tmp_path / "calib.txt")
-    with pytest.raises(MoePruneError, match="recover: .*execution: memory"):
-        make_plan(_recipe(model, calib, execution="layerwise", recover={}), out_dir=tmp_path / "o")
+    plan = make_plan(_recipe(model, calib, execution="layerwise", recover={}), out_dir=tmp_path / "o")
+    assert plan.execution == "layerwise" and plan.recovery_row.method == "router_kd"
+    with pytest.raises(MoePruneError, match=r"recover: router_kd needs about .* layer-wise \(streamed\)"):
+        make_plan(_recipe(model, calib, execution="layerwise", max_memory="100kB", recover={}), out_dir=tmp_path / "o")
 
 
 def test_recover_section_rejects_unknown_fields():
@@ -135,7 +137,7 @@ def test_recover_section_rejects_unknown_fields():
         Recipe.model_validate({"model": "demo", "ratio": 0.5, "recover": {"method": "full_finetune"}})
 
 
-def test_merge_cli_runs_ream_with_router_kd_and_refuses_layerwise(tmp_path, monkeypatch):
+def test_merge_cli_runs_ream_with_router_kd_in_memory_and_layerwise(tmp_path, monkeypatch):
     from click.testing import CliRunner
 
     from moeprune.cli import cli
@@ -152,4 +154,7 @@ def test_merge_cli_runs_ream_with_router_kd_and_refuses_layerwise(tmp_path, monk
     assert record["method"] == "ream" and record["recovery"]["steps"] == 3
     assert json.loads((tmp_path / "out" / "config.json").read_text())["num_local_experts"] == 4
     res = CliRunner().invoke(cli, [str(a) for a in [*common, "-o", tmp_path / "lw", "--execution", "layerwise"]])
-    assert res.exit_code == 2 and "Error: recover: " in res.output and "execution: memory" in res.output
+    assert res.exit_code == 0, res.output
+    assert json.loads((tmp_path / "lw" / "moeprune.json").read_text())["recovery"]["steps"] == 3
+    a, b = load_file(tmp_path / "out" / "model.safetensors"), load_file(tmp_path / "lw" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], rtol=1e-5, atol=1e-5) for k in a)
