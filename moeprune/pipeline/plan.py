@@ -263,6 +263,7 @@ def _check_recover_memory(plan: "Plan") -> None:
     rows = recovery_rows(plan)
     label = recovery_label(r.method, r.adapter, r.rank)
     mine = next(row for row in rows if row.method == label)
+    in_memory: list[str] = []  # after auto switched to layer-wise: adapter variants that fit in memory
     if r.adapter != "none" and plan.execution == "layerwise":
         raise MoePruneError(f"recover.adapter: {r.adapter} runs in memory only (it needs about {mine.total / 1e9:.2f} "
                             "GB there) and this run is layer-wise; set execution: memory with a larger max_memory, "
@@ -276,11 +277,14 @@ def _check_recover_memory(plan: "Plan") -> None:
             plan.execution = "layerwise"
             plan.execution_reason += (f"; {r.method} needs {mine.total / 1e9:.2f} GB in memory, "
                                       f"{lw.total / 1e9:.2f} GB layer-wise")
+            in_memory = [f"{row.method} (in memory)" for row in rows
+                         if "+" in row.method and row.total <= plan.max_memory]
             rows, mine = streamed, lw
     plan.recovery_memory = memory_table(rows, plan.max_memory)
     plan.recovery_row = mine
     fits = [row.method for row in rows if row.total <= plan.max_memory
             and not (plan.execution == "layerwise" and "+" in row.method)]  # adapters: in memory only
+    fits += in_memory
     alternatives = (f"methods that fit: {', '.join(fits)}" if fits else "no recovery method fits; raise max_memory "
                     "or drop recover")
     if mine.total > plan.max_memory:

@@ -7,7 +7,8 @@ over the whole batch's token count, so the gradients summed over the ranks (one 
 tensor) are the one-process gradient of the batch mean. Adam's two moments are sharded over the ranks by
 torch's `ZeroRedundancyOptimizer` (each rank updates its share of the float32 master tensors and broadcasts
 them); masters and gradients stay whole on every rank. So N processes train each step's rows N times faster
-and hold (4 + 4 + d + 8 / N) bytes per trained parameter instead of (16 + d).
+and hold (4 + 4 + d + 8 / N) bytes per trained parameter instead of (16 + d) (the gradients are summed in
+float32, which the master's float32 gradient then is).
 """
 
 from __future__ import annotations
@@ -47,8 +48,10 @@ class DataParallel:
         return {k: v[rows] for k, v in batch.items()}, idx[rows], logp[rows], local_mask, weight
 
     def reduce_gradients(self, grads, params) -> list[torch.Tensor]:
-        """The gradients summed over the ranks (a rank without rows contributes zeros)."""
-        out = [torch.zeros_like(p) if g is None else g.contiguous() for g, p in zip(grads, params)]
+        """The gradients summed over the ranks in float32 (a bfloat16 sum would round each rank's share once more
+        than one process rounds its gradient; a rank without rows contributes zeros)."""
+        out = [torch.zeros_like(p, dtype=torch.float32) if g is None else g.float().contiguous()
+               for g, p in zip(grads, params)]
         distributed.all_reduce_sum(out, self.ctx)
         return out
 
