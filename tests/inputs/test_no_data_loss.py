@@ -167,8 +167,12 @@ def test_publish_refuses_a_folder_with_a_link_out(tmp_path):
     assert code == 2 and "symbolic link" in output
 
 
+# the writer starts as from a terminal: a suite launched with nohup or as a background job hands its children
+# SIGHUP / SIGINT ignored, and an ignored signal is one the CLI rightly leaves ignored
 _WRITER = textwrap.dedent("""
-    import sys, time
+    import signal, sys, time
+    signal.signal(signal.SIGHUP, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     from moeprune.cli import _handle_termination
     from moeprune.checkpoint.writer import OutputFolder
     _handle_termination()
