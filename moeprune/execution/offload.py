@@ -109,6 +109,22 @@ def _budget(max_memory) -> int | None:
     return parse_memory(max_memory)
 
 
+def weightless_model(src: Path, dtype, device: torch.device):
+    """The causal LM of the model folder `src` without weights (computed buffers on `device`, tied head tied),
+    a loader of its tensors, its tied-name aliases and its ArchSpec: where streamed models start."""
+    from moeprune.execution.layers import _move_buffers, _skeleton
+
+    # accelerate's hooks make every hooked module reference itself: a dropped offloaded model is freed only by
+    # the cycle collector, so collect before building the next one (the base model before the compressed one)
+    gc.collect()
+    model = _skeleton(src, _resolve_dtype(src, dtype))
+    model.tie_weights()  # as from_pretrained does: a tied head shares the embedding (stored once)
+    names = CheckpointNames(model)
+    loader = WeightLoader(Checkpoint(src), names)
+    _move_buffers(model, device)
+    return model, loader, _aliases(model, loader), names.adapter.spec
+
+
 def offloaded_model(model_dir: str | Path, *, dtype: str | torch.dtype = "auto", device: str | torch.device | None = None,
                     max_memory: int | str | None = None) -> nn.Module:
     """The causal LM of MODEL_DIR for evaluation with its decoder layers streamed from the safetensors files.
@@ -123,20 +139,11 @@ def offloaded_model(model_dir: str | Path, *, dtype: str | torch.dtype = "auto",
     Returns the model in eval mode; use it like a loaded one (`model(...)`, `generate`, `evaluate`).
     """
     from moeprune.checkpoint.model_dir import resolve_model_dir
-    from moeprune.execution.layers import _move_buffers, _outer_names, _skeleton, default_device
+    from moeprune.execution.layers import _outer_names, default_device
 
     src = resolve_model_dir(model_dir)
     device = torch.device(device) if device is not None else default_device()
-    # accelerate's hooks make every hooked module reference itself: a dropped offloaded model is freed only by
-    # the cycle collector, so collect before building the next one (the base model before the compressed one)
-    gc.collect()
-    model = _skeleton(src, _resolve_dtype(src, dtype))
-    model.tie_weights()  # as from_pretrained does: a tied head shares the embedding (stored once)
-    names = CheckpointNames(model)
-    loader = WeightLoader(Checkpoint(src), names)
-    aliases = _aliases(model, loader)
-    spec = names.adapter.spec
-    _move_buffers(model, device)
+    model, loader, aliases, spec = weightless_model(src, dtype, device)
     resident = _outer_names(model, spec.layers, loader)
     loader.materialise(model, resident, device)
     _retie(model, aliases)

@@ -76,23 +76,13 @@ def streamed_model(model_dir: str | Path, *, dtype: str | torch.dtype, device: t
     the meta device) resident with their sibling tensors, the embedding, final norm and head resident, every
     other decoder-layer submodule streamed from the safetensors files on every forward. Returns (model in
     eval mode with use_cache off, what is resident and streamed)."""
-    from moeprune.checkpoint.loader import WeightLoader
     from moeprune.checkpoint.model_dir import resolve_model_dir
-    from moeprune.checkpoint.names import CheckpointNames
-    from moeprune.checkpoint.safetensors_io import Checkpoint
-    from moeprune.execution.layers import _move_buffers, _outer_names, _skeleton
+    from moeprune.execution.layers import _outer_names
     from moeprune.execution.layerwise_eval import _head_names
-    from moeprune.execution.offload import LazyWeights, _aliases, _check_complete, _resolve_dtype, _retie, _stream
+    from moeprune.execution.offload import LazyWeights, _check_complete, _retie, _stream, weightless_model
 
     src = resolve_model_dir(model_dir)
-    gc.collect()  # a dropped hooked model is freed by the cycle collector only (offload.py)
-    model = _skeleton(src, _resolve_dtype(src, dtype))
-    model.tie_weights()
-    names = CheckpointNames(model)
-    loader = WeightLoader(Checkpoint(src), names)
-    aliases = _aliases(model, loader)
-    spec = names.adapter.spec
-    _move_buffers(model, device)
+    model, loader, aliases, spec = weightless_model(src, dtype, device)
     outer = _outer_names(model, spec.layers, loader)
     outer += _head_names(model, outer, loader)
     resident = resident_names(model, trains(model))
