@@ -21,7 +21,8 @@ import torch
 from moeprune.errors import MoePruneError
 
 __all__ = ["Context", "RankDone", "context", "launched", "shard", "reduce_observations", "broadcast_flag", "local_only",
-           "is_main", "leave_unless_main", "finish", "broadcast_batches", "all_reduce_sum", "gather_ints"]
+           "is_main", "leave_unless_main", "finish", "broadcast_batches", "all_reduce_sum", "gather_ints",
+           "launched_processes"]
 
 _SOLO = {"on": False}
 
@@ -35,6 +36,11 @@ class RankDone(Exception):
 def launched() -> bool:
     """True when a launcher (torchrun, accelerate launch, srun torchrun) started several processes."""
     return _env_int("WORLD_SIZE", 1) > 1
+
+
+def launched_processes() -> int:
+    """How many processes the launcher started (1 without one); joins no process group."""
+    return max(_env_int("WORLD_SIZE", 1), 1)
 
 
 @dataclass(frozen=True)

@@ -157,8 +157,11 @@ def observe_merge_cmd(folders, out_dir, overwrite):
 @click.option("--no-progress", is_flag=True)
 @click.option("--dry-run", is_flag=True, help="Print the plan (with the recovery memory table) and stop: no weight "
                                                "is read, nothing is written.")
-def run_cmd(recipe_file, out_dir, overrides, overwrite, execution, max_memory, no_progress, dry_run):
+@click.option("--processes", type=click.IntRange(1, 4096), default=None,
+              help="With --dry-run: plan as a torchrun launch of N processes would (memory per process).")
+def run_cmd(recipe_file, out_dir, overrides, overwrite, execution, max_memory, no_progress, dry_run, processes):
     """Observe, score, prune, evaluate and write OUT/ as a recipe says."""
+    from moeprune.errors import MoePruneError
     from moeprune.pipeline import load_recipe, run_recipe
 
     overrides = list(overrides)
@@ -166,11 +169,14 @@ def run_cmd(recipe_file, out_dir, overrides, overwrite, execution, max_memory, n
         overrides.append(f"execution={execution}")
     if max_memory is not None:
         overrides.append(f"max_memory={max_memory}")
+    if processes is not None and not dry_run:
+        raise MoePruneError("--processes: plans a launch of N processes with --dry-run; to run on N, launch with "
+                            "torchrun --nproc-per-node N")
     recipe = load_recipe(recipe_file, overrides)
     if dry_run:
         from moeprune.pipeline.plan import make_plan
 
-        click.echo(make_plan(recipe, needs_output=False, inputs=(recipe_file,)).summary())
+        click.echo(make_plan(recipe, needs_output=False, inputs=(recipe_file,), processes=processes).summary())
         return
     report = run_recipe(recipe, out_dir=out_dir, overwrite=overwrite, progress=not no_progress, log=click.echo,
                         inputs=(recipe_file,))

@@ -74,6 +74,10 @@ def _method_options(fn):
         click.option("--recover-generate", type=click.IntRange(min=1), default=None, metavar="N",
                      help="router_kd, moe_kd: also train on N continuations of each training calibration row "
                           "sampled from the original model, up to --recover-tokens in all."),
+        click.option("--recover-parallel", type=click.Choice(["auto", "data", "sharded"]), default="auto",
+                     show_default=True,
+                     help="router_kd, moe_kd under torchrun: data-parallel (each rank holds the training state), "
+                          "or moe_kd's state sharded over the ranks by FSDP2; auto = data when it fits."),
     ]):
         fn = option(fn)
     return calibration_options(fn)
@@ -130,7 +134,7 @@ def merge_cmd(model_dir: str, out_dir: str, method: str, linkage: str, router: s
 
 def _compress(model_dir, out_dir, *, method, ratio=None, keep_experts=None, obs_dir=None, overwrite=False,
               max_shard_size="5GB", recover=None, recover_steps=None, recover_lr=None, recover_tokens=None,
-              gate_scale=None, recover_batch_tokens=512, recover_generate=None, **calib):
+              gate_scale=None, recover_batch_tokens=512, recover_generate=None, recover_parallel="auto", **calib):
     """`prune` and `merge` build a recipe and run the same pipeline as `moeprune run` (no evaluation)."""
     from moeprune.commands.pipeline_cmds import echo_result
     from moeprune.pipeline.run import run_recipe
@@ -138,7 +142,8 @@ def _compress(model_dir, out_dir, *, method, ratio=None, keep_experts=None, obs_
     if recover is not None or gate_scale is not None:
         calib["recover"] = {"method": recover or "none", "steps": recover_steps, "lr": recover_lr,
                             "tokens": recover_tokens, "batch_tokens": recover_batch_tokens,
-                            "gate_scale": gate_scale or "keep", "generate": recover_generate}
+                            "gate_scale": gate_scale or "keep", "generate": recover_generate,
+                            "parallel": recover_parallel}
     recipe = recipe_from_cli(model_dir, method=method, ratio=ratio, keep=keep_experts, **calib)
     recipe.max_shard_size = max_shard_size
     report = run_recipe(recipe, out_dir=out_dir, overwrite=overwrite, log=click.echo, observations_dir=obs_dir,

@@ -126,7 +126,8 @@ class Executor:
                                                    progress=self.progress)
         train = distributed.broadcast_batches(train)  # torchrun: every rank trains on rank 0's text
         kd = RouterKD(steps=r.steps, lr=r.lr, top_k=r.top_k, train=train, held=held, trains=r.trains, seed=seed,
-                      generated=generated, adapter=r.adapter, rank=r.rank, alpha=r.alpha)
+                      generated=generated, adapter=r.adapter, rank=r.rank, alpha=r.alpha,
+                      sharded=self.plan.recover_parallel == "sharded")
         kd.compute_targets(teacher, progress=self.progress)
         return kd
 

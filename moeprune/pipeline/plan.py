@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from moeprune import distributed
 from moeprune.errors import MoePruneError
 from moeprune.units import DTYPE_BYTES, parse_memory
 
@@ -91,6 +92,8 @@ class Plan:
     recovery_row: object = None  # the recipe's own recovery method's RecoveryMemory (recover/memory.py)
     quantize_memory: str | None = None  # GPTQ's largest decoder layer, when the recipe quantizes with GPTQ
     generate_engine: str | None = None  # recover.generate's sampler resolved: "hf" or "vllm" (None: no generation)
+    processes: int = 1  # torchrun's WORLD_SIZE (or `run --dry-run --processes N`): the memory rows are per process
+    recover_parallel: str | None = None  # logit KD in memory on several processes: "data" or "sharded" (resolved)
     keep_plan: dict | None = None
 
     @cached_property
@@ -104,7 +107,9 @@ class Plan:
         line = (f"plan: {self.method.name} on {self.shape.spec.name}, {self.dtype} on {self.device}, "
                 f"execution {self.execution} ({self.execution_reason})")
         if self.recovery_memory:
-            line += "\nrecovery memory per process (docs/scale.md):\n" + self.recovery_memory
+            over = (f", {self.processes} processes" + (f", {self.recover_parallel}" if self.recover_parallel else "")
+                    if self.processes > 1 else "")
+            line += f"\nrecovery memory per process (docs/scale.md{over}):\n" + self.recovery_memory
         if self.quantize_memory:
             line += "\nquantize memory per process: " + self.quantize_memory
         return line
@@ -235,19 +240,64 @@ def _check_quantize_memory(plan: "Plan") -> None:
                             "raise max_memory or use quantize.method: rtn")
 
 
-def recovery_rows(plan: "Plan", execution: str | None = None) -> list:
-    """The memory of every recovery method on this plan's model, dtype, execution (or `execution`) and recipe
-    (per process): moe_kd also with LoRA adapters."""
+def recovery_rows(plan: "Plan", execution: str | None = None, processes: int | None = None) -> list:
+    """The memory of every recovery method on this plan's model, dtype, execution (or `execution`), recipe and
+    process count (or `processes`), per process: moe_kd also with LoRA adapters, and on several processes in
+    memory also sharded (FSDP2)."""
     from moeprune.pipeline.recipe import ADAPTER_RANK
     from moeprune.recover.memory import METHODS, recovery_memory
 
     r, c = plan.recipe.recover, plan.recipe.calibration
-    step = c.batch_size * (c.max_length or min(512, _context(plan.shape.config) or 512))
+    execution = execution or plan.execution
+    processes = (processes or plan.processes) if execution == "memory" else 1  # layer-wise: rank 0 alone trains
+    rows_per_process = -(-c.batch_size // processes)  # each rank runs its share of a step's rows (at least one)
+    step = rows_per_process * (c.max_length or min(512, _context(plan.shape.config) or 512))
     ranks = [None, r.rank if r.adapter == "lora" else ADAPTER_RANK]  # moe_kd, and moe_kd with LoRA adapters
-    return [recovery_memory(plan.shape, method=m, dtype=plan.dtype, n_keep=plan.n_keep,
-                            execution=execution or plan.execution, batch_tokens=r.batch_tokens, step_tokens=step,
-                            top_k=r.top_k, target_tokens=r.tokens, lora_rank=rank)
+    kw = dict(dtype=plan.dtype, n_keep=plan.n_keep, execution=execution, batch_tokens=r.batch_tokens,
+              step_tokens=step, top_k=r.top_k, target_tokens=r.tokens, processes=processes)
+    rows = [recovery_memory(plan.shape, method=m, lora_rank=rank, **kw)
             for m in METHODS for rank in (ranks if m == "moe_kd" else [None])]
+    if processes > 1 and execution == "memory":
+        rows.append(recovery_memory(plan.shape, method="moe_kd", parallel="sharded", **kw))
+    return rows
+
+
+def _sharded_processes(plan: "Plan") -> tuple[int, float] | None:
+    """The fewest processes (2 to 64, powers of two) over which sharded moe_kd fits max_memory, and its need."""
+    from moeprune.recover.memory import recovery_label
+
+    for n in (2, 4, 8, 16, 32, 64):
+        row = next(row for row in recovery_rows(plan, "memory", n) if row.method == recovery_label(
+            "moe_kd", parallel="sharded"))
+        if row.total <= plan.max_memory:
+            return n, row.total
+    return None
+
+
+def _recover_parallel(plan: "Plan", rows: list) -> str:
+    """recover.parallel resolved for this run ("data" or "sharded"), refusing in one line what cannot run."""
+    from moeprune.recover.memory import recovery_label
+
+    r = plan.recipe.recover
+    can_shard = r.method == "moe_kd" and r.adapter == "none"
+    if r.parallel == "sharded":
+        if plan.processes == 1:
+            raise MoePruneError("recover.parallel: sharded needs several processes; launch with torchrun "
+                                "--nproc-per-node N (plan it with run --dry-run --processes N), or set "
+                                "recover.parallel: auto")
+        if not can_shard:
+            raise MoePruneError(f"recover.parallel: sharded shards moe_kd's MoE-block state, not "
+                                f"{recovery_label(r.method, r.adapter, r.rank)}'s; set recover.parallel: data")
+        if plan.execution != "memory":
+            raise MoePruneError("recover.parallel: sharded trains the model loaded in memory and this run is "
+                                "layer-wise; set execution: memory, or recover.parallel: auto")
+        return "sharded"
+    if r.parallel == "auto" and can_shard and plan.processes > 1 and plan.execution == "memory":
+        data, sharded = (next(row for row in rows if row.method == recovery_label("moe_kd", parallel=p))
+                         for p in ("data", "sharded"))
+        if data.total > plan.max_memory and sharded.total < data.total:
+            return "sharded"
+    return "data"
 
 
 def _check_recover_memory(plan: "Plan") -> None:
@@ -261,7 +311,8 @@ def _check_recover_memory(plan: "Plan") -> None:
     if r is None or r.method == "none":
         return
     rows = recovery_rows(plan)
-    label = recovery_label(r.method, r.adapter, r.rank)
+    parallel = _recover_parallel(plan, rows)
+    label = recovery_label(r.method, r.adapter, r.rank, parallel)
     mine = next(row for row in rows if row.method == label)
     in_memory: list[str] = []  # after auto switched to layer-wise: adapter variants that fit in memory
     if r.adapter != "none" and plan.execution == "layerwise":
@@ -282,6 +333,8 @@ def _check_recover_memory(plan: "Plan") -> None:
             rows, mine = streamed, lw
     plan.recovery_memory = memory_table(rows, plan.max_memory)
     plan.recovery_row = mine
+    if plan.processes > 1 and plan.execution == "memory" and r.logit_kd:
+        plan.recover_parallel = parallel
     fits = [row.method for row in rows if row.total <= plan.max_memory
             and not (plan.execution == "layerwise" and "+" in row.method)]  # adapters: in memory only
     fits += in_memory
@@ -290,6 +343,13 @@ def _check_recover_memory(plan: "Plan") -> None:
     if mine.total > plan.max_memory:
         if r.method == "moe_kd" and r.adapter == "none" and any(f.startswith("moe_kd+") for f in fits):
             alternatives += " (moe_kd+lora: recover.adapter: lora, recover.rank: R)"
+        shard = (_sharded_processes(plan) if r.method == "moe_kd" and r.adapter == "none" and parallel != "sharded"
+                 else None)
+        if "moe_kd sharded" in fits:
+            alternatives += " (moe_kd sharded: recover.parallel: sharded)"
+        elif shard is not None and shard[0] > plan.processes:
+            alternatives += (f"; or moe_kd sharded in memory over {shard[0]} processes ({shard[1] / 1e9:.2f} GB each: "
+                             f"torchrun --nproc-per-node {shard[0]}, recover.parallel: sharded)")
         where = " layer-wise (streamed)" if plan.execution == "layerwise" and r.logit_kd else ""
         raise MoePruneError(f"recover: {mine.method} needs about {mine.total / 1e9:.2f} GB per process{where} (weights "
                             f"{mine.weights / 1e9:.2f} + training state {mine.state / 1e9:.2f} + activations "
@@ -349,12 +409,14 @@ def _calibration(recipe, config):
 
 
 def make_plan(recipe, *, out_dir=None, overwrite: bool = False, needs_output: bool = True,
-              observe_only: bool = False, collect: tuple[str, ...] = (), inputs=()) -> "Plan":
+              observe_only: bool = False, collect: tuple[str, ...] = (), inputs=(),
+              processes: int | None = None) -> "Plan":
     """Validate the recipe against the model's config and decide everything that needs no weights.
 
     `observe_only`: the plan of `moeprune observe` (statistics `collect`, no method, no compression).
     `inputs`: files and folders the command reads besides those the recipe names (the recipe file itself,
-    an observations folder); the output may be none of them, nor hold or sit inside one."""
+    an observations folder); the output may be none of them, nor hold or sit inside one. `processes`: plan as
+    that many torchrun processes (default: the launcher's WORLD_SIZE, 1 without one)."""
     from moeprune.checkpoint import OutputFolder
     from moeprune.checkpoint.model_dir import meta_model, resolve_model_dir
     from moeprune.methods import get_method
@@ -374,7 +436,7 @@ def make_plan(recipe, *, out_dir=None, overwrite: bool = False, needs_output: bo
     plan = Plan(recipe=recipe, src=src, shape=shape, method=method, n_keep=None, dtype=where.dtype,
                 source_dtype=where.source_dtype, device=where.device, execution=where.execution,
                 execution_reason=where.reason, model_bytes=where.model_bytes, max_memory=where.max_memory,
-                output=output)
+                output=output, processes=processes or distributed.launched_processes())
     parse_memory(recipe.max_shard_size, field_name="max_shard_size")
     if observe_only:
         from moeprune.observe.collector import OPTIONAL_STATS

@@ -204,6 +204,12 @@ class RecoverConfig(_Section):
         "none", description="moe_kd: none = train every MoE-block weight; lora = keep the MoE-block matrices "
                             "frozen and train low-rank factors of every routed and shared expert matrix (the "
                             "routers train fully), merged back into the stock tensors (docs/scale.md)")
+    parallel: Literal["auto", "data", "sharded"] = Field(
+        "auto", description="router_kd / moe_kd in memory under torchrun: data = every rank holds the model, its "
+                            "float32 masters and gradients and trains its share of each step's rows (Adam's moments "
+                            "sharded); sharded = moe_kd's MoE-block parameters, gradients and Adam moments sharded "
+                            "over the ranks by torch FSDP2; auto = data when it fits max_memory, else sharded "
+                            "(docs/distributed.md)")
     rank: int = Field(ADAPTER_RANK, ge=1, le=RANK_MAX, description="adapter: lora: rank R of the factors")
     alpha: float | None = Field(None, gt=0, le=1e6, allow_inf_nan=False,
                                 description="adapter: lora: the factors' product is scaled by alpha / rank; "

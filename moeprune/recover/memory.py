@@ -36,6 +36,20 @@ resident, every decoder layer recomputed in the backward pass) instead needs (`l
 - **activations**: the decoder layers' inputs kept for the backward pass (T x hidden x layers x d), one layer's
   recomputation (T x 24 x hidden x d) and the logits (T x 12 x vocab).
 - **teacher targets**: as above.
+
+Under `torchrun` with N processes (recover/parallel.py, recover/sharded.py), per process:
+
+- **data-parallel** (`recover.parallel: data`): every rank holds the whole model; float32 masters (4 B), the
+  summed float32 gradient (4 B) and the model-dtype gradient (d) stay whole, Adam's moments are sharded by
+  ZeroRedundancyOptimizer: (8 + d + 8 / N) B per trained parameter. Each rank runs its share of a step's rows
+  (at least one row: a rank without rows runs the first at weight 0 when sharded), so activations are counted
+  for ceil(batch_size / N) rows.
+- **sharded** (`recover.parallel: sharded`, moe_kd only): torch FSDP2 shards every MoE block's float32
+  parameters, gradients and Adam moments over the ranks: 16 / N B per trained parameter, plus the largest
+  block gathered for its forward and backward (its parameters in d and their float32 gradient before the
+  reduce-scatter, twice for the next block's prefetch). The MoE blocks' own weights are released once their
+  shards exist, so the run peaks at the larger of the teacher phase (the whole unpruned model) and the training
+  phase (the model less the released blocks, plus the state): `released` in the row.
 """
 
 from __future__ import annotations
@@ -45,17 +59,24 @@ from dataclasses import dataclass
 from moeprune.units import DTYPE_BYTES
 
 __all__ = ["RecoveryMemory", "recovery_memory", "memory_table", "ADAM_STATE_BYTES", "SAVED_PER_LAYER",
-           "recovery_label", "WEFF_TEMP_BYTES", "layerwise_logit_kd", "STREAM_COPIES"]
+           "recovery_label", "WEFF_TEMP_BYTES", "layerwise_logit_kd", "STREAM_COPIES", "SHARDED_STATE_BYTES",
+           "ZERO_STATE_BYTES"]
 
 ADAM_STATE_BYTES = 16  # float32 master (4) + float32 gradient (4) + two float32 moments (8), plus d for the grad
 SAVED_PER_LAYER = 24  # hidden-sized tensors autograd keeps per decoder layer and token (estimate)
 METHODS = ("router_kd", "moe_kd", "router_kd_block", "moe_kd_block")
 WEFF_TEMP_BYTES = 8  # float32 copy of W and B @ A, per element of the largest adapted tensor of a layer
+SHARDED_STATE_BYTES = 16  # float32 parameter shard (4) + its gradient (4) + two Adam moments (8), divided by N
+ZERO_STATE_BYTES = 8  # float32 master (4) + summed float32 gradient (4), whole on every rank (+ d + 8 / N)
 
 
-def recovery_label(method: str, adapter: str = "none", rank: int | None = None) -> str:
-    """The table's name of a recovery: the method, with its adapter and rank when it has one."""
-    return method if adapter == "none" else f"{method}+{adapter} r{rank}"
+def recovery_label(method: str, adapter: str = "none", rank: int | None = None, parallel: str = "data") -> str:
+    """The table's name of a recovery: the method, with its adapter and rank when it has one, and "sharded" when
+    FSDP2 shards its state over the processes."""
+    label = method if adapter == "none" else f"{method}+{adapter} r{rank}"
+    return f"{label} sharded" if parallel == "sharded" else label
+
+
 STREAM_COPIES = 3  # a streamed layer and its conversion copies (offload.py's budget)
 
 
@@ -69,10 +90,11 @@ class RecoveryMemory:
     state: int
     activations: int
     targets: int
+    released: int = 0  # bytes of `weights` freed before the training state exists (sharded: the MoE blocks)
 
     @property
     def total(self) -> int:
-        return self.weights + self.state + self.activations + self.targets
+        return max(self.weights, self.weights - self.released + self.state) + self.activations + self.targets
 
 
 def _numel(params) -> int:
@@ -89,12 +111,14 @@ def _expert_params(adapter, layer) -> int:
 
 
 def recovery_memory(adapter, *, method: str, dtype: str, n_keep: int | None, execution: str, batch_tokens: int,
-                    step_tokens: int, top_k: int, target_tokens: int, lora_rank: int | None = None
-                    ) -> RecoveryMemory:
+                    step_tokens: int, top_k: int, target_tokens: int, lora_rank: int | None = None,
+                    processes: int = 1, parallel: str = "data") -> RecoveryMemory:
     """The memory of `method` on the model `adapter` wraps (built on the meta device): see the module docstring.
-    `step_tokens`: tokens of one logit-KD training batch; `batch_tokens`: tokens of one block-method step;
+    `step_tokens`: tokens of one logit-KD training batch on one process (under torchrun its share of the rows, at
+    least one row: recovery_rows in pipeline/plan.py); `batch_tokens`: tokens of one block-method step;
     `target_tokens`: training tokens whose teacher targets are kept; `lora_rank`: moe_kd with LoRA adapters of
-    this rank (recover.adapter: lora) instead of training every MoE-block weight."""
+    this rank (recover.adapter: lora) instead of training every MoE-block weight; `processes`, `parallel`: logit
+    KD in memory under torchrun, data-parallel or sharded (per process)."""
     from moeprune.recover.block import layer_trainable_parameters
 
     if lora_rank is not None:
@@ -137,8 +161,19 @@ def recovery_memory(adapter, *, method: str, dtype: str, n_keep: int | None, exe
         weights = model_params * d
         logits = 12 * vocab
         targets = target_tokens * min(top_k, vocab) * 12
-    state = trained * (ADAM_STATE_BYTES + d)
     activations = tokens * (layers_run * SAVED_PER_LAYER * hidden * d + logits)
+    if parallel == "sharded" and not block:
+        if method != "moe_kd":
+            raise ValueError(f"sharded recovery applies to moe_kd, not {method}")
+        largest = max(trained_per_layer.values())  # moe_kd trains the whole (pruned) block
+        gathered = 2 * largest * (d + 4)  # a block's parameters in d and their float32 gradient, and the next one's
+        state = trained * SHARDED_STATE_BYTES // processes + gathered
+        return RecoveryMemory(recovery_label(method, parallel="sharded"), trained, weights, state, activations,
+                              targets, released=trained * d)
+    if processes > 1 and not block:  # data-parallel: masters and gradients whole, Adam's moments sharded
+        state = trained * (ZERO_STATE_BYTES + d) + trained * 8 // processes
+    else:
+        state = trained * (ADAM_STATE_BYTES + d)
     return RecoveryMemory(method, trained, weights, state, activations, targets)
 
 
@@ -230,4 +265,8 @@ def memory_table(rows: list[RecoveryMemory], budget: int | None) -> str:
         if budget:
             line += "  yes" if r.total <= budget else "  no"
         lines.append(line)
+    note = "\n".join(f"{r.method}: total = max(weights, weights - {r.released / 1e9:.2f} GB of MoE blocks released "
+                     "to their shards + state) + activations + targets" for r in rows if r.released)
+    if note:
+        lines.append(note)
     return "\n".join(lines) + ("\n(GB; budget " + f"{budget / 1e9:.2f} GB)" if budget else "\n(GB)")

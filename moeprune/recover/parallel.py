@@ -65,10 +65,17 @@ class DataParallel:
 
         return ZeroRedundancyOptimizer(masters, optimizer_class=torch.optim.Adam, lr=lr)
 
-    def record(self, state: int) -> dict:
+    def idle(self, batch: dict, idx: torch.Tensor, logp: torch.Tensor, mask: torch.Tensor):
+        """A stand-in share for a rank without rows in a batch, where every rank must run the step's forward and
+        backward (sharded training gathers each block collectively): the batch's first row at weight 0."""
+        return {k: v[:1] for k, v in batch.items()}, idx[:1], logp[:1], mask[:1], 0.0
+
+    def record(self, state: int, *, sharded: bool = False) -> dict:
         """What each rank held: trainable-state bytes (measured) and its peak resident memory."""
-        return {"processes": self.world, "rows": "each batch's rows round-robin over the ranks",
-                "optimizer": "ZeroRedundancyOptimizer(Adam): moments sharded over the ranks",
+        optimizer = ("FSDP2 (fully_shard): MoE-block parameters, gradients and Adam's moments sharded over the ranks"
+                     if sharded else "ZeroRedundancyOptimizer(Adam): moments sharded over the ranks")
+        return {"processes": self.world, "mode": "sharded" if sharded else "data",
+                "rows": "each batch's rows round-robin over the ranks", "optimizer": optimizer,
                 "state_bytes_per_process": distributed.gather_ints(state, self.ctx),
                 "peak_rss_bytes_per_process": distributed.gather_ints(_peak_rss(), self.ctx)}
 
@@ -79,14 +86,17 @@ def _peak_rss() -> int:
 
 def state_bytes(masters: list[torch.Tensor], grads: list[torch.Tensor], opt) -> int:
     """Bytes this process holds for training, measured on the tensors: float32 masters and their gradients, the
-    last step's gradients in the model's dtype, and the optimizer's state (this rank's share under ZeRO)."""
-    seen: set[int] = set()
+    last step's gradients in the model's dtype, and the optimizer's state (this rank's share under ZeRO; of
+    sharded parameters, this rank's shards)."""
+    seen: dict[int, torch.Tensor] = {}  # holding each tensor counted, so that no id is reused while counting
     total = 0
 
     def add(t):
         nonlocal total
+        if hasattr(t, "to_local"):  # a DTensor (sharded training): this rank's shard
+            t = t.to_local()
         if isinstance(t, torch.Tensor) and id(t) not in seen and t.device.type != "meta":
-            seen.add(id(t))
+            seen[id(t)] = t
             total += t.numel() * t.element_size()
 
     for m in masters:

@@ -131,6 +131,7 @@ class RouterKD:
     adapter: str = "none"  # "lora": moe_kd trains low-rank factors of the MoE-block matrices (recover.adapters)
     rank: int = 16
     alpha: float | None = None  # default 2 x rank
+    sharded: bool = False  # torchrun, moe_kd: the MoE blocks' training state sharded by FSDP2 (recover/sharded.py)
 
     @property
     def method(self) -> str:
@@ -194,41 +195,52 @@ class RouterKD:
                 "parallel": self.parallel,
                 **extra, **({"generated": self.generated} if self.generated is not None else {})}
 
+    def _batches(self, progress: bool):
+        """(step, batch, target indices, target log-probabilities, mask) for each of the `steps` steps, in the
+        seeded order (every training batch once per pass), under a progress bar (its postfix: `bar`)."""
+        from tqdm.auto import tqdm
+
+        gen = torch.Generator().manual_seed(self.seed)
+        order: list[int] = []
+        self.bar = tqdm(range(1, self.steps + 1), desc=f"{self.method} recovery", disable=not progress)
+        for step in self.bar:
+            if not order:
+                order = torch.randperm(len(self.train), generator=gen).tolist()
+            i = order.pop(0)
+            yield step, self.train[i], *self.train_targets[i], _mask(self.train[i])
+
+    def _log(self, step: int, losses: list[float]) -> None:
+        if step % 10 == 0 or step == self.steps:
+            self.bar.set_postfix(loss=f"{losses[-1]:.4f}")
+
     def _train(self, model, params: dict, *, progress: bool) -> list[float]:
         """`steps` Adam steps on `params` ('key' -> (layer, path, parameter)); returns the losses. Model tensors
         train through float32 master copies written back in their dtype; float32 adapter factors
         ('.lora_A' / '.lora_B') train in place (they are their own master)."""
-        from tqdm.auto import tqdm
-
+        dp = DataParallel.current()  # torchrun: each step's rows split over the ranks (recover/parallel.py)
+        if self.sharded:
+            if dp is None:
+                raise MoePruneError("recover.parallel: sharded needs several processes; launch with torchrun")
+            return self._train_sharded(model, params, dp, progress=progress)
         flags = {id(p): p.requires_grad for p in model.parameters()}
         model.requires_grad_(False)
         factors = {id(p) for _, path, p in params.values() if path.endswith((".lora_A", ".lora_B"))}
         masters = [p if id(p) in factors else p.detach().float().clone().requires_grad_(True)
                    for _, _, p in params.values()]
-        dp = DataParallel.current()  # torchrun: each step's rows split over the ranks (recover/parallel.py)
         opt = dp.optimizer(masters, self.lr) if dp is not None else torch.optim.Adam(masters, lr=self.lr)
-        gen = torch.Generator().manual_seed(self.seed)
         dev = next(model.parameters()).device
-        order: list[int] = []
         losses = []
         trained = [p for _, _, p in params.values()]
         grads: list = []
         try:
             for p in trained:
                 p.requires_grad_(True)
-            bar = tqdm(range(1, self.steps + 1), desc=f"{self.method} recovery", disable=not progress)
-            for step in bar:
-                if not order:
-                    order = torch.randperm(len(self.train), generator=gen).tolist()
-                i = order.pop(0)
-                b, (idx, logp), mask, weight = self.train[i], self.train_targets[i], _mask(self.train[i]), 1.0
+            for step, b, idx, logp, mask in self._batches(progress):
                 share = dp.local(b, idx, logp, mask) if dp is not None else (b, idx, logp, mask, 1.0)
                 loss_value, grads = 0.0, [None] * len(trained)
                 if share is not None:
-                    b, idx, logp, mask, weight = share
                     with torch.enable_grad():
-                        logits = model(**{k: v.to(dev) for k, v in b.items()}).logits
-                        loss = kd_loss(logits, idx.to(dev), logp.to(dev), mask.to(dev)) * weight
+                        loss = _share_loss(model, dev, share)
                         grads = list(torch.autograd.grad(loss, trained, allow_unused=True))
                     loss_value = float(loss.detach())
                 if dp is not None:
@@ -243,11 +255,48 @@ class RouterKD:
                         if m is not p:
                             p.copy_(m.to(p.dtype))
                 losses.append(loss_value)
-                if step % 10 == 0 or step == self.steps:
-                    bar.set_postfix(loss=f"{losses[-1]:.4f}")
+                self._log(step, losses)
         finally:
             for p in model.parameters():
                 p.requires_grad_(flags.get(id(p), False))
         state = state_bytes(masters, grads, opt)
         self.parallel = dp.record(state) if dp is not None else {"processes": 1, "state_bytes_per_process": [state]}
         return losses
+
+    def _train_sharded(self, model, params: dict, dp, *, progress: bool) -> list[float]:
+        """The same steps with the MoE blocks' float32 parameters, gradients and Adam moments sharded over the ranks
+        by FSDP2 (recover/sharded.py): every rank runs every step's forward and backward (on its rows, or at weight
+        0 when the batch has none for it), the gradients are reduce-scattered as sums, Adam steps the shards."""
+        from moeprune.recover.sharded import ShardedBlocks
+
+        flags = {id(p): p.requires_grad for p in model.parameters()}
+        dev = next(model.parameters()).device
+        model.requires_grad_(False)
+        losses: list[float] = []
+        try:
+            with ShardedBlocks(model, dp.ctx, {id(p) for _, _, p in params.values()}) as blocks:
+                opt = torch.optim.Adam(blocks.parameters, lr=self.lr)
+                for step, b, idx, logp, mask in self._batches(progress):
+                    share = dp.local(b, idx, logp, mask) or dp.idle(b, idx, logp, mask)
+                    opt.zero_grad(set_to_none=True)
+                    with torch.enable_grad():
+                        loss = _share_loss(model, dev, share)
+                        loss.backward()
+                    loss_value = dp.reduce_loss(float(loss.detach()))
+                    check_loss(loss_value, step=step, lr=self.lr)
+                    opt.step()
+                    losses.append(loss_value)
+                    self._log(step, losses)
+                state = state_bytes(blocks.parameters, [], opt)
+        finally:
+            for p in model.parameters():
+                p.requires_grad_(flags.get(id(p), False))
+        self.parallel = dp.record(state, sharded=True)
+        return losses
+
+
+def _share_loss(model, dev, share) -> torch.Tensor:
+    """A rank's (or the one process's) rows of a batch: their KD loss times their weight in the batch."""
+    b, idx, logp, mask, weight = share
+    logits = model(**{k: v.to(dev) for k, v in b.items()}).logits
+    return kd_loss(logits, idx.to(dev), logp.to(dev), mask.to(dev)) * weight

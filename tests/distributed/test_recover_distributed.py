@@ -1,5 +1,6 @@
 """Logit-KD recovery under torchrun trains on both processes (each step's rows split over the ranks, gradients
-summed, Adam moments sharded) and writes what one process writes, within float32 reduction-order noise."""
+summed; data-parallel: Adam moments sharded; sharded: FSDP2 shards the MoE blocks' parameters, gradients and
+moments) and writes what one process writes, within float32 reduction-order noise."""
 
 import json
 
@@ -11,9 +12,10 @@ from moeprune.testing import save_tiny
 from tests.distributed.test_observe_distributed import CLI_WORKER, _launch
 
 
-def _commands(model_dir, calib, out, cache, generate: bool):
+def _commands(model_dir, calib, out, cache, generate: bool, parallel: str = "auto"):
     args = ["--calib", str(calib), "--max-length", "16", "--batch-size", "3", "--no-pack", "--dtype", "float32",
-            "--method", "frequency", "--ratio", "0.5", "--recover", "moe_kd", "--recover-steps", "6"]
+            "--method", "frequency", "--ratio", "0.5", "--recover", "moe_kd", "--recover-steps", "6",
+            "--recover-parallel", parallel]
     if generate:
         args += ["--recover-generate", "2", "--recover-tokens", "400"]
     return [[str(cache), "prune", str(model_dir), "-o", str(out), *args]]
@@ -26,8 +28,8 @@ def _tensors(folder):
     return out
 
 
-@pytest.mark.parametrize("generate", [False, True])
-def test_two_ranks_train_what_one_process_trains(tmp_path, generate):
+@pytest.mark.parametrize("generate,parallel", [(False, "data"), (True, "data"), (False, "sharded")])
+def test_two_ranks_train_what_one_process_trains(tmp_path, generate, parallel):
     from click.testing import CliRunner
 
     from moeprune.cli import _register_commands, cli
@@ -46,16 +48,20 @@ def test_two_ranks_train_what_one_process_trains(tmp_path, generate):
     finally:
         torch.set_num_threads(threads)
     spec = tmp_path / "commands.json"
-    spec.write_text(json.dumps(_commands(model_dir, calib, two, tmp_path / "cache2", generate)))
+    spec.write_text(json.dumps(_commands(model_dir, calib, two, tmp_path / "cache2", generate, parallel)))
     _launch([CLI_WORKER, spec], tmp_path, 2)
 
     rec1 = json.loads((one / "moeprune.json").read_text())["recovery"]
     rec2 = json.loads((two / "moeprune.json").read_text())["recovery"]
     assert rec1["parallel"]["processes"] == 1 and rec2["parallel"]["processes"] == 2
     state1, state2 = rec1["parallel"]["state_bytes_per_process"], rec2["parallel"]["state_bytes_per_process"]
+    assert rec2["parallel"]["mode"] == parallel
     assert len(state2) == 2 and max(state2) < state1[0]  # Adam's moments are sharded over the two ranks
-    # masters + their float32 gradients + the model-dtype gradients stay whole: 12 B of the 20 B per parameter
-    assert min(state2) >= 12 * rec2["trained_params"]
+    if parallel == "data":
+        # masters + their float32 gradients + the model-dtype gradients stay whole: 12 B of the 20 B per parameter
+        assert min(state2) >= 12 * rec2["trained_params"]
+    else:  # parameters, gradients and moments (16 B) split: each rank about half (uneven shards), all of it together
+        assert max(state2) <= 0.55 * state1[0] and sum(state2) >= 16 * rec2["trained_params"]
     assert rec1["train_tokens"] == rec2["train_tokens"]
     if generate:
         assert rec1["generated"]["tokens"] == rec2["generated"]["tokens"] > 0

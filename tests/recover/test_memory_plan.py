@@ -284,3 +284,105 @@ def test_dry_run_prints_the_plan_and_its_memory_table(tmp_path):
     assert res.exit_code == 0, res.output
     assert "execution layerwise" in res.output and "recovery memory per process" in res.output
     assert "moe_kd " in res.output and not (tmp_path / "o").exists()
+
+
+def test_moe_kd_per_process_under_torchrun_data_parallel_and_sharded_by_hand():
+    """Qwen3-30B-A3B at 50% on 8 processes: data-parallel keeps masters and gradients whole (8 + d B) and shards
+    Adam's moments (8 / N B); sharded (FSDP2) splits parameters, gradients and moments (16 / N B), gathers two
+    blocks at a time (d + 4 B each), and releases the blocks' own weights once their shards exist."""
+    from moeprune.recover.memory import SHARDED_STATE_BYTES, ZERO_STATE_BYTES
+
+    adapter = _meta("qwen3-30b-a3b")
+    hidden, inter, e, layers = EXPERTS["qwen3-30b-a3b"]
+    kw = dict(dtype="bfloat16", n_keep=64, execution="memory", batch_tokens=512, step_tokens=1024, top_k=64,
+              target_tokens=131_072, processes=8)
+    one = recovery_memory(adapter, method="moe_kd", **{**kw, "processes": 1})
+    data = recovery_memory(adapter, method="moe_kd", **kw)
+    sharded = recovery_memory(adapter, method="moe_kd", parallel="sharded", **kw)
+    per_layer = 64 * 3 * hidden * inter + 64 * hidden  # kept experts and router rows of one MoE layer
+    trained = layers * per_layer
+    assert one.trained_params == data.trained_params == sharded.trained_params == trained
+    assert one.state == trained * (16 + 2)
+    assert data.state == trained * (8 + 2) + trained * 8 // 8 and ZERO_STATE_BYTES == 8
+    assert sharded.state == trained * 16 // 8 + 2 * per_layer * (2 + 4) and SHARDED_STATE_BYTES == 16
+    assert sharded.method == "moe_kd sharded" and sharded.released == trained * 2
+    assert sharded.weights == data.weights == one.weights  # the unpruned model, for the teacher's targets
+    assert sharded.total == (max(sharded.weights, sharded.weights - trained * 2 + sharded.state)
+                             + sharded.activations + sharded.targets)
+    assert sharded.total <= 80e9 < 200e9 < data.total < one.total  # only sharded fits an 80 GB GPU of eight
+    table = memory_table([data, sharded], 80 * 10**9)
+    assert "moe_kd sharded: total = max(weights, weights - 29.00 GB" in table
+    with pytest.raises(ValueError, match="sharded recovery applies to moe_kd"):
+        recovery_memory(adapter, method="router_kd", parallel="sharded", **kw)
+
+
+def _shipped(recipe, folder, *sets, processes=None):
+    from moeprune.pipeline import load_recipe
+    from moeprune.pipeline.plan import make_plan
+
+    return make_plan(load_recipe(recipe, [f"model={folder}", "calibration.spec=recipes/demo.yaml", "eval.tasks=[]",
+                                          "device=cpu", *sets]), needs_output=False, processes=processes)
+
+
+def test_real_model_recipes_carry_recovery_that_fits_80_gb_per_gpu(tmp_path):
+    """qwen3-30b-a3b.yaml: moe_kd + LoRA on one 80 GB GPU; qwen3-30b-a3b-8gpu.yaml: full moe_kd sharded over 8;
+    mixtral-8x7b.yaml: router_kd streamed layer-wise (the model itself is over 80 GB)."""
+    from moeprune.errors import MoePruneError
+
+    qwen = _config_only(tmp_path / "qwen3-30b-a3b", "qwen3-30b-a3b")
+    plan = _shipped("recipes/qwen3-30b-a3b.yaml", qwen)
+    assert plan.execution == "memory" and plan.recovery_row.method == "moe_kd+lora r16"
+    assert plan.recovery_row.total <= plan.max_memory == 80 * 10**9
+    plan = _shipped("recipes/qwen3-30b-a3b-8gpu.yaml", qwen, processes=8)
+    assert plan.recover_parallel == "sharded" and plan.recovery_row.method == "moe_kd sharded"
+    assert plan.recovery_row.total <= 80 * 10**9 and "8 processes, sharded" in plan.summary()
+    with pytest.raises(MoePruneError, match="needs about 2[0-9][0-9].[0-9]+ GB per process"):  # data-parallel
+        _shipped("recipes/qwen3-30b-a3b-8gpu.yaml", qwen, "recover.parallel=data", processes=8)
+    auto = _shipped("recipes/qwen3-30b-a3b-8gpu.yaml", qwen, "recover.parallel=auto", processes=8)
+    assert auto.recover_parallel == "sharded"  # data does not fit, so auto shards
+    with pytest.raises(MoePruneError) as err:  # one process: the refusal names how many processes would fit
+        _shipped("recipes/qwen3-30b-a3b.yaml", qwen, "recover.adapter=none")
+    assert "moe_kd sharded in memory over 8 processes" in str(err.value) and "\n" not in str(err.value)
+    mixtral = _config_only(tmp_path / "mixtral-8x7b", "mixtral-8x7b")
+    plan = _shipped("recipes/mixtral-8x7b.yaml", mixtral)
+    assert plan.execution == "layerwise" and plan.recovery_row.method == "router_kd"
+    assert plan.recovery_row.total <= 80 * 10**9
+
+
+def test_the_demo_under_two_processes_stays_data_parallel_when_it_fits(tmp_path):
+    plan = _demo_plan_processes(tmp_path, 2)
+    assert plan.recover_parallel == "data" and plan.processes == 2
+    rows = {line.split()[0] + (" sharded" if "sharded" in line else ""): line
+            for line in plan.recovery_memory.splitlines() if line.startswith("moe_kd")}
+    assert "moe_kd sharded" in rows  # the alternative is shown
+    assert _demo_plan_processes(tmp_path, 1).recover_parallel is None  # one process: nothing to split
+
+
+def _demo_plan_processes(tmp_path, n, *sets):
+    from moeprune.pipeline import load_recipe
+    from moeprune.pipeline.plan import make_plan
+
+    return make_plan(load_recipe("recipes/demo-general.yaml", ["execution=memory", *sets]), out_dir=tmp_path / "o",
+                     processes=n)
+
+
+@pytest.mark.parametrize("args,parts", [
+    (["--set", "recover.parallel=sharded"], ["recover.parallel: sharded needs several processes", "torchrun"]),
+    (["--set", "recover.parallel=sharded", "--set", "recover.method=router_kd", "--set", "recover.steps=5",
+      "--dry-run", "--processes", "2"], ["recover.parallel: sharded shards moe_kd's", "router_kd's"]),
+    (["--set", "recover.parallel=sharded", "--set", "execution=layerwise", "--dry-run", "--processes", "2"],
+     ["recover.parallel: sharded trains the model loaded in memory"]),
+    (["--processes", "2"], ["--processes: plans a launch of N processes with --dry-run"]),
+])
+def test_sharded_recovery_refusals_are_one_line(tmp_path, args, parts):
+    from cli_checks import one_error_line
+
+    res = _cli("run", "recipes/demo-general.yaml", "-o", str(tmp_path / "o"), *args)
+    one_error_line(res, *parts)
+    assert not (tmp_path / "o").exists()
+
+
+def test_dry_run_with_processes_prints_per_process_rows(tmp_path):
+    res = _cli("run", "recipes/demo-general.yaml", "--dry-run", "--processes", "2", "--set", "execution=memory")
+    assert res.exit_code == 0, res.output
+    assert "2 processes, data" in res.output and "moe_kd sharded" in res.output
