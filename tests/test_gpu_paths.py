@@ -75,3 +75,31 @@ def test_gptq_recipe_on_cuda_in_both_executors(tmp_path, monkeypatch, calib):
     for name in a:
         diff = (a[name].float() - b[name].float()).abs()
         assert float(diff.mean()) < 1e-2 * float(a[name].float().abs().mean() + 1e-6), name
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+@pytest.mark.parametrize("parallel", ["data", "sharded"])
+def test_torchrun_recovery_on_two_gpus_matches_one(tmp_path, parallel):
+    """moe_kd under `torchrun --nproc-per-node 2` on two GPUs (nccl), data-parallel and FSDP2-sharded, against one
+    process on one GPU: the same KL after training to 2% (bf16 kernels differ by rank count) and per-rank state
+    below one process's."""
+    from tests.distributed.test_observe_distributed import CLI_WORKER, _launch
+
+    model = save_tiny(tmp_path / "m", "qwen2_moe")
+    calib = tmp_path / "calib.txt"
+    calib.write_text("\n\n".join(f"{i} + {i * 3} = {i * 4}. The cat sat on mat {i}." for i in range(24)))
+
+    def args(out, cache, mode):
+        return [str(cache), "prune", str(model), "-o", str(out), "--calib", str(calib), "--max-length", "16",
+                "--batch-size", "4", "--no-pack", "--dtype", "float32", "--device", "cuda", "--method", "frequency",
+                "--ratio", "0.5", "--recover", "moe_kd", "--recover-steps", "6", "--recover-parallel", mode]
+
+    for n, out in ((None, tmp_path / "one"), (2, tmp_path / "two")):
+        spec = tmp_path / f"spec-{n}.json"
+        spec.write_text(json.dumps([args(out, tmp_path / f"cache-{n}", parallel if n else "auto")]))
+        _launch([CLI_WORKER, spec], tmp_path, n)
+    one = json.loads((tmp_path / "one" / "moeprune.json").read_text())["recovery"]
+    two = json.loads((tmp_path / "two" / "moeprune.json").read_text())["recovery"]
+    assert two["parallel"]["processes"] == 2 and two["parallel"]["mode"] == parallel
+    assert max(two["parallel"]["state_bytes_per_process"]) < one["parallel"]["state_bytes_per_process"][0]
+    assert two["kl_after"] == pytest.approx(one["kl_after"], rel=2e-2)
