@@ -218,6 +218,7 @@ class RouterKD:
         train through float32 master copies written back in their dtype; float32 adapter factors
         ('.lora_A' / '.lora_B') train in place (they are their own master)."""
         dp = DataParallel.current()  # torchrun: each step's rows split over the ranks (recover/parallel.py)
+        progress = progress and (dp is None or dp.ctx.is_main)  # one bar, rank 0's (the loss is the batch's)
         if self.sharded:
             if dp is None:
                 raise MoePruneError("recover.parallel: sharded needs several processes; launch with torchrun")
