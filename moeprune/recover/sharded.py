@@ -50,6 +50,7 @@ class ShardedBlocks:
                 for (_, p), (_, q) in zip(block.named_parameters(), shard.named_parameters()):
                     q.data = q.data.float()
                     q.requires_grad_(id(p) in trained)
+                shard.register_forward_hook(_own_outputs)  # before fully_shard: runs ahead of its post-forward
                 fully_shard(shard, mesh=mesh, reshard_after_forward=True,
                             mp_policy=MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32))
                 shard.set_gradient_divide_factor(1.0)  # each rank's loss is already its share of the batch mean
@@ -82,3 +83,16 @@ class ShardedBlocks:
                         p.data = full[name].full_tensor().to(p.dtype)
             setattr(parent, attr, block)
         self.parameters = []
+
+
+def _own_outputs(module, args, output):
+    """A block's outputs that are views (a reshape of the routed sum) as tensors of their own: FSDP2 hooks its
+    backward gathering onto the block's outputs, and an in-place op on a view (`x += y` in a decoder layer) would
+    drop that hook silently."""
+    def own(t):
+        return t.clone() if isinstance(t, torch.Tensor) and t._base is not None else t
+
+    if not isinstance(output, tuple):
+        return own(output)
+    items = [own(t) for t in output]
+    return tuple(items) if type(output) is tuple else type(output)(*items)  # a named tuple keeps its type
