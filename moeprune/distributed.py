@@ -22,7 +22,7 @@ from moeprune.errors import MoePruneError
 
 __all__ = ["Context", "RankDone", "context", "launched", "shard", "reduce_observations", "broadcast_flag", "local_only",
            "is_main", "leave_unless_main", "finish", "broadcast_batches", "all_reduce_sum", "gather_ints",
-           "launched_processes"]
+           "launched_processes", "local_processes"]
 
 _SOLO = {"on": False}
 
@@ -41,6 +41,11 @@ def launched() -> bool:
 def launched_processes() -> int:
     """How many processes the launcher started (1 without one); joins no process group."""
     return max(_env_int("WORLD_SIZE", 1), 1)
+
+
+def local_processes() -> int:
+    """How many of the launcher's processes run on this machine (LOCAL_WORLD_SIZE; 1 without a launcher)."""
+    return max(_env_int("LOCAL_WORLD_SIZE", 1), 1)
 
 
 @dataclass(frozen=True)
@@ -93,7 +98,7 @@ def context() -> Context:
     world = _env_int("WORLD_SIZE", 1)
     if world <= 1:
         return Context()
-    rank, local = _env_int("RANK", 0), _env_int("LOCAL_RANK", 0)
+    local = _env_int("LOCAL_RANK", 0)
     if not dist.is_available():
         raise MoePruneError("WORLD_SIZE > 1 but this torch build has no torch.distributed")
     if not dist.is_initialized():

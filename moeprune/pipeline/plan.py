@@ -193,6 +193,12 @@ def _execution(execution: str, max_memory, model_bytes: int, device: torch.devic
     if budget is None:
         budget = free_memory(device)
         where = f"free memory of {device.type}"
+        local = distributed.local_processes() if device.type == "cpu" else 1
+        if local > 1:  # the processes on this machine share its memory
+            budget //= local
+            where += f" / {local} processes on this machine"
+        if distributed.launched():  # every rank plans with the same budget (the smallest), so all choose alike
+            budget = min(distributed.gather_ints(budget))
     else:
         where = "max_memory"
     need = int(model_bytes * MEMORY_MARGIN) + MEMORY_HEADROOM

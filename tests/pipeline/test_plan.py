@@ -155,3 +155,17 @@ def test_quantize_refuses_a_model_that_does_not_fit(tiny, tmp_path):
     res = _invoke("quantize", tiny, "-o", tmp_path / "q", "--bits", "8", "--max-memory", "1000")
     assert res.exit_code == 2 and res.output.startswith("Error: quantize needs the whole model in memory")
     assert not (tmp_path / "q").exists()
+
+
+def test_processes_on_one_machine_share_its_free_memory(tiny, tmp_path, no_weights, monkeypatch):
+    """Without max_memory the budget is the device's free memory; on a CPU the launcher's processes on this
+    machine (LOCAL_WORLD_SIZE) share it, so each plans with its part."""
+    import moeprune.pipeline.plan as plan_mod
+
+    monkeypatch.setattr(plan_mod, "free_memory", lambda device: 8 * 10**9)
+    assert _plan(tiny, tmp_path).max_memory == 8 * 10**9
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    plan = _plan(tiny, tmp_path)
+    if plan.device.type == "cpu":
+        assert plan.max_memory == 2 * 10**9 and "/ 4 processes on this machine" in plan.execution_reason
+    assert _plan(tiny, tmp_path, max_memory="3GB").max_memory == 3 * 10**9  # a given budget is per process
