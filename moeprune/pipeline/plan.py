@@ -326,10 +326,10 @@ def _check_recover_memory(plan: "Plan") -> None:
                             "GB there) and this run is layer-wise; set execution: memory with a larger max_memory, "
                             "or drop the adapter: moe_kd without it streams its frozen weights layer-wise")
     if (mine.total > plan.max_memory and r.logit_kd and r.adapter == "none" and plan.execution == "memory"
-            and plan.recipe.execution == "auto"
+            and plan.recipe.execution == "auto" and r.parallel != "sharded"  # sharded trains in memory
             and (plan.recipe.quantize is None or plan.recipe.quantize.mixed_budget is None)):
-        streamed = recovery_rows(plan, "layerwise")
-        lw = next(row for row in streamed if row.method == label)
+        streamed = recovery_rows(plan, "layerwise")  # layer-wise: rank 0 alone trains, nothing is sharded
+        lw = next(row for row in streamed if row.method == recovery_label(r.method, r.adapter, r.rank))
         if lw.total < mine.total:  # streamed: it fits, or the refusal below gives the smaller need
             plan.execution = "layerwise"
             plan.execution_reason += (f"; {r.method} needs {mine.total / 1e9:.2f} GB in memory, "
@@ -349,8 +349,7 @@ def _check_recover_memory(plan: "Plan") -> None:
     if mine.total > plan.max_memory:
         if r.method == "moe_kd" and r.adapter == "none" and any(f.startswith("moe_kd+") for f in fits):
             alternatives += " (moe_kd+lora: recover.adapter: lora, recover.rank: R)"
-        shard = (_sharded_processes(plan) if r.method == "moe_kd" and r.adapter == "none" and parallel != "sharded"
-                 else None)
+        shard = _sharded_processes(plan) if r.method == "moe_kd" and r.adapter == "none" else None
         if "moe_kd sharded" in fits:
             alternatives += " (moe_kd sharded: recover.parallel: sharded)"
         elif shard is not None and shard[0] > plan.processes:

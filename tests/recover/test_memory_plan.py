@@ -386,3 +386,19 @@ def test_dry_run_with_processes_prints_per_process_rows(tmp_path):
     res = _cli("run", "recipes/demo-general.yaml", "--dry-run", "--processes", "2", "--set", "execution=memory")
     assert res.exit_code == 0, res.output
     assert "2 processes, data" in res.output and "moe_kd sharded" in res.output
+
+
+def test_sharded_over_too_few_processes_refuses_naming_how_many_fit(tmp_path):
+    """Qwen3-30B-A3B's full moe_kd on two 80 GB processes: the model fits in memory, neither data-parallel nor
+    sharded training does, and the streamed row is larger still. auto resolves to sharded (the smaller), weighs the
+    streamed row without sharding, and refuses in one line naming the eight processes that would fit; so does an
+    explicit recover.parallel: sharded."""
+    from moeprune.errors import MoePruneError
+
+    qwen = _config_only(tmp_path / "qwen3-30b-a3b", "qwen3-30b-a3b")
+    for parallel in ("auto", "sharded"):
+        with pytest.raises(MoePruneError) as err:
+            _shipped("recipes/qwen3-30b-a3b-8gpu.yaml", qwen, f"recover.parallel={parallel}", processes=2)
+        msg = str(err.value)
+        assert "recover: moe_kd sharded needs about" in msg and "\n" not in msg
+        assert "moe_kd sharded in memory over 8 processes" in msg
