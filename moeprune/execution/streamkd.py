@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 __all__ = ["streamed_model", "resident_names", "checkpointed_layers", "teacher_model", "fit_streamed",
-           "resident_bytes"]
+           "resident_bytes", "adapter_bases"]
 
 SCRATCH = ".moeprune-student"  # the compressed model before recovery, inside the run's temporary output
 
@@ -53,17 +53,20 @@ def resident_names(model: nn.Module, params: Iterable[nn.Parameter]) -> set[str]
     return out
 
 
-def _stream_plan(module: nn.Module, prefix: str, resident: set[str]) -> tuple[list[str], list[tuple[nn.Module, str]]]:
+def _stream_plan(module: nn.Module, prefix: str, resident: set[str], apart: frozenset[str] = frozenset()
+                 ) -> tuple[list[str], list[tuple[nn.Module, str]]]:
     """(tensor names to load and keep, (module, its name) pairs to stream) under `module` named `prefix`:
-    the maximal submodules whose subtree holds no resident tensor stream; the rest is walked down."""
+    the maximal submodules whose subtree holds no resident tensor stream, unless a module named in `apart` lies
+    strictly inside (it streams on its own); the rest is walked down."""
     names = [f"{prefix}.{k}" for k, _ in module.state_dict(keep_vars=True).items()]
     if not names:
         return [], []
-    if not resident.intersection(names):
+    inside = any(a.startswith(prefix + ".") for a in apart)
+    if not resident.intersection(names) and not inside:
         return [], [(module, prefix)]
     keep, streamed = [], []
     for child_name, child in module.named_children():
-        k, s = _stream_plan(child, f"{prefix}.{child_name}", resident)
+        k, s = _stream_plan(child, f"{prefix}.{child_name}", resident, apart)
         keep += k
         streamed += s
     own = [f"{prefix}.{k}" for k in (*module._parameters, *module._buffers)]
@@ -71,11 +74,12 @@ def _stream_plan(module: nn.Module, prefix: str, resident: set[str]) -> tuple[li
 
 
 def streamed_model(model_dir: str | Path, *, dtype: str | torch.dtype, device: torch.device,
-                   trains) -> tuple[nn.Module, dict]:
+                   trains, apart=None) -> tuple[nn.Module, dict]:
     """The causal LM of `model_dir` for training: the parameters `trains(model)` returns (given the model on
     the meta device) resident with their sibling tensors, the embedding, final norm and head resident, every
     other decoder-layer submodule streamed from the safetensors files on every forward. Returns (model in
-    eval mode with use_cache off, what is resident and streamed)."""
+    eval mode with use_cache off, what is resident and streamed). `apart(model)`: names of modules that must
+    stream on their own (not inside a streamed ancestor): those adapters wrap."""
     from moeprune.checkpoint.model_dir import resolve_model_dir
     from moeprune.execution.layers import _outer_names
     from moeprune.execution.layerwise_eval import _head_names
@@ -86,9 +90,10 @@ def streamed_model(model_dir: str | Path, *, dtype: str | torch.dtype, device: t
     outer = _outer_names(model, spec.layers, loader)
     outer += _head_names(model, outer, loader)
     resident = resident_names(model, trains(model))
+    separate = frozenset(apart(model) if apart is not None else ())
     keep, streamed = [], []
     for i, layer in enumerate(model.get_submodule(spec.layers)):
-        k, s = _stream_plan(layer, f"{spec.layers}.{i}", resident)
+        k, s = _stream_plan(layer, f"{spec.layers}.{i}", resident, separate)
         keep += k
         streamed += s
     loader.materialise(model, outer + [n for n in keep if n in loader.sources], device)
@@ -98,8 +103,33 @@ def streamed_model(model_dir: str | Path, *, dtype: str | torch.dtype, device: t
         _stream(module, weights, f"{name}.", device)
     _check_complete(model, src)
     model.config.use_cache = False  # a cache would be filled twice by the recomputation
-    info = {"resident_tensors": len(outer) + len(keep), "streamed_modules": len(streamed)}
+    info = {"resident_tensors": len(outer) + len(keep), "streamed_modules": len(streamed), "weights": weights}
     return model, info
+
+
+def adapter_bases(model: nn.Module, weights, device: torch.device):
+    """For adapters over a streamed model (recover/adapters.py): a callable that makes every wrapped module read
+    its frozen base tensors from the files when it computes W_eff (`LoRAModule.base_source`), in place of the
+    accelerate hook that would load them only inside the base's own call (and overwrite W_eff there)."""
+    from accelerate.hooks import remove_hook_from_module
+
+    from moeprune.errors import MoePruneError
+
+    def source(lora) -> None:
+        names = {id(m): n for n, m in model.named_modules()}
+        for w in lora.wrapped:
+            base = w.module.base
+            if not hasattr(base, "_hf_hook"):
+                continue  # resident (it owns a tensor that trains fully): read as it is
+            remove_hook_from_module(base)
+            prefix = names[id(w.module)]  # the wrapper took the base's place, so its name is the base's
+            other = [n for n, t in [*base.named_parameters(), *base.named_buffers()] if n not in w.module.names]
+            if other:
+                raise MoePruneError(f"recover.adapter: {prefix} streams {other[0]} beside its adapted tensors; "
+                                    "run the adapters in memory (execution: memory)")
+            w.module.base_source = (lambda name, p=prefix: weights[f"{p}.{name}"].to(device))
+
+    return source
 
 
 def resident_bytes(model: nn.Module) -> int:
@@ -162,6 +192,7 @@ def fit_streamed(executor, kd, decision, replaced, config: dict | None, folder: 
     `kd` trains on it, streamed, add them to `replaced` and return the fit's record."""
     from moeprune.execution.base import trained_tensors
     from moeprune.recover import trainable_parameters
+    from moeprune.recover.adapters import adapted_modules, fully_trained_parameters
     from moeprune.recover.finite import check_trained
 
     plan = executor.plan
@@ -169,13 +200,17 @@ def fit_streamed(executor, kd, decision, replaced, config: dict | None, folder: 
     scratch.mkdir()
     try:
         executor._write(scratch, decision, replaced, {"scratch": "the compressed model before recovery"}, config)
-        student, info = streamed_model(scratch, dtype=plan.dtype, device=plan.device,
-                                       trains=lambda m: [p for _, _, p in trainable_parameters(m, kd.trains).values()])
+        lora = kd.adapter == "lora"
+        trains = ((lambda m: fully_trained_parameters(m, kd.rank)) if lora  # the factors' bases stream
+                  else (lambda m: [p for _, _, p in trainable_parameters(m, kd.trains).values()]))
+        student, info = streamed_model(scratch, dtype=plan.dtype, device=plan.device, trains=trains,
+                                       apart=(lambda m: adapted_modules(m, kd.rank)) if lora else None)
         executor.log(f"{kd.method}: training {info['resident_tensors']} resident tensors; "
                      f"{info['streamed_modules']} modules streamed from the files on every forward")
         with checkpointed_layers(student):
-            record = kd.fit(student, progress=executor.progress)
-        trained = trained_tensors(plan, student, kd.trains)
+            record = kd.fit(student, progress=executor.progress,
+                            adapter_bases=adapter_bases(student, info["weights"], plan.device) if lora else None)
+        trained = (_adapted_tensors(plan, student, kd) if lora else trained_tensors(plan, student, kd.trains))
         check_trained(((n, t) for ts in trained.values() for n, t in ts.items()), lr=kd.lr, steps=kd.steps)
         for i, tensors in trained.items():
             replaced.add(i, tensors)
@@ -184,3 +219,21 @@ def fit_streamed(executor, kd, decision, replaced, config: dict | None, folder: 
         return record
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _adapted_tensors(plan, student, kd) -> dict[int, dict[str, torch.Tensor]]:
+    """Layer -> {on-disk name: tensor} after adapter training over streamed bases: the merged W_eff of every
+    adapted tensor and every tensor trained fully (resident in the student)."""
+    from moeprune.checkpoint.replacements import block_tensors_on_disk
+    from moeprune.models import MoEAdapter
+    from moeprune.recover.adapters import adapter_targets
+
+    layers = {i: dict(ts) for i, ts in kd.merged.items()}
+    adapter = MoEAdapter(student)
+    for layer in adapter.layers:
+        params = dict(layer.block.named_parameters())
+        for t in adapter_targets(adapter, layer, kd.rank):
+            if not t.lowrank:
+                layers.setdefault(layer.index, {})[t.path] = params[t.path].detach()
+    kd.merged = None
+    return block_tensors_on_disk(plan, layers)

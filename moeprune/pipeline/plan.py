@@ -310,7 +310,8 @@ def _check_recover_memory(plan: "Plan") -> None:
     """Refuse, before any weight is read, a recovery method that cannot fit this run's memory budget, naming
     the ones that fit. Logit KD under layer-wise execution streams the frozen weights (execution/streamkd.py);
     with `execution: auto`, a logit KD that does not fit in memory makes the run layer-wise when streamed needs
-    less (and is refused with that smaller need when it does not fit either). Adapters run in memory only."""
+    less (and is refused with that smaller need when it does not fit either); adapters too (their frozen bases
+    stream with the other frozen weights)."""
     from moeprune.recover.memory import memory_table, recovery_label
 
     r = plan.recipe.recover
@@ -320,30 +321,21 @@ def _check_recover_memory(plan: "Plan") -> None:
     parallel = _recover_parallel(plan, rows)
     label = recovery_label(r.method, r.adapter, r.rank, parallel)
     mine = next(row for row in rows if row.method == label)
-    in_memory: list[str] = []  # after auto switched to layer-wise: adapter variants that fit in memory
-    if r.adapter != "none" and plan.execution == "layerwise":
-        raise MoePruneError(f"recover.adapter: {r.adapter} runs in memory only (it needs about {mine.total / 1e9:.2f} "
-                            "GB there) and this run is layer-wise; set execution: memory with a larger max_memory, "
-                            "or drop the adapter: moe_kd without it streams its frozen weights layer-wise")
-    if (mine.total > plan.max_memory and r.logit_kd and r.adapter == "none" and plan.execution == "memory"
+    if (mine.total > plan.max_memory and r.logit_kd and plan.execution == "memory"
             and plan.recipe.execution == "auto" and r.parallel != "sharded"  # sharded trains in memory
             and (plan.recipe.quantize is None or plan.recipe.quantize.mixed_budget is None)):
         streamed = recovery_rows(plan, "layerwise")  # layer-wise: rank 0 alone trains, nothing is sharded
         lw = next(row for row in streamed if row.method == recovery_label(r.method, r.adapter, r.rank))
         if lw.total < mine.total:  # streamed: it fits, or the refusal below gives the smaller need
             plan.execution = "layerwise"
-            plan.execution_reason += (f"; {r.method} needs {mine.total / 1e9:.2f} GB in memory, "
+            plan.execution_reason += (f"; {mine.method} needs {mine.total / 1e9:.2f} GB in memory, "
                                       f"{lw.total / 1e9:.2f} GB layer-wise")
-            in_memory = [f"{row.method} (in memory)" for row in rows
-                         if "+" in row.method and row.total <= plan.max_memory]
             rows, mine = streamed, lw
     plan.recovery_memory = memory_table(rows, plan.max_memory)
     plan.recovery_row = mine
     if plan.processes > 1 and plan.execution == "memory" and r.logit_kd:
         plan.recover_parallel = parallel
-    fits = [row.method for row in rows if row.total <= plan.max_memory
-            and not (plan.execution == "layerwise" and "+" in row.method)]  # adapters: in memory only
-    fits += in_memory
+    fits = [row.method for row in rows if row.total <= plan.max_memory]
     alternatives = (f"methods that fit: {', '.join(fits)}" if fits else "no recovery method fits; raise max_memory "
                     "or drop recover")
     if mine.total > plan.max_memory:

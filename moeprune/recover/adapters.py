@@ -49,7 +49,7 @@ from moeprune.errors import MoePruneError
 from moeprune.models import MoEAdapter
 
 __all__ = ["Target", "adapter_targets", "LoRAModule", "Adapters", "attach_adapters", "lowrank_numel",
-           "DEFAULT_RANK"]
+           "DEFAULT_RANK", "fully_trained_parameters", "adapted_modules"]
 
 DEFAULT_RANK = 16
 
@@ -97,7 +97,7 @@ class LoRAModule(nn.Module):
     name -> tensor) to supply them from elsewhere (e.g. from disk, one layer at a time)."""
 
     def __init__(self, base: nn.Module, names: list[str], *, rank: int, alpha: float, generator: torch.Generator,
-                 checkpoint: bool = True):
+                 checkpoint: bool = True, device: torch.device | None = None):
         super().__init__()
         self.base = base
         self.names = list(names)
@@ -110,8 +110,9 @@ class LoRAModule(nn.Module):
             *lead, m, n = w.shape
             bound = 1 / math.sqrt(n)
             a = (torch.rand((*lead, rank, n), generator=generator, dtype=torch.float32) * 2 - 1) * bound
-            self.lora_A[name] = nn.Parameter(a.to(w.device))  # (..., R, n)
-            self.lora_B[name] = nn.Parameter(torch.zeros((*lead, m, rank), dtype=torch.float32, device=w.device))
+            dev = w.device if device is None else device  # a streamed base is on meta: the factors go to `device`
+            self.lora_A[name] = nn.Parameter(a.to(dev))  # (..., R, n)
+            self.lora_B[name] = nn.Parameter(torch.zeros((*lead, m, rank), dtype=torch.float32, device=dev))
 
     def __getattr__(self, name: str):
         try:
@@ -217,9 +218,10 @@ def _parent(block: nn.Module, path: str) -> tuple[nn.Module, str]:
 
 
 def attach_adapters(model, *, rank: int = DEFAULT_RANK, alpha: float | None = None, seed: int = 0,
-                    checkpoint: bool = True) -> Adapters:
+                    checkpoint: bool = True, device: torch.device | None = None) -> Adapters:
     """Freeze every MoE-block tensor that gets low-rank factors and wrap its module (module docstring); returns
-    the Adapters. `alpha` defaults to 2 x rank. The model's other parameters are left as they are."""
+    the Adapters. `alpha` defaults to 2 x rank. The model's other parameters are left as they are. `device`: where
+    the factors live when the base tensors are not resident (streamed from disk); default the base's device."""
     if rank < 1:
         raise MoePruneError(f"recover.rank: {rank} is not a rank; use a positive integer (e.g. {DEFAULT_RANK})")
     alpha = 2.0 * rank if alpha is None else float(alpha)
@@ -240,9 +242,34 @@ def attach_adapters(model, *, rank: int = DEFAULT_RANK, alpha: float | None = No
         for mod_path, names in by_module.items():
             parent, attr = _parent(layer.block, mod_path)
             module = LoRAModule(getattr(parent, attr), names, rank=rank, alpha=alpha, generator=gen,
-                                checkpoint=checkpoint)
+                                checkpoint=checkpoint, device=device)
             setattr(parent, attr, module)
             wrapped.append(_Wrapped(layer.index, mod_path, parent, attr, module))
     if not wrapped and not full:
         raise MoePruneError(f"recover.adapter: {adapter.spec.name} has no MoE-block tensors to adapt")
     return Adapters(adapter, wrapped, full, rank, alpha)
+
+
+def fully_trained_parameters(model, rank: int) -> list[nn.Parameter]:
+    """The parameters `moe_kd` with adapters trains fully (routers, per-expert biases, ...): every MoE-block
+    parameter without low-rank factors (on a model built on the meta device too)."""
+    adapter = MoEAdapter(model)
+    out = []
+    for layer in adapter.layers:
+        params = dict(layer.block.named_parameters())
+        out += [params[t.path] for t in adapter_targets(adapter, layer, rank) if not t.lowrank]
+    return out
+
+
+def adapted_modules(model, rank: int) -> set[str]:
+    """Names (in `model`) of the modules attach_adapters wraps: those owning a tensor that gets factors."""
+    adapter = MoEAdapter(model)
+    names = {id(m): n for n, m in model.named_modules()}
+    out = set()
+    for layer in adapter.layers:
+        block = names[id(layer.block)]
+        for t in adapter_targets(adapter, layer, rank):
+            if t.lowrank:
+                mod = t.path.rpartition(".")[0]
+                out.add(f"{block}.{mod}" if mod else block)
+    return out

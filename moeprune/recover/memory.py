@@ -125,7 +125,7 @@ def recovery_memory(adapter, *, method: str, dtype: str, n_keep: int | None, exe
         if method != "moe_kd":
             raise ValueError(f"adapters apply to moe_kd, not {method}")
         return _lora_memory(adapter, dtype=dtype, n_keep=n_keep, step_tokens=step_tokens, top_k=top_k,
-                            target_tokens=target_tokens, rank=lora_rank)
+                            target_tokens=target_tokens, rank=lora_rank, execution=execution)
 
     d = DTYPE_BYTES[dtype]
     config = adapter.config
@@ -178,7 +178,7 @@ def recovery_memory(adapter, *, method: str, dtype: str, n_keep: int | None, exe
 
 
 def _lora_memory(adapter, *, dtype: str, n_keep: int | None, step_tokens: int, top_k: int, target_tokens: int,
-                 rank: int) -> RecoveryMemory:
+                 rank: int, execution: str = "memory") -> RecoveryMemory:
     from moeprune.recover.adapters import adapter_targets, lowrank_numel
     from moeprune.recover.block import layer_router_parameters
 
@@ -186,22 +186,31 @@ def _lora_memory(adapter, *, dtype: str, n_keep: int | None, step_tokens: int, t
     config = adapter.config
     hidden, vocab = int(config.hidden_size), int(config.vocab_size)
     trained, temp = 0, 0
+    per_layer: dict[int, int] = {}  # trained parameters per MoE layer (factors and tensors trained fully)
+    resident: dict[int, int] = {}  # parameters of the block trained fully (resident when the bases stream), unpruned
     for layer in adapter.layers:
         e = layer.num_experts
         keep = e if n_keep is None else n_keep
         routers = {path for path in layer_router_parameters(adapter, layer)}
-        adapted, largest = 0, 0
+        adapted, largest, mine, full = 0, 0, 0, 0
         for t in adapter_targets(adapter, layer, rank):
             shape = (keep, *t.shape[1:]) if t.per_expert else t.shape
             if t.lowrank:
-                trained += lowrank_numel(shape, rank)
+                mine += lowrank_numel(shape, rank)
                 n = _prod(shape)
                 adapted, largest = adapted + n, max(largest, n)
-            elif t.path in routers or t.per_expert:  # kept experts' rows only
-                trained += _prod(t.shape) * keep // e
             else:
-                trained += _prod(t.shape)
+                mine += _prod(t.shape) * keep // e if (t.path in routers or t.per_expert) else _prod(t.shape)
+                full += _prod(t.shape)
+        trained += mine
+        per_layer[layer.index], resident[layer.index] = mine, full
         temp = max(temp, adapted * d + largest * WEFF_TEMP_BYTES)
+    if execution == "layerwise":  # the bases stream from the files with the other frozen weights
+        row = layerwise_logit_kd(adapter, method="moe_kd", d=d, trained_per_layer=per_layer,
+                                 step_tokens=step_tokens, top_k=top_k, target_tokens=target_tokens,
+                                 resident_per_layer=resident)
+        return RecoveryMemory(recovery_label("moe_kd", "lora", rank), row.trained_params, row.weights, row.state,
+                              row.activations + temp, row.targets)
     weights = _numel(adapter.model.parameters()) * d
     state = trained * (ADAM_STATE_BYTES + d)
     activations = step_tokens * (int(config.num_hidden_layers) * SAVED_PER_LAYER * hidden * d + 12 * vocab) + temp
@@ -217,9 +226,11 @@ def _prod(shape) -> int:
 
 
 def layerwise_logit_kd(adapter, *, method: str, d: int, trained_per_layer: dict[int, int], step_tokens: int,
-                       top_k: int, target_tokens: int) -> RecoveryMemory:
+                       top_k: int, target_tokens: int, resident_per_layer: dict[int, int] | None = None
+                       ) -> RecoveryMemory:
     """Logit KD streamed under layer-wise execution (see the module docstring); `trained_per_layer`: MoE layer
-    index -> parameters trained there, after pruning."""
+    index -> parameters trained there, after pruning; `resident_per_layer`: MoE layer index -> parameters kept
+    resident there (default: what the method trains; adapters: the tensors trained fully)."""
     from moeprune.recover.block import layer_trainable_parameters
 
     config = adapter.config
@@ -231,7 +242,9 @@ def layerwise_logit_kd(adapter, *, method: str, d: int, trained_per_layer: dict[
     streamed = 0
     for i, layer in enumerate(decoder):
         frozen = _numel(layer.parameters())
-        if i in moe:
+        if i in moe and resident_per_layer is not None:
+            frozen -= resident_per_layer[i]
+        elif i in moe:
             frozen -= _numel(layer_trainable_parameters(adapter, moe[i], trains).values())
         streamed = max(streamed, frozen)
     trained = sum(trained_per_layer.values())

@@ -132,6 +132,7 @@ class RouterKD:
     rank: int = 16
     alpha: float | None = None  # default 2 x rank
     sharded: bool = False  # torchrun, moe_kd: the MoE blocks' training state sharded by FSDP2 (recover/sharded.py)
+    merged: dict | None = None  # adapters over streamed bases: layer -> {block path: W_eff} after fit
 
     @property
     def method(self) -> str:
@@ -155,10 +156,12 @@ class RouterKD:
                 n += int(m.sum())
         return total / max(n, 1)
 
-    def fit(self, model, *, progress: bool = True) -> dict:
+    def fit(self, model, *, progress: bool = True, adapter_bases=None) -> dict:
         """Train the router parameters (or every MoE-block parameter, or with `adapter: lora` the routers and
         low-rank factors of the MoE-block matrices, merged back at the end) of the compressed `model` in place;
-        returns what was done."""
+        returns what was done. `adapter_bases` (layer-wise execution, frozen weights streamed): a callable given
+        the attached Adapters that supplies their frozen base tensors; the merged tensors are then left in
+        `self.merged` (layer -> {block path: W_eff}) instead of being written into the model."""
         if self.train_targets is None:
             raise MoePruneError("recover: teacher targets were not computed before compression")
         eval_on, eval_t = (self.held, self.held_targets) if self.held else (self.train, self.train_targets)
@@ -167,7 +170,12 @@ class RouterKD:
         if self.adapter == "lora":
             from moeprune.recover.adapters import attach_adapters
 
-            lora = attach_adapters(model, rank=self.rank, alpha=self.alpha, seed=self.seed)
+            device = None
+            if adapter_bases is not None:  # the bases are on meta; the factors go where the model computes
+                device = next(p.device for p in model.parameters() if p.device.type != "meta")
+            lora = attach_adapters(model, rank=self.rank, alpha=self.alpha, seed=self.seed, device=device)
+            if adapter_bases is not None:
+                adapter_bases(lora)
             params = lora.trainable_parameters()
         else:
             params = trainable_parameters(model, self.trains)
@@ -184,7 +192,11 @@ class RouterKD:
         if lora is not None:  # the adapted model's weights, written into the stock tensors
             extra["adapter"] = {"kind": "lora", "rank": lora.rank, "alpha": lora.alpha,
                                 "adapted": lora.adapted_paths(), "trained_fully": lora.fully_trained_paths()}
-            lora.merge()
+            if adapter_bases is None:
+                lora.merge()
+            else:
+                self.merged = lora.merged_tensors()
+                lora.detach()
         return {"method": self.method, "steps": self.steps, "lr": self.lr, "top_k": self.top_k, "seed": self.seed,
                 "train_tokens": sum(int(_mask(b).sum()) for b in self.train),
                 "eval_tokens": sum(int(_mask(b).sum()) for b in eval_on),

@@ -25,6 +25,8 @@ def _quiet(recipe, out):
     ("qwen2_moe", {"method": "moe_kd"}),  # shared expert and its gate train too
     ("qwen2_moe", {"method": "router_kd", "gate_scale": "auto"}),  # the block pass first, then streamed KD
     ("qwen3_moe", {"method": "moe_kd", "generate": {"samples": 1, "prompt_tokens": 4, "max_new_tokens": 8}}),
+    ("qwen2_moe", {"method": "moe_kd", "adapter": "lora", "rank": 4}),  # expert bases streamed, shared expert too
+    ("mixtral", {"method": "moe_kd", "adapter": "lora", "rank": 4}),
 ])
 def test_layerwise_logit_kd_equals_memory(tmp_path, monkeypatch, model_type, recover):
     monkeypatch.setenv("MOEPRUNE_CACHE", str(tmp_path / "cache"))

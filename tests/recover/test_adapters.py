@@ -139,8 +139,8 @@ def test_recipe_fields_defaults_and_one_line_refusals(tmp_path):
              (["recover.adapter=lora", "recover.rank=0"], ("recover.rank",)),
              (["recover.adapter=lora", "recover.alpha=-1"], ("recover.alpha",)),
              (["recover.adapter=qlora"], ("recover.adapter",)),
-             (["recover.adapter=lora", "execution=layerwise"], ("recover.adapter: lora runs in memory only",
-                                                                "this run is layer-wise"))]
+             (["recover.adapter=lora", "execution=layerwise", "max_memory=50MB"],  # streamed, still over budget
+              ("recover: moe_kd+lora r16 needs about", "layer-wise (streamed)", "over the 0.05 GB budget"))]
     for sets, parts in cases:
         args = base + [a for s in sets for a in ("--set", s)]
         one_error_line(CliRunner().invoke(cli, args), *parts)
