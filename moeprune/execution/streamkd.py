@@ -225,15 +225,10 @@ def _adapted_tensors(plan, student, kd) -> dict[int, dict[str, torch.Tensor]]:
     """Layer -> {on-disk name: tensor} after adapter training over streamed bases: the merged W_eff of every
     adapted tensor and every tensor trained fully (resident in the student)."""
     from moeprune.checkpoint.replacements import block_tensors_on_disk
-    from moeprune.models import MoEAdapter
-    from moeprune.recover.adapters import adapter_targets
+    from moeprune.recover.adapters import fully_trained
 
     layers = {i: dict(ts) for i, ts in kd.merged.items()}
-    adapter = MoEAdapter(student)
-    for layer in adapter.layers:
-        params = dict(layer.block.named_parameters())
-        for t in adapter_targets(adapter, layer, kd.rank):
-            if not t.lowrank:
-                layers.setdefault(layer.index, {})[t.path] = params[t.path].detach()
+    for i, params in fully_trained(student, kd.rank).items():
+        layers.setdefault(i, {}).update({path: p.detach() for path, p in params.items()})
     kd.merged = None
     return block_tensors_on_disk(plan, layers)

@@ -285,20 +285,19 @@ def _recover_parallel(plan: "Plan", rows: list) -> str:
     from moeprune.recover.memory import recovery_label
 
     r = plan.recipe.recover
-    can_shard = r.method == "moe_kd" and r.adapter == "none"
     if r.parallel == "sharded":
         if plan.processes == 1:
             raise MoePruneError("recover.parallel: sharded needs several processes; launch with torchrun "
                                 "--nproc-per-node N (plan it with run --dry-run --processes N), or set "
                                 "recover.parallel: auto")
-        if not can_shard:
+        if not r.full_moe_kd:
             raise MoePruneError(f"recover.parallel: sharded shards moe_kd's MoE-block state, not "
                                 f"{recovery_label(r.method, r.adapter, r.rank)}'s; set recover.parallel: data")
         if plan.execution != "memory":
             raise MoePruneError("recover.parallel: sharded trains the model loaded in memory and this run is "
                                 "layer-wise; set execution: memory, or recover.parallel: auto")
         return "sharded"
-    if r.parallel == "auto" and can_shard and plan.processes > 1 and plan.execution == "memory":
+    if r.parallel == "auto" and r.full_moe_kd and plan.processes > 1 and plan.execution == "memory":
         data, sharded = (next(row for row in rows if row.method == recovery_label("moe_kd", parallel=p))
                          for p in ("data", "sharded"))
         if data.total > plan.max_memory and sharded.total < data.total:
@@ -339,9 +338,9 @@ def _check_recover_memory(plan: "Plan") -> None:
     alternatives = (f"methods that fit: {', '.join(fits)}" if fits else "no recovery method fits; raise max_memory "
                     "or drop recover")
     if mine.total > plan.max_memory:
-        if r.method == "moe_kd" and r.adapter == "none" and any(f.startswith("moe_kd+") for f in fits):
+        if r.full_moe_kd and any(f.startswith("moe_kd+") for f in fits):
             alternatives += " (moe_kd+lora: recover.adapter: lora, recover.rank: R)"
-        shard = _sharded_processes(plan) if r.method == "moe_kd" and r.adapter == "none" else None
+        shard = _sharded_processes(plan) if r.full_moe_kd else None
         if "moe_kd sharded" in fits:
             alternatives += " (moe_kd sharded: recover.parallel: sharded)"
         elif shard is not None and shard[0] > plan.processes:

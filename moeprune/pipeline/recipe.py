@@ -258,6 +258,11 @@ class RecoverConfig(_Section):
         return self.method.endswith("_block")
 
     @property
+    def full_moe_kd(self) -> bool:
+        """True for moe_kd training every MoE-block weight (no adapter): what sharding (recover.parallel) splits."""
+        return self.method == "moe_kd" and self.adapter == "none"
+
+    @property
     def logit_kd(self) -> bool:
         """True for training against the original model's next-token distribution (router_kd, moe_kd)."""
         return self.trains is not None and not self.per_block

@@ -49,7 +49,7 @@ from moeprune.errors import MoePruneError
 from moeprune.models import MoEAdapter
 
 __all__ = ["Target", "adapter_targets", "LoRAModule", "Adapters", "attach_adapters", "lowrank_numel",
-           "DEFAULT_RANK", "fully_trained_parameters", "adapted_modules"]
+           "DEFAULT_RANK", "fully_trained", "fully_trained_parameters", "adapted_modules"]
 
 DEFAULT_RANK = 16
 
@@ -250,15 +250,20 @@ def attach_adapters(model, *, rank: int = DEFAULT_RANK, alpha: float | None = No
     return Adapters(adapter, wrapped, full, rank, alpha)
 
 
-def fully_trained_parameters(model, rank: int) -> list[nn.Parameter]:
-    """The parameters `moe_kd` with adapters trains fully (routers, per-expert biases, ...): every MoE-block
-    parameter without low-rank factors (on a model built on the meta device too)."""
+def fully_trained(model, rank: int) -> dict[int, dict[str, nn.Parameter]]:
+    """MoE layer -> {block path: parameter} of what `moe_kd` with adapters trains fully (routers, per-expert
+    biases, ...): every MoE-block parameter without low-rank factors (on a model built on the meta device too)."""
     adapter = MoEAdapter(model)
-    out = []
+    out: dict[int, dict[str, nn.Parameter]] = {}
     for layer in adapter.layers:
         params = dict(layer.block.named_parameters())
-        out += [params[t.path] for t in adapter_targets(adapter, layer, rank) if not t.lowrank]
+        out[layer.index] = {t.path: params[t.path] for t in adapter_targets(adapter, layer, rank) if not t.lowrank}
     return out
+
+
+def fully_trained_parameters(model, rank: int) -> list[nn.Parameter]:
+    """The parameters of fully_trained(), as one list."""
+    return [p for params in fully_trained(model, rank).values() for p in params.values()]
 
 
 def adapted_modules(model, rank: int) -> set[str]:

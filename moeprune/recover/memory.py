@@ -54,6 +54,7 @@ Under `torchrun` with N processes (recover/parallel.py, recover/sharded.py), per
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from moeprune.units import DTYPE_BYTES
@@ -197,11 +198,12 @@ def _lora_memory(adapter, *, dtype: str, n_keep: int | None, step_tokens: int, t
             shape = (keep, *t.shape[1:]) if t.per_expert else t.shape
             if t.lowrank:
                 mine += lowrank_numel(shape, rank)
-                n = _prod(shape)
+                n = math.prod(shape)
                 adapted, largest = adapted + n, max(largest, n)
             else:
-                mine += _prod(t.shape) * keep // e if (t.path in routers or t.per_expert) else _prod(t.shape)
-                full += _prod(t.shape)
+                n = math.prod(t.shape)
+                mine += n * keep // e if (t.path in routers or t.per_expert) else n  # kept experts' rows only
+                full += n
         trained += mine
         per_layer[layer.index], resident[layer.index] = mine, full
         temp = max(temp, adapted * d + largest * WEFF_TEMP_BYTES)
@@ -216,13 +218,6 @@ def _lora_memory(adapter, *, dtype: str, n_keep: int | None, step_tokens: int, t
     activations = step_tokens * (int(config.num_hidden_layers) * SAVED_PER_LAYER * hidden * d + 12 * vocab) + temp
     targets = target_tokens * min(top_k, vocab) * 12
     return RecoveryMemory(recovery_label("moe_kd", "lora", rank), trained, weights, state, activations, targets)
-
-
-def _prod(shape) -> int:
-    n = 1
-    for s in shape:
-        n *= int(s)
-    return n
 
 
 def layerwise_logit_kd(adapter, *, method: str, d: int, trained_per_layer: dict[int, int], step_tokens: int,

@@ -20,6 +20,7 @@ Cost is bounded by the recipe: `steps` optimizer steps of one calibration batch 
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 
@@ -235,8 +236,6 @@ class RouterKD:
             if dp is None:
                 raise MoePruneError("recover.parallel: sharded needs several processes; launch with torchrun")
             return self._train_sharded(model, params, dp, progress=progress)
-        flags = {id(p): p.requires_grad for p in model.parameters()}
-        model.requires_grad_(False)
         factors = {id(p) for _, path, p in params.values() if path.endswith((".lora_A", ".lora_B"))}
         masters = [p if id(p) in factors else p.detach().float().clone().requires_grad_(True)
                    for _, _, p in params.values()]
@@ -245,9 +244,7 @@ class RouterKD:
         losses = []
         trained = [p for _, _, p in params.values()]
         grads: list = []
-        try:
-            for p in trained:
-                p.requires_grad_(True)
+        with _frozen_but(model, trained):
             for step, b, idx, logp, mask in self._batches(progress):
                 share = dp.local(b, idx, logp, mask) if dp is not None else (b, idx, logp, mask, 1.0)
                 loss_value, grads = 0.0, [None] * len(trained)
@@ -269,9 +266,6 @@ class RouterKD:
                             p.copy_(m.to(p.dtype))
                 losses.append(loss_value)
                 self._log(step, losses)
-        finally:
-            for p in model.parameters():
-                p.requires_grad_(flags.get(id(p), False))
         state = state_bytes(masters, grads, opt)
         self.parallel = dp.record(state) if dp is not None else {"processes": 1, "state_bytes_per_process": [state]}
         return losses
@@ -282,11 +276,9 @@ class RouterKD:
         0 when the batch has none for it), the gradients are reduce-scattered as sums, Adam steps the shards."""
         from moeprune.recover.sharded import ShardedBlocks
 
-        flags = {id(p): p.requires_grad for p in model.parameters()}
         dev = next(model.parameters()).device
-        model.requires_grad_(False)
         losses: list[float] = []
-        try:
+        with _frozen_but(model, []):  # what trains is the blocks' sharded copies, whose own flags say so
             with ShardedBlocks(model, dp.ctx, {id(p) for _, _, p in params.values()}) as blocks:
                 opt = torch.optim.Adam(blocks.parameters, lr=self.lr)
                 for step, b, idx, logp, mask in self._batches(progress):
@@ -301,11 +293,22 @@ class RouterKD:
                     losses.append(loss_value)
                     self._log(step, losses)
                 state = state_bytes(blocks.parameters, [], opt)
-        finally:
-            for p in model.parameters():
-                p.requires_grad_(flags.get(id(p), False))
         self.parallel = dp.record(state, sharded=True)
         return losses
+
+
+@contextlib.contextmanager
+def _frozen_but(model, trained):
+    """Only `trained` requires grad inside; every model parameter's flag is restored on exit."""
+    flags = {id(p): p.requires_grad for p in model.parameters()}
+    model.requires_grad_(False)
+    try:
+        for p in trained:
+            p.requires_grad_(True)
+        yield
+    finally:
+        for p in model.parameters():
+            p.requires_grad_(flags.get(id(p), False))
 
 
 def _share_loss(model, dev, share) -> torch.Tensor:
