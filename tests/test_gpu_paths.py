@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 from moeprune.pipeline.recipe import Recipe
 from moeprune.pipeline.run import run_recipe
 from moeprune.testing import save_tiny
+from recover.common import calib_file
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
@@ -22,10 +23,7 @@ pytestmark = [pytest.mark.gpu,
 
 @pytest.fixture(scope="module")
 def calib(tmp_path_factory):
-    path = tmp_path_factory.mktemp("calib") / "calib.txt"
-    path.write_text("\n\n".join(f"{i} + {i * 3} = {i * 4}. The cat sat on mat {i}; x = [{i}, {i + 1}]."
-                                for i in range(24)))
-    return path
+    return calib_file(tmp_path_factory.mktemp("calib") / "calib.txt")
 
 
 def _run(model, calib, out, **kw):
@@ -79,15 +77,13 @@ def test_gptq_recipe_on_cuda_in_both_executors(tmp_path, monkeypatch, calib):
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
 @pytest.mark.parametrize("parallel", ["data", "sharded"])
-def test_torchrun_recovery_on_two_gpus_matches_one(tmp_path, parallel):
+def test_torchrun_recovery_on_two_gpus_matches_one(tmp_path, calib, parallel):
     """moe_kd under `torchrun --nproc-per-node 2` on two GPUs (nccl), data-parallel and FSDP2-sharded, against one
     process on one GPU: the same KL after training to 2% (bf16 kernels differ by rank count) and per-rank state
     below one process's."""
     from tests.distributed.test_observe_distributed import CLI_WORKER, _launch
 
     model = save_tiny(tmp_path / "m", "qwen2_moe")
-    calib = tmp_path / "calib.txt"
-    calib.write_text("\n\n".join(f"{i} + {i * 3} = {i * 4}. The cat sat on mat {i}." for i in range(24)))
 
     def args(out, cache, mode):
         return [str(cache), "prune", str(model), "-o", str(out), "--calib", str(calib), "--max-length", "16",

@@ -64,6 +64,24 @@ def _commands(model_dir, calib, out, cache):
                "--method", "reap", "--ratio", "0.5", "--execution", ex, *calib_args] for ex in ("memory", "layerwise")]]
 
 
+def run_in_one_process(commands) -> None:
+    """Each [cache folder, *CLI arguments] of `commands` through the CLI in this process, on one thread as each
+    rank runs (on some CPUs a product's last bits depend on the thread count)."""
+    from click.testing import CliRunner
+
+    from moeprune.cli import _register_commands, cli
+
+    _register_commands()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for cache, *args in commands:
+            result = CliRunner(env={"MOEPRUNE_CACHE": cache}).invoke(cli, args, catch_exceptions=False)
+            assert result.exit_code == 0, result.output
+    finally:
+        torch.set_num_threads(threads)
+
+
 def _cached(cache):
     (entry,) = (cache / "observations").iterdir()  # rank 0 alone caches: one entry
     return Observations.load(entry)
@@ -72,23 +90,11 @@ def _cached(cache):
 def test_cli_under_torchrun_writes_what_one_process_writes(tmp_path):
     import json
 
-    from click.testing import CliRunner
-
-    from moeprune.cli import _register_commands, cli
-
     model_dir = save_tiny(tmp_path / "tiny", "mixtral")
     calib = tmp_path / "calib.txt"
     calib.write_text("\n\n".join(f"{i} plus {i} makes {2 * i}; the cat sat on mat {i}." for i in range(30)))
     one, two = tmp_path / "one", tmp_path / "two"
-    _register_commands()
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as the ranks run: on some CPUs a product's last bits depend on the thread count
-    try:
-        for cache, *args in _commands(model_dir, calib, one, tmp_path / "cache1"):
-            result = CliRunner(env={"MOEPRUNE_CACHE": cache}).invoke(cli, args, catch_exceptions=False)
-            assert result.exit_code == 0, result.output
-    finally:
-        torch.set_num_threads(threads)
+    run_in_one_process(_commands(model_dir, calib, one, tmp_path / "cache1"))
     spec = tmp_path / "commands.json"
     spec.write_text(json.dumps(_commands(model_dir, calib, two, tmp_path / "cache2")))
     _launch([CLI_WORKER, spec], tmp_path, 2)

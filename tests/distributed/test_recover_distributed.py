@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from moeprune.testing import save_tiny
-from tests.distributed.test_observe_distributed import CLI_WORKER, _launch
+from tests.distributed.test_observe_distributed import CLI_WORKER, _launch, run_in_one_process
 
 
 def _commands(model_dir, calib, out, cache, generate: bool, parallel: str = "auto"):
@@ -30,23 +30,11 @@ def _tensors(folder):
 
 @pytest.mark.parametrize("generate,parallel", [(False, "data"), (True, "data"), (False, "sharded")])
 def test_two_ranks_train_what_one_process_trains(tmp_path, generate, parallel):
-    from click.testing import CliRunner
-
-    from moeprune.cli import _register_commands, cli
-
     model_dir = save_tiny(tmp_path / "tiny", "qwen2_moe")
     calib = tmp_path / "calib.txt"
     calib.write_text("\n\n".join(f"{i} plus {i} makes {2 * i}; the cat sat on mat {i}." for i in range(20)))
     one, two = tmp_path / "one", tmp_path / "two"
-    _register_commands()
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as the ranks run
-    try:
-        for cache, *args in _commands(model_dir, calib, one, tmp_path / "cache1", generate):
-            result = CliRunner(env={"MOEPRUNE_CACHE": cache}).invoke(cli, args, catch_exceptions=False)
-            assert result.exit_code == 0, result.output
-    finally:
-        torch.set_num_threads(threads)
+    run_in_one_process(_commands(model_dir, calib, one, tmp_path / "cache1", generate))
     spec = tmp_path / "commands.json"
     spec.write_text(json.dumps(_commands(model_dir, calib, two, tmp_path / "cache2", generate, parallel)))
     done = _launch([CLI_WORKER, spec], tmp_path, 2)
